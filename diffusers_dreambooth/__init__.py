@@ -1,0 +1,20 @@
+"""DreamBooth (Ruiz et al., CVPR 2023) for Hugging Face diffusers: one trainer for every model family."""
+
+from .config import DreamBoothConfig
+from .families import FAMILIES, DreamBoothFamily, family_for_pipeline
+from .losses import dreambooth_loss
+from .mixin import DreamBoothTrainingMixin, train_dreambooth
+from .trainer import DreamBoothTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "DreamBoothConfig",
+    "DreamBoothFamily",
+    "DreamBoothTrainer",
+    "DreamBoothTrainingMixin",
+    "dreambooth_loss",
+    "family_for_pipeline",
+    "train_dreambooth",
+]

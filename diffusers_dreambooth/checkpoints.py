@@ -1,0 +1,103 @@
+"""Checkpoint folders `output_dir/checkpoint-N`, laid out as diffusers' DreamBooth scripts lay them out.
+
+A full fine-tune's checkpoint holds `unet/` (and `text_encoder/` when trained) as `save_pretrained` folders, so
+`UNet2DConditionModel.from_pretrained("out/checkpoint-500/unet")` works for inference; a LoRA checkpoint holds
+`pytorch_lora_weights.safetensors` for `load_lora_weights`. Beside them, accelerate's optimizer, scheduler and RNG
+state, and `trainer_state.json`. A checkpoint is written under a temporary name and renamed when complete, so
+`latest` never picks a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders in `output_dir`, oldest (lowest step) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.match(path.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"`{path}` is not a checkpoint folder; expected a name like `checkpoint-500`.")
+    return int(match.group(1))
+
+
+def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
+    """The folder to resume from: `latest` is the newest checkpoint (None if there is none yet).
+
+    A bare name such as `checkpoint-500` is looked up in `output_dir`, as in diffusers' scripts.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning(
+                "`--resume_from_checkpoint latest`: no checkpoint in %s yet; starting a new run.", output_dir
+            )
+            return None
+        return checkpoints[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / path.name).is_dir():
+        path = Path(output_dir) / path.name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"`--resume_from_checkpoint={resume_from_checkpoint}` is not a checkpoint folder; pass `latest` or one"
+            f" of: {', '.join(p.name for p in list_checkpoints(output_dir)) or 'no checkpoints yet'}."
+        )
+    checkpoint_step(path)
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Remove the oldest checkpoints so that one more can be saved within `total_limit`; return those removed."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    excess = len(checkpoints) - total_limit + 1
+    removed = checkpoints[: max(excess, 0)]
+    for path in removed:
+        logger.info("Removing checkpoint %s (--checkpoints_total_limit=%d)", path, total_limit)
+        shutil.rmtree(path)
+    return removed
+
+
+def temporary_checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """Where checkpoint `step` is written before `publish_checkpoint` renames it into place."""
+    path = Path(output_dir) / f".checkpoint-{step}.partial"
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def publish_checkpoint(temporary: Path, step: int, state: dict) -> Path:
+    """Write `trainer_state.json`, then rename the finished temporary folder to `checkpoint-{step}`."""
+    (temporary / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    final = temporary.parent / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    return final
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / TRAINER_STATE_NAME
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"global_step": checkpoint_step(checkpoint)}

@@ -1,0 +1,348 @@
+"""`DreamBoothConfig`: every training option in one typed dataclass.
+
+Field names and meanings follow diffusers' `examples/dreambooth/train_dreambooth*.py`, so a command written for those
+scripts parses unchanged (`HfArgumentParser` turns the fields into flags). Those scripts' defaults differ by adapter
+and model family (e.g. learning rate 5e-6 for full fine-tuning, 5e-4 for SD LoRA, 1e-4 for SDXL LoRA); such fields default
+to None here and take the value of the matching diffusers script once the family is known (`with_defaults`).
+Options that those scripts accept but this trainer does not implement are parsed, and rejected with a message naming
+them when set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that may carry secrets; they never reach a saved config, a card or a log.
+SECRET_FIELDS = ("hub_token",)
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+
+
+def _option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose one-line help becomes the CLI help."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class DreamBoothConfig:
+    """Options of a DreamBooth run (Ruiz et al., CVPR 2023), named as in diffusers' DreamBooth scripts.
+
+    Example:
+
+    ```python
+    >>> from diffusers_dreambooth import DreamBoothConfig
+
+    >>> config = DreamBoothConfig(
+    ...     pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ...     instance_data_dir="dog",
+    ...     instance_prompt="a photo of sks dog",
+    ...     with_prior_preservation=True,
+    ...     class_prompt="a photo of dog",
+    ...     class_data_dir="class-dog",
+    ...     adapter="lora",
+    ... )
+    ```
+    """
+
+    # Model
+    pretrained_model_name_or_path: str | None = _option(
+        None, "Base pipeline: a Hub repo id or a local diffusers folder (model_index.json)."
+    )
+    revision: str | None = _option(None, "Revision (branch, tag or commit) of the base model on the Hub.")
+    variant: str | None = _option(None, "Weight variant of the base model files, e.g. `fp16`.")
+    tokenizer_name: str | None = _option(None, "Tokenizer to use instead of the base pipeline's own.")
+    pretrained_vae_model_name_or_path: str | None = _option(
+        None, "VAE to use instead of the base pipeline's (e.g. an fp16-safe SDXL VAE)."
+    )
+    adapter: Literal["full", "lora"] = _option(
+        "full", "What is trained: `full` fine-tunes the denoiser's weights, `lora` trains PEFT LoRA adapters."
+    )
+
+    # Subject data
+    instance_data_dir: str | None = _option(None, "Folder with the subject's photos.")
+    dataset_name: str | None = _option(
+        None, "A `datasets` dataset (Hub id or local folder) with the subject's photos, instead of instance_data_dir."
+    )
+    dataset_config_name: str | None = _option(None, "Configuration name of `dataset_name`.")
+    image_column: str = _option("image", "Column of `dataset_name` holding the images.")
+    caption_column: str | None = _option(
+        None, "Column of `dataset_name` holding per-image prompts; without it every image uses instance_prompt."
+    )
+    cache_dir: str | None = _option(None, "Where downloaded models and datasets are cached.")
+    repeats: int = _option(1, "How many times each subject photo is repeated in an epoch.")
+    instance_prompt: str | None = _option(
+        None, "Prompt with the identifier and class noun for the subject's photos, e.g. `a photo of sks dog`."
+    )
+
+    # Prior preservation (DreamBooth Sec. 3.3)
+    with_prior_preservation: bool = _option(False, "Add the class-specific prior-preservation loss.")
+    prior_loss_weight: float = _option(1.0, "Weight lambda of the prior-preservation loss.")
+    class_prompt: str | None = _option(None, "Prompt for the class images, e.g. `a photo of dog`.")
+    class_data_dir: str | None = _option(
+        None, "Folder of class images; missing ones are generated there by the frozen base model."
+    )
+    num_class_images: int = _option(100, "How many class images prior preservation uses (generated if missing).")
+    sample_batch_size: int = _option(4, "Batch size for generating class images.")
+    prior_generation_precision: Literal["no", "fp32", "fp16", "bf16"] | None = _option(
+        None, "Precision of class-image generation (autocast); default: fp16 on GPU, fp32 on CPU."
+    )
+    prior_generation_steps: int = _option(50, "Denoising steps per generated class image.")
+
+    # Images
+    resolution: int | None = _option(
+        None, "Training resolution; images are resized and cropped to it. Default: 512 (SD), 1024 (SDXL)."
+    )
+    center_crop: bool = _option(False, "Center-crop images instead of cropping at a random position.")
+    random_flip: bool = _option(False, "Flip images horizontally at random.")
+    image_interpolation_mode: Literal["bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"] | None = _option(
+        None, "Resampling filter used to resize images. Default: bilinear (full), lanczos (LoRA)."
+    )
+
+    # Training
+    output_dir: str | None = _option(
+        None, "Where checkpoints and the trained subject go. Default: dreambooth-model (full), lora-dreambooth-model."
+    )
+    seed: int | None = _option(None, "Seed for reproducible training; a resumed run then matches an unbroken one.")
+    train_text_encoder: bool = _option(False, "Also fine-tune the text encoder(s).")
+    train_batch_size: int = _option(4, "Subject images per device per step (as many class images are added).")
+    num_train_epochs: int = _option(1, "Epochs to train; overridden by max_train_steps.")
+    max_train_steps: int | None = _option(None, "Total optimizer steps; overrides num_train_epochs.")
+    checkpointing_steps: int = _option(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = _option(None, "Keep at most this many checkpoints (oldest removed).")
+    resume_from_checkpoint: str | None = _option(
+        None, "Resume from `latest` or a checkpoint folder (`checkpoint-N`, or a path)."
+    )
+    gradient_accumulation_steps: int = _option(1, "Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = _option(False, "Recompute activations in backward to save memory.")
+    learning_rate: float | None = _option(
+        None, "Learning rate after warm-up. Default: 5e-6 (full), 5e-4 (SD LoRA), 1e-4 (SDXL LoRA)."
+    )
+    text_encoder_lr: float | None = _option(None, "Learning rate of the text encoder(s); default: learning_rate.")
+    scale_lr: bool = _option(False, "Scale the learning rate by processes x batch size x gradient accumulation steps.")
+    lr_scheduler: str = _option("constant", f"Learning-rate schedule, one of {', '.join(LR_SCHEDULERS)}.")
+    lr_warmup_steps: int = _option(500, "Warm-up steps of the learning-rate schedule.")
+    lr_num_cycles: int = _option(1, "Hard restarts of `cosine_with_restarts`.")
+    lr_power: float = _option(1.0, "Power of the `polynomial` schedule.")
+    optimizer: Literal["AdamW", "adamw", "prodigy", "Prodigy"] = _option("AdamW", "Optimizer: AdamW or prodigy.")
+    use_8bit_adam: bool = _option(False, "Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes`).")
+    adam_beta1: float = _option(0.9, "Adam beta1.")
+    adam_beta2: float = _option(0.999, "Adam beta2.")
+    adam_weight_decay: float | None = _option(
+        None, "Weight decay of the denoiser's parameters. Default: 1e-2, 1e-4 for SDXL LoRA."
+    )
+    adam_weight_decay_text_encoder: float = _option(1e-3, "Weight decay of the text encoder(s)' parameters.")
+    adam_epsilon: float = _option(1e-8, "Adam epsilon.")
+    prodigy_beta3: float | None = _option(None, "Prodigy beta3 (prodigy optimizer only).")
+    prodigy_decouple: bool = _option(True, "Prodigy decoupled weight decay (prodigy optimizer only).")
+    prodigy_use_bias_correction: bool = _option(True, "Prodigy bias correction (prodigy optimizer only).")
+    prodigy_safeguard_warmup: bool = _option(True, "Prodigy safeguard warm-up (prodigy optimizer only).")
+    max_grad_norm: float = _option(1.0, "Clip gradients to this norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _option(
+        None, "Mixed precision; default: accelerate's config. bf16 also works on CPU."
+    )
+    allow_tf32: bool = _option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    snr_gamma: float | None = _option(None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.")
+    offset_noise: bool = _option(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
+    noise_offset: float = _option(0.1, "Scale of the offset noise when offset_noise is on.")
+    pre_compute_text_embeddings: bool = _option(
+        False, "Encode prompts once before training (always done when the text encoders are frozen)."
+    )
+    tokenizer_max_length: int | None = _option(None, "Tokenizer max length; default: the tokenizer's own.")
+    text_encoder_use_attention_mask: bool = _option(False, "Pass the attention mask to the text encoder.")
+    set_grads_to_none: bool = _option(True, "Free gradients with set_to_none (always on; kept for compatibility).")
+    dataloader_num_workers: int = _option(0, "Accepted for compatibility; images are cached in memory instead.")
+    enable_xformers_memory_efficient_attention: bool = _option(
+        False, "Use xFormers attention (needs xformers); PyTorch SDPA is used otherwise."
+    )
+    local_rank: int = _option(-1, "Set by distributed launchers; use `accelerate launch` instead.")
+
+    # LoRA
+    rank: int = _option(4, "LoRA rank.")
+    lora_alpha: int | None = _option(None, "LoRA alpha; default: equal to rank (scale 1).")
+    lora_dropout: float = _option(0.0, "LoRA dropout.")
+    lora_target_modules: str | None = _option(
+        None, "Comma-separated module names that get LoRA in the denoiser; default: the family's attention layers."
+    )
+    use_dora: bool = _option(False, "Train DoRA (weight-decomposed LoRA) instead of LoRA.")
+
+    # Saving
+    skip_save_text_encoder: bool = _option(False, "Do not save the trained text encoder in the final pipeline.")
+
+    # Validation and logging
+    validation_prompt: str | None = _option(None, "Prompt for validation images during training.")
+    num_validation_images: int = _option(4, "Validation images per validation run.")
+    validation_steps: int | None = _option(
+        None, "Run validation every N optimizer steps. Default: 100 (full); LoRA runs use validation_epochs."
+    )
+    validation_epochs: int | None = _option(
+        None, "Run validation every N epochs (N x steps per epoch). Default: 50 for LoRA, as diffusers' LoRA scripts."
+    )
+    validation_inference_steps: int = _option(25, "Denoising steps of validation images.")
+    validation_scheduler: Literal["DPMSolverMultistepScheduler", "DDPMScheduler"] = _option(
+        "DPMSolverMultistepScheduler", "Scheduler used for validation images."
+    )
+    report_to: str = _option("tensorboard", "Tracker(s): tensorboard, wandb, comet_ml, all or none.")
+    logging_dir: str = _option("logs", "Tracker log folder, relative to output_dir.")
+
+    # Hub
+    push_to_hub: bool = _option(False, "Push the trained subject to the Hub.")
+    hub_token: str | None = _option(None, "Hub token; never written to any file or log.")
+    hub_model_id: str | None = _option(None, "Hub repo id to push to; default: the output_dir's name.")
+
+    # Diffusers options of other families or features, parsed so drop-in commands fail clearly.
+    class_labels_conditioning: str | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
+    validation_images: list[str] | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
+    output_kohya_format: bool = _option(False, "Also write the LoRA in kohya format; not supported yet.")
+    do_edm_style_training: bool = _option(False, "EDM-style SDXL training; not supported.")
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = "lora-dreambooth-model" if self.adapter == "lora" else "dreambooth-model"
+        if self.validation_steps is None and self.validation_epochs is None:
+            if self.adapter == "lora":
+                self.validation_epochs = 50
+            else:
+                self.validation_steps = 100
+        self._check_subject_data()
+        self._check_prior_preservation()
+        self._check_training()
+        self._check_lora()
+        self._check_unsupported()
+
+    def _check_subject_data(self) -> None:
+        if self.instance_data_dir is None and self.dataset_name is None:
+            raise ValueError("Pass the subject's photos with `--instance_data_dir` (a folder) or `--dataset_name`.")
+        if self.instance_data_dir is not None and self.dataset_name is not None:
+            raise ValueError(
+                f"Got both `--instance_data_dir={self.instance_data_dir}` and `--dataset_name={self.dataset_name}`;"
+                " pass only one of them."
+            )
+        if not self.instance_prompt and not (self.dataset_name and self.caption_column):
+            raise ValueError(
+                "`--instance_prompt` is required (e.g. `a photo of sks dog`), unless every image has a caption"
+                " through `--dataset_name` and `--caption_column`."
+            )
+        if self.repeats < 1:
+            raise ValueError(f"`--repeats` must be at least 1, got {self.repeats}.")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"`--resolution` must be a positive multiple of 8, got {self.resolution}.")
+
+    def _check_prior_preservation(self) -> None:
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                raise ValueError("`--with_prior_preservation` needs `--class_prompt` (e.g. `a photo of dog`).")
+            if not self.class_data_dir:
+                raise ValueError(
+                    "`--with_prior_preservation` needs `--class_data_dir`, the folder where class images are read"
+                    " and generated."
+                )
+            if self.num_class_images < 1:
+                raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
+        elif self.class_prompt or self.class_data_dir:
+            logger.warning("`--class_prompt`/`--class_data_dir` are ignored without `--with_prior_preservation`.")
+
+    def _check_training(self) -> None:
+        if self.train_text_encoder and self.pre_compute_text_embeddings:
+            raise ValueError(
+                "`--pre_compute_text_embeddings` cannot be combined with `--train_text_encoder`: a trained text"
+                " encoder's embeddings change every step. Drop one of the two flags."
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(
+                f"Unknown `--lr_scheduler={self.lr_scheduler}`; choose one of {', '.join(LR_SCHEDULERS)}."
+            )
+        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"`--max_train_steps` must be at least 1, got {self.max_train_steps}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {self.checkpoints_total_limit}.")
+        if self.use_8bit_adam and self.optimizer.lower() != "adamw":
+            raise ValueError(f"`--use_8bit_adam` only applies to AdamW, got `--optimizer={self.optimizer}`.")
+        if self.local_rank not in (-1, int(os.environ.get("LOCAL_RANK", self.local_rank))):
+            logger.warning("`--local_rank` is ignored; `accelerate launch` sets the process layout.")
+        if self.report_to in ("wandb", "all") and self.hub_token is not None:
+            raise ValueError(
+                "`--report_to wandb` with `--hub_token` could expose the token in the run's logged config; log in with"
+                " `hf auth login` instead of passing `--hub_token`."
+            )
+        if self.dataloader_num_workers:
+            logger.warning("`--dataloader_num_workers` is ignored: images are decoded once and cached in memory.")
+
+    def _check_lora(self) -> None:
+        if self.adapter != "lora":
+            return
+        if self.rank < 1:
+            raise ValueError(f"`--rank` must be at least 1 for `--adapter lora`, got {self.rank}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`--lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+
+    def _check_unsupported(self) -> None:
+        unsupported = {
+            "class_labels_conditioning": "it belongs to DeepFloyd IF, which this trainer does not support yet",
+            "validation_images": "it belongs to DeepFloyd IF stage II, which this trainer does not support yet",
+            "output_kohya_format": "kohya-format export is not implemented yet",
+            "do_edm_style_training": "EDM-style training is not supported",
+            "push_to_hub": "Hub upload is not implemented yet; upload `output_dir` with `hf upload` meanwhile",
+        }
+        for name, reason in unsupported.items():
+            if getattr(self, name):
+                raise ValueError(f"`--{name}` is not supported: {reason}. Remove the flag.")
+
+    # Derived values and serialisation
+
+    def with_defaults(self, defaults: dict[str, Any]) -> DreamBoothConfig:
+        """A copy whose unset (None) fields take `defaults`, the family's values for this adapter."""
+        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
+
+    @property
+    def lora_scale_alpha(self) -> int:
+        """LoRA alpha actually used: `lora_alpha`, or `rank` when unset (diffusers' scripts' default)."""
+        return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    def steps_for(self, num_examples: int, num_processes: int) -> int:
+        """Optimizer steps of the run: `max_train_steps`, or `num_train_epochs` over `num_examples` items."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        global_batch = self.train_batch_size * num_processes * self.gradient_accumulation_steps
+        return self.num_train_epochs * math.ceil(num_examples / global_batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-safe dict, secrets removed."""
+        values = asdict(self)
+        for name in SECRET_FIELDS:
+            values.pop(name, None)
+        return values
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the options (secrets removed) as JSON, as saved beside the trained weights."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DreamBoothConfig:
+        """Build a config from a dict, naming any key that is not an option."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown DreamBooth option(s): {', '.join(unknown)}.")
+        return cls(**values)

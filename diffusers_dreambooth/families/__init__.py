@@ -1,0 +1,25 @@
+"""Registry of model families, looked up from the pipeline being trained."""
+
+from diffusers import DiffusionPipeline
+
+from .base import DreamBoothFamily, ImageConditioning
+from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion_xl import StableDiffusionXLFamily
+
+#: Supported families, in lookup order.
+FAMILIES: tuple[type[DreamBoothFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily)
+
+
+def family_for_pipeline(pipeline: DiffusionPipeline) -> DreamBoothFamily:
+    """The family adapter for `pipeline`, found by its class (or a base class) name."""
+    class_names = [cls.__name__ for cls in type(pipeline).__mro__]
+    for family in FAMILIES:
+        if any(name in family.pipeline_class_names for name in class_names):
+            return family(pipeline)
+    supported = ", ".join(name for family in FAMILIES for name in family.pipeline_class_names)
+    raise ValueError(
+        f"DreamBooth training does not support `{type(pipeline).__name__}`. Supported pipelines: {supported}."
+    )
+
+
+__all__ = ["FAMILIES", "DreamBoothFamily", "ImageConditioning", "family_for_pipeline"]

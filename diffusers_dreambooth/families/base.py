@@ -1,0 +1,183 @@
+"""The per-family contract: what the one training loop asks of a model family.
+
+A family says which pipeline attributes are the denoiser, text encoders and tokenizers, how prompts and images are
+encoded, how the noisy input and the regression target are built, and which modules LoRA targets. Everything else
+(data, prior images, the loop, checkpoints, saving) is family-agnostic and lives in the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from peft.utils import get_peft_model_state_dict
+
+from ..losses import snr_loss_weights
+
+
+@dataclass
+class ImageConditioning:
+    """Per-example facts about how an image was cropped, for families that condition on them (SDXL)."""
+
+    original_sizes: torch.Tensor  # (batch, 2): height, width before resizing
+    crops_top_left: torch.Tensor  # (batch, 2): top, left of the crop in the resized image
+    target_size: tuple[int, int]
+
+
+class DreamBoothFamily:
+    """Base of the per-family adapters; subclasses set class attributes and override a few hooks.
+
+    The defaults implement a latent-diffusion model trained with the DDPM objective (epsilon or v-prediction, read
+    from the pipeline's scheduler config), as in Stable Diffusion 1.x/2.x.
+    """
+
+    #: Short name used in cards, configs and error messages.
+    name: ClassVar[str]
+    #: Names of the diffusers pipeline classes this family trains.
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    denoiser_name: ClassVar[str] = "unet"
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    denoiser_lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
+    text_encoder_lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: Defaults of options left unset (None), per adapter: those of diffusers' script for this family and mode.
+    option_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "full": {
+            "learning_rate": 5e-6,
+            "resolution": 512,
+            "image_interpolation_mode": "bilinear",
+            "adam_weight_decay": 1e-2,
+        },
+        "lora": {
+            "learning_rate": 5e-4,
+            "resolution": 512,
+            "image_interpolation_mode": "lanczos",
+            "adam_weight_decay": 1e-2,
+        },
+    }
+
+    def __init__(self, pipeline: DiffusionPipeline) -> None:
+        self.pipeline = pipeline
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    # Components
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipeline, name) for name in self.text_encoder_names]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self.pipeline, name) for name in self.tokenizer_names]
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    # Prompts
+
+    def tokenize(self, prompts: list[str], max_length: int | None = None) -> list[torch.Tensor]:
+        """Token ids of `prompts` for each tokenizer, padded to the tokenizer's (or the given) max length."""
+        return [
+            tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=max_length or tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for tokenizer in self.tokenizers
+        ]
+
+    def encode_prompt(self, token_ids: list[torch.Tensor], text_encoders: list[torch.nn.Module]) -> dict:
+        """Text conditioning for the denoiser; `text_encoders` may be the accelerate-wrapped modules."""
+        (ids,), (encoder,) = token_ids, text_encoders
+        return {"prompt_embeds": encoder(ids.to(self.device))[0]}
+
+    # Images
+
+    @torch.no_grad()
+    def encode_image_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE posterior, already shifted and scaled into the denoiser's latent space."""
+        vae = self.vae
+        posterior = vae.encode(pixel_values.to(self.device, vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = vae.config.scaling_factor
+        return ((posterior.mean - shift) * scale).float(), (posterior.std * scale).float()
+
+    # Objective
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device).long()
+
+    def noisy_input_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward-diffused latents and what the denoiser must predict from them."""
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(
+            f"The base model's scheduler has `prediction_type={self.prediction_type!r}`; DreamBooth training"
+            " supports `epsilon` and `v_prediction`."
+        )
+
+    def loss_weights(self, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
+        """Per-example loss weights (min-SNR when `snr_gamma` is set), or None for uniform weights."""
+        if snr_gamma is None:
+            return None
+        return snr_loss_weights(self.noise_scheduler, timesteps, snr_gamma, self.prediction_type)
+
+    def denoiser_kwargs(self, prompt_embeds: dict, image_conditioning: ImageConditioning) -> dict:
+        """Conditioning keyword arguments of the denoiser's forward, beyond sample and timestep."""
+        return {"encoder_hidden_states": prompt_embeds["prompt_embeds"]}
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: dict,
+        image_conditioning: ImageConditioning,
+    ) -> torch.Tensor:
+        kwargs = self.denoiser_kwargs(prompt_embeds, image_conditioning)
+        return denoiser(noisy, timesteps, return_dict=False, **kwargs)[0]
+
+    # LoRA
+
+    def save_lora_weights(self, directory: str, modules: dict[str, torch.nn.Module]) -> None:
+        """Write `pytorch_lora_weights.safetensors` with diffusers' `save_lora_weights`, for `load_lora_weights`.
+
+        Keys keep PEFT's names (`unet.<module>.lora_A.weight`), as diffusers' SD3 and Flux scripts save them; every
+        diffusers LoRA loader reads them, and resuming loads them back without conversion.
+
+        `modules` maps pipeline attribute names (`unet`, `text_encoder`, ...) to the modules holding PEFT adapters.
+        """
+        kwargs = {}
+        for name, module in modules.items():
+            kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+            kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        type(self.pipeline).save_lora_weights(directory, **kwargs)
+
+    # Helpers
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device

@@ -1,0 +1,415 @@
+"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL) pipelines for tests.
+
+Everything is built from configs with random weights under fixed seeds; nothing is downloaded. The CLIP tokenizer is a
+byte-level BPE learnt locally on a small corpus of prompt-like sentences.
+"""
+
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import Regex, normalizers, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = [
+    "BOS_TOKEN",
+    "DEFAULT_CORPUS",
+    "DUMMY_IMAGE_SIZE",
+    "DUMMY_LATENT_SIZE",
+    "EOS_TOKEN",
+    "PipelineFamily",
+    "build_clip_tokenizer",
+    "get_dummy_pipeline",
+    "get_dummy_sd_components",
+    "get_dummy_sdxl_components",
+    "save_dummy_pipeline",
+]
+
+PipelineFamily = Literal["sd", "sd2", "sdxl"]
+_FAMILIES: tuple[str, ...] = get_args(PipelineFamily)
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD_SUFFIX = "</w>"
+
+# Latent side of the dummy UNets; the VAEs have two blocks, i.e. a scale factor of 2.
+DUMMY_LATENT_SIZE = 16
+DUMMY_VAE_SCALE_FACTOR = 2
+DUMMY_IMAGE_SIZE = DUMMY_LATENT_SIZE * DUMMY_VAE_SCALE_FACTOR
+
+_TEXT_HIDDEN_SIZE = 32
+_TEXT_PROJECTION_DIM = 32
+_ADDITION_TIME_EMBED_DIM = 8
+_NUM_TIME_IDS = 6
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# Same normalisation and pre-tokenisation as transformers' CLIP tokenizer.
+_CLIP_SPLIT_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+_SAVED_TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+_TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+_SUBJECTS = (
+    "dog",
+    "cat",
+    "sks dog",
+    "sks cat",
+    "sks toy",
+    "sks backpack",
+    "puppy",
+    "person",
+    "man",
+    "woman",
+    "car",
+    "house",
+    "tree",
+    "bird",
+    "flower",
+    "backpack",
+    "teapot",
+    "toy",
+    "robot",
+    "vase",
+    "clock",
+    "boot",
+    "bowl",
+    "candle",
+    "sunglasses",
+    "bear plushie",
+)
+_TEMPLATES = (
+    "a {}",
+    "a photo of {}",
+    "a photo of a {}",
+    "a photo of the {}",
+    "a close up photo of a {}",
+    "a high quality photo of a {}",
+    "a painting of a {}",
+    "a {} on the beach",
+    "a {} in the snow",
+    "a {} in the jungle",
+    "a {} on a cobblestone street",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} wearing a red hat",
+)
+_COLORS = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange")
+_SHAPES = ("circle", "square", "triangle", "star")
+
+DEFAULT_CORPUS: tuple[str, ...] = (
+    "a photo of sks dog",
+    "a photo of sks dog on the beach",
+    "a dog",
+    "a red circle on a blue background",
+    *(template.format(subject) for subject in _SUBJECTS for template in _TEMPLATES),
+    *(
+        f"a {color} {shape} on a {background} background"
+        for shape in _SHAPES
+        for color in _COLORS
+        for background in _COLORS
+        if color != background
+    ),
+)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block under `torch.manual_seed(seed)` without touching the caller's CPU RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Return GPT-2/CLIP's reversible mapping from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(mapping.items()))
+
+
+def _clip_pre_tokenize(texts: Iterable[str]) -> Counter[str]:
+    """Count the byte-level words of `texts` exactly as CLIP's normaliser and pre-tokeniser split them."""
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    counts: Counter[str] = Counter()
+    for text in texts:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        counts.update(word for word, _ in words if word not in (BOS_TOKEN, EOS_TOKEN))
+    return counts
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    """Replace every occurrence of the adjacent symbols `pair` in `word` by their concatenation."""
+    merged: list[str] = []
+    index = 0
+    while index < len(word):
+        if index + 1 < len(word) and (word[index], word[index + 1]) == pair:
+            merged.append(word[index] + word[index + 1])
+            index += 2
+        else:
+            merged.append(word[index])
+            index += 1
+    return tuple(merged)
+
+
+def _learn_clip_bpe(texts: Iterable[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a deterministic CLIP-layout BPE: 256 bytes, 256 `</w>` bytes, merged symbols, then BOS and EOS."""
+    byte_symbols = list(_bytes_to_unicode().values())
+    symbols = [*byte_symbols, *(symbol + END_OF_WORD_SUFFIX for symbol in byte_symbols)]
+    num_special = 2
+    if vocab_size < len(symbols) + num_special:
+        raise ValueError(f"vocab_size must be at least {len(symbols) + num_special}, got {vocab_size}.")
+
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    words = {(*word[:-1], word[-1] + END_OF_WORD_SUFFIX): count for word, count in _clip_pre_tokenize(texts).items()}
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size - num_special:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        words = {_merge_pair(word, best): count for word, count in words.items()}
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    return vocab, merges
+
+
+def build_clip_tokenizer(
+    save_directory: str | os.PathLike,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    model_max_length: int = 77,
+) -> CLIPTokenizer:
+    """Learn a CLIP byte-level BPE of at most `vocab_size` tokens on `corpus`, save it and load it back."""
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _learn_clip_bpe(DEFAULT_CORPUS if corpus is None else corpus, vocab_size)
+
+    for name in _TOKENIZER_FILES:
+        (save_directory / name).unlink(missing_ok=True)
+    (save_directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_text = "".join(f"{left} {right}\n" for left, right in merges)
+    (save_directory / "merges.txt").write_text(f"#version: 0.2\n{merges_text}", encoding="utf-8")
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        save_directory,
+        model_max_length=model_max_length,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+    )
+    tokenizer.save_pretrained(save_directory)
+    return CLIPTokenizer.from_pretrained(save_directory)
+
+
+def _load_or_build_tokenizer(tokenizer_dir: str | os.PathLike) -> CLIPTokenizer:
+    """Load the tokenizer saved in `tokenizer_dir`, building the default one there first if it is missing."""
+    if any((Path(tokenizer_dir) / name).is_file() for name in _SAVED_TOKENIZER_MARKERS):
+        return CLIPTokenizer.from_pretrained(tokenizer_dir)
+    return build_clip_tokenizer(tokenizer_dir)
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConfig:
+    """Return a 2-layer, 32-wide CLIP text config whose vocabulary and special ids match `tokenizer`."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-05,
+        projection_dim=_TEXT_PROJECTION_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _dummy_vae(seed: int, scaling_factor: float) -> AutoencoderKL:
+    """Return a two-block AutoencoderKL (4 latent channels, 2x downsampling) initialised under `seed`."""
+    with _seeded(seed):
+        return AutoencoderKL(
+            block_out_channels=(8, 16),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=DUMMY_IMAGE_SIZE,
+            scaling_factor=scaling_factor,
+        ).eval()
+
+
+def get_dummy_sd_components(
+    tokenizer_dir: str | os.PathLike, prediction_type: str = "epsilon", seed: int = 0
+) -> dict[str, Any]:
+    """Return tiny `StableDiffusionPipeline` components; `prediction_type="v_prediction"` gives an SD 2.x model."""
+    if prediction_type not in _PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}.")
+    is_sd2 = prediction_type == "v_prediction"
+    tokenizer = _load_or_build_tokenizer(tokenizer_dir)
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=DUMMY_LATENT_SIZE,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=_TEXT_HIDDEN_SIZE,
+            attention_head_dim=(2, 4) if is_sd2 else 2,
+            use_linear_projection=is_sd2,
+            norm_num_groups=4,
+        ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    vae = _dummy_vae(seed, scaling_factor=0.18215)
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, "gelu" if is_sd2 else "quick_gelu")).eval()
+
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def get_dummy_sdxl_components(tokenizer_dir: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
+    """Return tiny `StableDiffusionXLPipeline` components (two text encoders sharing one local tokenizer)."""
+    tokenizer = _load_or_build_tokenizer(tokenizer_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_config = _clip_text_config(tokenizer, "gelu")
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=DUMMY_LATENT_SIZE,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=_ADDITION_TIME_EMBED_DIM,
+            transformer_layers_per_block=1,
+            projection_class_embeddings_input_dim=_NUM_TIME_IDS * _ADDITION_TIME_EMBED_DIM + _TEXT_PROJECTION_DIM,
+            cross_attention_dim=2 * _TEXT_HIDDEN_SIZE,
+            norm_num_groups=4,
+        ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    vae = _dummy_vae(seed, scaling_factor=0.13025)
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(text_config).eval()
+    with _seeded(seed):
+        text_encoder_2 = CLIPTextModelWithProjection(text_config).eval()
+
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def get_dummy_pipeline(
+    family: PipelineFamily,
+    tmp_dir: str | os.PathLike,
+    seed: int = 0,
+    torch_dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build the tokenizer under `tmp_dir/"tokenizer"` and return a tiny pipeline of the given family."""
+    if family not in _FAMILIES:
+        raise ValueError(f"Unknown pipeline family {family!r}; expected one of {_FAMILIES}.")
+    tokenizer_dir = Path(tmp_dir) / "tokenizer"
+    build_clip_tokenizer(tokenizer_dir)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**get_dummy_sdxl_components(tokenizer_dir, seed=seed), add_watermarker=False)
+    else:
+        prediction_type = "v_prediction" if family == "sd2" else "epsilon"
+        components = get_dummy_sd_components(tokenizer_dir, prediction_type=prediction_type, seed=seed)
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    if torch_dtype is not None:
+        pipe = pipe.to(dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_dummy_pipeline(family: PipelineFamily, path: str | os.PathLike, seed: int = 0) -> str:
+    """Save a tiny pipeline of the given family to `path` as safetensors and return the path as a string."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        pipe = get_dummy_pipeline(family, tmp_dir, seed=seed)
+        pipe.save_pretrained(path, safe_serialization=True)
+    return os.fspath(path)

@@ -1,0 +1,566 @@
+"""`DreamBoothTrainer`: the one training loop, for every supported family and for full or LoRA training.
+
+Randomness is a pure function of (seed, step): each micro-step draws its noise, timesteps, latent samples and crops
+from its own seeded generator, for the whole global batch, and each process takes its slice. So a run resumed from a
+checkpoint, or spread over more processes, computes the same steps as one unbroken single-process run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers import DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .config import DreamBoothConfig
+from .data import (
+    TrainingImage,
+    TrainingOrder,
+    crop_and_flip,
+    has_fixed_crop,
+    load_dataset_images,
+    load_folder_images,
+    step_generator,
+)
+from .families import ImageConditioning, family_for_pipeline
+from .lora import load_lora_checkpoint
+from .losses import dreambooth_loss
+from .pipeline_loading import load_base_pipeline
+from .prior import generate_class_images
+from .validation import run_validation
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "dreambooth_config.json"
+MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LatentCache:
+    """VAE posterior (mean, std) per image, for images whose crop is the same every step; None elsewhere."""
+
+    mean: list[torch.Tensor | None]
+    std: list[torch.Tensor | None]
+
+
+class DreamBoothTrainer:
+    """Trains a subject into a diffusers pipeline (DreamBooth, Ruiz et al., CVPR 2023).
+
+    Args:
+        config (`DreamBoothConfig`): the run's options.
+        pipeline (`DiffusionPipeline`, *optional*): an already loaded base pipeline; trained in place. When omitted
+            it is loaded from `config.pretrained_model_name_or_path`.
+
+    Example:
+
+    ```python
+    >>> from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+
+    >>> config = DreamBoothConfig(pretrained_model_name_or_path="...", instance_data_dir="dog",
+    ...                           instance_prompt="a photo of sks dog", adapter="lora", max_train_steps=400)
+    >>> pipeline = DreamBoothTrainer(config).train()
+    >>> image = pipeline("a photo of sks dog on the moon").images[0]
+    ```
+    """
+
+    def __init__(self, config: DreamBoothConfig, pipeline: DiffusionPipeline | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.global_step = 0
+
+    # Set-up
+
+    def train(self) -> DiffusionPipeline:
+        """Run the whole job: class images, caches, the loop, checkpoints, validation, final save."""
+        config = self.config
+        self.accelerator = accelerator = self._make_accelerator()
+        resume_dir = checkpoints.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        self.seed = self._resolve_seed(resume_dir)
+        if self.pipeline is None:
+            self.pipeline = load_base_pipeline(config)
+        self.pipeline.to(accelerator.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.family = family_for_pipeline(self.pipeline)
+        self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
+        self._check_resolution()
+
+        if config.with_prior_preservation:
+            generate_class_images(
+                self.pipeline,
+                config.class_prompt,
+                config.class_data_dir,
+                config.num_class_images,
+                batch_size=config.sample_batch_size,
+                seed=self.seed,
+                num_inference_steps=config.prior_generation_steps,
+                precision=config.prior_generation_precision,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+            )
+            accelerator.wait_for_everyone()
+        self._load_images()
+        self._set_up_trainable_modules()
+        self._build_caches()
+        self._set_up_optimization()
+        if resume_dir is not None:
+            self._resume(resume_dir)
+        self._run_loop()
+        self._save_final()
+        accelerator.end_training()
+        return self.pipeline
+
+    def _make_accelerator(self) -> Accelerator:
+        config = self.config
+        output_dir = Path(config.output_dir)
+        log_with = None if config.report_to == "none" else config.report_to
+        if log_with == "tensorboard" and not _tensorboard_available():
+            logger.warning("`--report_to tensorboard` needs `pip install tensorboard`; training without a tracker.")
+            log_with = None
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+            ),
+        )
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return accelerator
+
+    def _resolve_seed(self, resume_dir: Path | None) -> int:
+        """The configured seed, else the resumed run's, else a random one shared by all processes."""
+        if self.config.seed is not None:
+            return self.config.seed
+        if resume_dir is not None:
+            seed = checkpoints.read_trainer_state(resume_dir).get("seed")
+            if seed is not None:
+                return seed
+        seeds = [int.from_bytes(os.urandom(4), "little")]
+        broadcast_object_list(seeds)
+        logger.info("No `--seed` given; using seed %d (pass it to reproduce this run).", seeds[0])
+        return seeds[0]
+
+    def _check_resolution(self) -> None:
+        factor = self.family.vae_scale_factor
+        if self.config.resolution % factor:
+            raise ValueError(
+                f"`--resolution={self.config.resolution}` must be a multiple of the VAE's downsampling factor"
+                f" {factor} for this model; try {self.config.resolution // factor * factor or factor}."
+            )
+
+    def _load_images(self) -> None:
+        config = self.config
+        size, mode = config.resolution, config.image_interpolation_mode
+        if config.instance_data_dir is not None:
+            instance = load_folder_images(config.instance_data_dir, config.instance_prompt, size, mode)
+        else:
+            instance = load_dataset_images(
+                config.dataset_name,
+                config.dataset_config_name,
+                config.image_column,
+                config.caption_column,
+                config.instance_prompt,
+                size,
+                mode,
+                config.cache_dir,
+            )
+        self.instance_images: list[TrainingImage] = instance * config.repeats
+        self.class_images: list[TrainingImage] = []
+        if config.with_prior_preservation:
+            self.class_images = load_folder_images(
+                config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images
+            )
+        self.order = TrainingOrder(len(self.instance_images), max(len(self.class_images), 1), self.seed)
+
+    def _set_up_trainable_modules(self) -> None:
+        """Freeze everything, then unfreeze the denoiser (and text encoders) or add LoRA adapters to them."""
+        config, family = self.config, self.family
+        for module in self.pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        self.trained = {family.denoiser_name: family.denoiser}
+        if config.train_text_encoder:
+            self.trained.update(zip(family.text_encoder_names, family.text_encoders))
+        if config.adapter == "lora":
+            self._add_lora_adapters()
+        else:
+            for module in self.trained.values():
+                module.requires_grad_(True)
+        if config.gradient_checkpointing:
+            for name, module in self.trained.items():
+                if name == family.denoiser_name:
+                    module.enable_gradient_checkpointing()
+                else:
+                    module.gradient_checkpointing_enable()
+        if config.enable_xformers_memory_efficient_attention:
+            family.denoiser.enable_xformers_memory_efficient_attention()
+        for module in self.trained.values():
+            module.train()
+
+    def _add_lora_adapters(self) -> None:
+        config, family = self.config, self.family
+        targets = family.denoiser_lora_target_modules
+        if config.lora_target_modules:
+            targets = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
+        weight_dtype = self.weight_dtype
+        for name, module in self.trained.items():
+            is_denoiser = name == family.denoiser_name
+            module.to(dtype=weight_dtype)
+            module.add_adapter(
+                LoraConfig(
+                    r=config.rank,
+                    lora_alpha=config.lora_scale_alpha,
+                    lora_dropout=config.lora_dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(targets if is_denoiser else family.text_encoder_lora_target_modules),
+                    use_dora=config.use_dora,
+                )
+            )
+        cast_training_params(list(self.trained.values()), dtype=torch.float32)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of frozen LoRA base weights: the mixed-precision dtype, as in diffusers' scripts."""
+        return MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+
+    @property
+    def text_encoders_frozen(self) -> bool:
+        return not self.config.train_text_encoder
+
+    # Caches
+
+    @torch.no_grad()
+    def _build_caches(self) -> None:
+        """Token ids of every prompt; text embeddings when encoders are frozen; latents of fixed crops."""
+        family, config = self.family, self.config
+        prompts = sorted({image.prompt for image in self.instance_images + self.class_images})
+        token_ids = family.tokenize(prompts, config.tokenizer_max_length)
+        self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}
+        self.prompt_embeds = None
+        if self.text_encoders_frozen:
+            embeds = family.encode_prompt(token_ids, family.text_encoders)
+            self.prompt_embeds = {p: {k: v[i].float() for k, v in embeds.items()} for i, p in enumerate(prompts)}
+        self.instance_latents = self._cache_latents(self.instance_images)
+        self.class_latents = self._cache_latents(self.class_images)
+
+    def _cache_latents(self, images: list[TrainingImage]) -> LatentCache:
+        config = self.config
+        fixed = [has_fixed_crop(im, config.resolution, config.center_crop, config.random_flip) for im in images]
+        cache = LatentCache([None] * len(images), [None] * len(images))
+        todo = [i for i, is_fixed in enumerate(fixed) if is_fixed]
+        for start in range(0, len(todo), config.sample_batch_size):
+            chunk = todo[start : start + config.sample_batch_size]
+            pixels = torch.stack([self._pixels(images[i], None)[0] for i in chunk])
+            mean, std = self.family.encode_image_distribution(pixels)
+            for j, i in enumerate(chunk):
+                cache.mean[i], cache.std[i] = mean[j], std[j]
+        return cache
+
+    def _pixels(self, image: TrainingImage, generator: torch.Generator | None) -> tuple[torch.Tensor, tuple]:
+        config = self.config
+        return crop_and_flip(image, config.resolution, config.center_crop, config.random_flip, generator)
+
+    # Optimization
+
+    def _set_up_optimization(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.global_batch_size = config.train_batch_size * accelerator.num_processes
+        self.max_train_steps = config.steps_for(self.order.length, accelerator.num_processes)
+        self.steps_per_epoch = math.ceil(
+            self.order.length / (self.global_batch_size * config.gradient_accumulation_steps)
+        )
+        learning_rate = config.learning_rate
+        if config.scale_lr:
+            learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        param_groups = []
+        for name, module in self.trained.items():
+            is_denoiser = name == self.family.denoiser_name
+            param_groups.append(
+                {
+                    "params": [p for p in module.parameters() if p.requires_grad],
+                    "lr": learning_rate if is_denoiser else (config.text_encoder_lr or learning_rate),
+                    "weight_decay": config.adam_weight_decay if is_denoiser else config.adam_weight_decay_text_encoder,
+                }
+            )
+        optimizer = _make_optimizer(config, param_groups, learning_rate)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.max_train_steps * accelerator.num_processes,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
+        )
+        names = list(self.trained)
+        prepared = accelerator.prepare(*self.trained.values(), optimizer, lr_scheduler)
+        self.prepared = dict(zip(names, prepared[: len(names)]))
+        self.optimizer, self.lr_scheduler = prepared[len(names) :]
+        accelerator.register_save_state_pre_hook(self._save_model_hook)
+        accelerator.register_load_state_pre_hook(self._load_model_hook)
+
+    def _component_name(self, model: torch.nn.Module) -> str:
+        model = self.accelerator.unwrap_model(model)
+        for name, module in self.trained.items():
+            if module is model:
+                return name
+        raise ValueError(f"Unexpected model of type {type(model).__name__} in the accelerate state.")
+
+    def _save_model_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """Write trained modules as diffusers' scripts do (`unet/` folders, or the LoRA file), not as raw state."""
+        if not self.accelerator.is_main_process:
+            return
+        modules = {self._component_name(model): self.accelerator.unwrap_model(model) for model in models}
+        if self.config.adapter == "lora":
+            self.family.save_lora_weights(output_dir, modules)
+        else:
+            for name, module in modules.items():
+                module.save_pretrained(os.path.join(output_dir, name))
+        weights.clear()
+
+    def _load_model_hook(self, models: list, input_dir: str) -> None:
+        modules = {self._component_name(model): self.accelerator.unwrap_model(model) for model in models}
+        models.clear()
+        if self.config.adapter == "lora":
+            load_lora_checkpoint(input_dir, modules)
+            return
+        for name, module in modules.items():
+            loaded = type(module).from_pretrained(input_dir, subfolder=name)
+            module.load_state_dict(loaded.state_dict())
+            del loaded
+
+    def _resume(self, checkpoint: Path) -> None:
+        logger.info("Resuming from %s", checkpoint)
+        self.accelerator.load_state(str(checkpoint))
+        self.global_step = checkpoints.read_trainer_state(checkpoint)["global_step"]
+
+    # The loop
+
+    def _run_loop(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            accelerator.init_trackers("dreambooth", config=_tracker_config(config))
+        validation_every = config.validation_steps
+        if config.validation_epochs is not None:
+            validation_every = config.validation_epochs * self.steps_per_epoch
+        progress = tqdm(
+            total=self.max_train_steps,
+            initial=self.global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        while self.global_step < self.max_train_steps:
+            logs = self._optimizer_step()
+            self.global_step += 1
+            progress.update(1)
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=self.global_step)
+            if self.global_step % config.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if config.validation_prompt and self.global_step % validation_every == 0:
+                self._validate()
+        progress.close()
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """One optimizer step: `gradient_accumulation_steps` micro-batches, then the update."""
+        config, accelerator = self.config, self.accelerator
+        trained = list(self.prepared.values())
+        for micro in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(*trained):
+                losses = self._micro_step(self.global_step * config.gradient_accumulation_steps + micro)
+                accelerator.backward(losses.loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        logs = {"loss": losses.loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}
+        if config.with_prior_preservation:
+            logs["instance_loss"] = losses.instance_loss.detach().item()
+            logs["prior_loss"] = losses.prior_loss.detach().item()
+        return logs
+
+    def _micro_step(self, micro_step: int):
+        """Loss of this process's slice of global micro-batch `micro_step`."""
+        config, family, accelerator = self.config, self.family, self.accelerator
+        items = self.order.items(micro_step, self.global_batch_size)
+        rank, per_process = accelerator.process_index, config.train_batch_size
+        local_items = items[rank * per_process : (rank + 1) * per_process]
+        examples = [(self.instance_images, self.instance_latents, self.order.instance_index(k)) for k in local_items]
+        positions = list(range(rank * per_process, (rank + 1) * per_process))
+        if config.with_prior_preservation:
+            examples += [(self.class_images, self.class_latents, self.order.class_index(k)) for k in local_items]
+            positions += [p + self.global_batch_size for p in positions]
+        num_global = self.global_batch_size * (2 if config.with_prior_preservation else 1)
+        device = family.device
+        generator = step_generator(self.seed, micro_step, device)
+        channels, size = family.vae.config.latent_channels, config.resolution // family.vae_scale_factor
+        index = torch.tensor(positions, device=device)
+        noise = torch.randn((num_global, channels, size, size), generator=generator, device=device)[index]
+        latent_noise = torch.randn((num_global, channels, size, size), generator=generator, device=device)[index]
+        timesteps = family.sample_timesteps(num_global, generator)[index]
+        if config.offset_noise:
+            channel_noise = torch.randn((num_global, channels, 1, 1), generator=generator, device=device)[index]
+            noise = noise + config.noise_offset * channel_noise
+
+        mean, std, conditioning = self._latent_distribution(examples, positions, micro_step)
+        latents = mean + std * latent_noise
+        prompts = [images[i].prompt for images, _, i in examples]
+        prompt_embeds = self._prompt_embeds(prompts)
+        noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
+        model_pred = family.predict(self.prepared[family.denoiser_name], noisy, timesteps, prompt_embeds, conditioning)
+        is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
+        weights = family.loss_weights(timesteps, config.snr_gamma)
+        return dreambooth_loss(model_pred, target, is_prior, config.prior_loss_weight, weights)
+
+    def _latent_distribution(self, examples: list, positions: list[int], micro_step: int):
+        """Posterior mean/std of each example's latents (cached, or encoded now for random crops)."""
+        config = self.config
+        means, stds, sizes, crops, to_encode = [], [], [], [], []
+        for slot, ((images, cache, i), position) in enumerate(zip(examples, positions)):
+            image = images[i]
+            sizes.append(image.original_size)
+            if cache.mean[i] is not None:
+                means.append(cache.mean[i])
+                stds.append(cache.std[i])
+                crops.append(_fixed_crop(image, config.resolution))
+                continue
+            generator = step_generator(self.seed, micro_step, salt=1000 + position)
+            pixels, crop = self._pixels(image, generator)
+            crops.append(crop)
+            to_encode.append((slot, pixels))
+            means.append(None)
+            stds.append(None)
+        if to_encode:
+            mean, std = self.family.encode_image_distribution(torch.stack([pixels for _, pixels in to_encode]))
+            for j, (slot, _) in enumerate(to_encode):
+                means[slot], stds[slot] = mean[j], std[j]
+        conditioning = ImageConditioning(
+            original_sizes=torch.tensor(sizes),
+            crops_top_left=torch.tensor(crops),
+            target_size=(config.resolution, config.resolution),
+        )
+        return torch.stack(means), torch.stack(stds), conditioning
+
+    def _prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_embeds is not None:
+            keys = self.prompt_embeds[prompts[0]].keys()
+            return {k: torch.stack([self.prompt_embeds[p][k] for p in prompts]) for k in keys}
+        family = self.family
+        token_ids = [torch.stack(ids) for ids in zip(*(self.prompt_tokens[p] for p in prompts))]
+        encoders = [
+            self.prepared.get(name, module) for name, module in zip(family.text_encoder_names, family.text_encoders)
+        ]
+        return family.encode_prompt(token_ids, encoders)
+
+    # Checkpoints, validation, saving
+
+    def save_checkpoint(self) -> Path | None:
+        """Save a resumable `checkpoint-{global_step}` atomically, keeping `--checkpoints_total_limit`."""
+        accelerator, config = self.accelerator, self.config
+        saved = None
+        if accelerator.is_main_process:
+            checkpoints.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
+            temporary = checkpoints.temporary_checkpoint_dir(config.output_dir, self.global_step)
+            accelerator.save_state(str(temporary))
+            state = {"global_step": self.global_step, "seed": self.seed}
+            saved = checkpoints.publish_checkpoint(temporary, self.global_step, state)
+            logger.info("Saved %s", saved)
+        accelerator.wait_for_everyone()
+        return saved
+
+    def _validate(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for module in self.trained.values():
+            module.eval()
+        with self.accelerator.autocast():
+            run_validation(self.pipeline, self.config, self.global_step, self.seed, self.accelerator.trackers)
+        for module in self.trained.values():
+            module.train()
+
+    def _save_final(self) -> None:
+        accelerator, config = self.accelerator, self.config
+        accelerator.wait_for_everyone()
+        for module in self.trained.values():
+            module.eval()
+        if not accelerator.is_main_process:
+            return
+        output_dir = Path(config.output_dir)
+        modules = {name: accelerator.unwrap_model(model) for name, model in self.prepared.items()}
+        if config.adapter == "lora":
+            self.family.save_lora_weights(str(output_dir), modules)
+        else:
+            self._save_full_pipeline(output_dir)
+        config.to_json_file(output_dir / CONFIG_NAME)
+        logger.info("Saved the trained subject to %s", output_dir)
+
+    def _save_full_pipeline(self, output_dir: Path) -> None:
+        """`save_pretrained` of the trained pipeline; `--skip_save_text_encoder` leaves the text encoders out."""
+        skipped = self.family.text_encoder_names if self.config.skip_save_text_encoder else ()
+        kept = {name: getattr(self.pipeline, name) for name in skipped}
+        self.pipeline.register_modules(**{name: None for name in skipped})
+        try:
+            self.pipeline.save_pretrained(str(output_dir))
+        finally:
+            self.pipeline.register_modules(**kept)
+
+
+def _make_optimizer(config: DreamBoothConfig, param_groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer.lower() == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as error:
+            raise ImportError(
+                "`--optimizer prodigy` needs the prodigy optimizer: `pip install prodigyopt`."
+            ) from error
+        return Prodigy(
+            param_groups,
+            lr=learning_rate,
+            betas=betas,
+            beta3=config.prodigy_beta3,
+            eps=config.adam_epsilon,
+            decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction,
+            safeguard_warmup=config.prodigy_safeguard_warmup,
+        )
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from error
+        return bnb.optim.AdamW8bit(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon)
+    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon)
+
+
+def _fixed_crop(image: TrainingImage, resolution: int) -> tuple[int, int]:
+    width, height = image.image.size
+    return (height - resolution) // 2, (width - resolution) // 2
+
+
+def _tracker_config(config: DreamBoothConfig) -> dict:
+    """Scalar options only: trackers such as tensorboard reject lists and None."""
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,61 @@
+"""Validation images during training: saved to `output_dir/validation/` and logged to the trackers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from PIL import Image
+
+from .config import DreamBoothConfig
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_SCHEDULERS = {
+    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+    "DDPMScheduler": DDPMScheduler,
+}
+
+
+@torch.no_grad()
+def generate_validation_images(pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int) -> list[Image.Image]:
+    """`num_validation_images` images of `validation_prompt`, with the validation scheduler and a fixed seed."""
+    original_scheduler = pipeline.scheduler
+    scheduler_class = VALIDATION_SCHEDULERS[config.validation_scheduler]
+    pipeline.scheduler = scheduler_class.from_config(original_scheduler.config)
+    try:
+        generator = torch.Generator(pipeline.device).manual_seed(seed)
+        return pipeline(
+            prompt=[config.validation_prompt] * config.num_validation_images,
+            num_inference_steps=config.validation_inference_steps,
+            generator=generator,
+        ).images
+    finally:
+        pipeline.scheduler = original_scheduler
+
+
+def run_validation(
+    pipeline: DiffusionPipeline, config: DreamBoothConfig, step: int, seed: int, trackers: list
+) -> list[Path]:
+    """Generate validation images, write them as `validation/step-{step}/{i}.png`, log them; return the paths."""
+    logger.info("Validation at step %d: %d images of %r", step, config.num_validation_images, config.validation_prompt)
+    images = generate_validation_images(pipeline, config, seed)
+    folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"{index}.png"
+        image.save(path)
+        paths.append(path)
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=config.validation_prompt) for image in images]})
+    return paths

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline pipelines, subject photos, and a clean accelerate state per test."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffusers_dreambooth.testing_utils import save_dummy_pipeline  # noqa: E402
+
+TINY_RESOLUTION = 32
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each training run in a test builds its own Accelerator, as a new process would."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory) -> dict[str, str]:
+    """Saved tiny pipelines: `sd` (epsilon), `sd2` (v-prediction) and `sdxl`, loadable with from_pretrained."""
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: save_dummy_pipeline(family, root / family) for family in ("sd", "sd2", "sdxl")}
+
+
+def write_subject_images(directory: Path, count: int = 4, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """`count` noise-textured photos of `size` (width, height), with a distinct colour each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        pixels = rng.integers(0, 64, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[..., index % 3] += 160
+        Image.fromarray(pixels).save(directory / f"photo_{index}.png")
+    return directory
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    """Four non-square subject photos (48x40), so crops are random unless --center_crop."""
+    return write_subject_images(tmp_path / "instance")
+
+
+@pytest.fixture
+def square_instance_dir(tmp_path) -> Path:
+    """Four square subject photos at the training resolution, so their latents are cached."""
+    return write_subject_images(tmp_path / "square_instance", size=(TINY_RESOLUTION, TINY_RESOLUTION))
