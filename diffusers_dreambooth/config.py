@@ -2,8 +2,8 @@
 
 Field names and meanings follow diffusers' `examples/dreambooth/train_dreambooth*.py`, so a command written for those
 scripts parses unchanged (`HfArgumentParser` turns the fields into flags). Those scripts' defaults differ by adapter
-and model family (e.g. learning rate 5e-6 for full fine-tuning, 5e-4 for SD LoRA, 1e-4 for SDXL LoRA); such fields default
-to None here and take the value of the matching diffusers script once the family is known (`with_defaults`).
+and model family (learning rate 5e-6 for full fine-tuning, 5e-4 for SD LoRA, 1e-4 for SDXL LoRA, ...); such fields
+default to None here and take the matching diffusers script's value once the family is known (`with_defaults`).
 Options that those scripts accept but this trainer does not implement are parsed, and rejected with a message naming
 them when set.
 """
