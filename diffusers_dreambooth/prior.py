@@ -56,10 +56,13 @@ def generate_class_images(
     precision: str | None = None,
     process_index: int = 0,
     num_processes: int = 1,
+    missing: list[int] | None = None,
 ) -> list[Path]:
     """Generate the missing class images with `pipeline` and return the paths this process wrote.
 
-    Processes split the missing indices round-robin, so none is generated twice.
+    Processes split the missing indices round-robin, so none is generated twice. With several processes, pass
+    `missing`: the `missing_class_images` that every process listed before any of them started writing (the trainer
+    lists, waits for all processes, then generates); a process listing the folder later would see a shifted list.
 
     Args:
         pipeline (`DiffusionPipeline`): the frozen base pipeline, before any training.
@@ -74,7 +77,9 @@ def generate_class_images(
     """
     class_data_dir = Path(class_data_dir)
     class_data_dir.mkdir(parents=True, exist_ok=True)
-    todo = missing_class_images(class_data_dir, num_class_images)[process_index::num_processes]
+    if missing is None:
+        missing = missing_class_images(class_data_dir, num_class_images)
+    todo = missing[process_index::num_processes]
     if not todo:
         return []
     logger.info("Generating %d class images for %r in %s", len(todo), class_prompt, class_data_dir)
