@@ -17,6 +17,7 @@ def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         DreamBoothConfig,
         description="DreamBooth training for diffusers pipelines; flags as in diffusers' train_dreambooth*.py.",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "--config", default=None, help="YAML or JSON file of options; flags given on the command line override it."
@@ -44,11 +45,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def parse_config(args: list[str] | None = None) -> DreamBoothConfig:
     """Parse command-line flags (and an optional `--config` file) into a validated `DreamBoothConfig`.
 
-    Unknown flags, unknown keys in the file and invalid combinations exit with a message naming them.
+    Unknown flags, unknown keys in the file and invalid combinations exit with a message naming them. Flags must be
+    spelt out: argparse's prefix matching is off, so a misspelt flag fails instead of setting another option.
     """
     args = sys.argv[1:] if args is None else list(args)
     parser = build_parser()
-    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(args)
     try:

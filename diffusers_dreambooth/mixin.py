@@ -9,6 +9,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from .config import DreamBoothConfig
+from .pipeline_loading import diffusers_pipeline_class
 from .trainer import DreamBoothTrainer
 
 
@@ -68,11 +69,3 @@ class DreamBoothTrainingMixin:
         config = json.loads(super().to_json_string())
         config["_class_name"] = diffusers_pipeline_class(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def diffusers_pipeline_class(cls: type) -> type:
-    """The first class in `cls`'s MRO that diffusers itself defines."""
-    for base in cls.__mro__:
-        if base.__module__.startswith("diffusers.") and issubclass(base, DiffusionPipeline):
-            return base
-    raise TypeError(f"`{cls.__name__}` does not extend a diffusers pipeline class.")

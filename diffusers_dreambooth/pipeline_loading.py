@@ -10,6 +10,14 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from .config import DreamBoothConfig
 
 
+def diffusers_pipeline_class(cls: type) -> type:
+    """The first class in `cls`'s MRO that diffusers itself defines (what `model_index.json` must name)."""
+    for base in cls.__mro__:
+        if base.__module__.startswith("diffusers.") and issubclass(base, DiffusionPipeline):
+            return base
+    raise TypeError(f"`{cls.__name__}` does not extend a diffusers pipeline class.")
+
+
 def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
     """The base pipeline in float32 (trained weights start in full precision), with optional VAE/tokenizer swaps."""
     source = config.pretrained_model_name_or_path

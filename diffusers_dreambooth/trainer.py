@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -36,8 +37,9 @@ from .data import (
 from .families import ImageConditioning, family_for_pipeline
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
-from .pipeline_loading import load_base_pipeline
-from .prior import generate_class_images
+from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
+from .prior import generate_class_images, missing_class_images
+from .subject import Subject, SubjectMetadata
 from .validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class DreamBoothTrainer:
         self._check_resolution()
 
         if config.with_prior_preservation:
+            missing = missing_class_images(config.class_data_dir, config.num_class_images)
+            accelerator.wait_for_everyone()
             generate_class_images(
                 self.pipeline,
                 config.class_prompt,
@@ -107,6 +111,7 @@ class DreamBoothTrainer:
                 precision=config.prior_generation_precision,
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
+                missing=missing,
             )
             accelerator.wait_for_everyone()
         self._load_images()
@@ -507,7 +512,37 @@ class DreamBoothTrainer:
         else:
             self._save_full_pipeline(output_dir)
         config.to_json_file(output_dir / CONFIG_NAME)
+        self.subject_metadata().to_json_file(output_dir)
         logger.info("Saved the trained subject to %s", output_dir)
+
+    def subject_metadata(self) -> SubjectMetadata:
+        """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""
+        config = self.config
+        instance_prompt = config.instance_prompt or self.instance_images[0].prompt
+        training = {
+            "max_train_steps": self.max_train_steps,
+            "learning_rate": config.learning_rate,
+            "train_batch_size": config.train_batch_size,
+            "resolution": config.resolution,
+            "with_prior_preservation": config.with_prior_preservation,
+            "prior_loss_weight": config.prior_loss_weight if config.with_prior_preservation else None,
+            "num_class_images": len(self.class_images) or None,
+            "train_text_encoder": config.train_text_encoder,
+            "seed": self.seed,
+        }
+        if config.adapter == "lora":
+            training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        return SubjectMetadata(
+            subjects=[Subject.from_prompts(instance_prompt, config.class_prompt)],
+            adapter=config.adapter,
+            family=self.family.name,
+            pipeline_class=diffusers_pipeline_class(type(self.pipeline)).__name__,
+            base_model=config.pretrained_model_name_or_path or self.pipeline.name_or_path,
+            base_model_revision=config.revision,
+            base_model_variant=config.variant,
+            lora_weight_name=LORA_WEIGHT_NAME_SAFE if config.adapter == "lora" else None,
+            training=training,
+        )
 
     def _save_full_pipeline(self, output_dir: Path) -> None:
         """`save_pretrained` of the trained pipeline; `--skip_save_text_encoder` leaves the text encoders out."""

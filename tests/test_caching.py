@@ -1,0 +1,54 @@
+"""Frozen components run once, to fill the caches, and never per step (counted with forward hooks)."""
+
+import pytest
+from conftest import TINY_RESOLUTION
+from diffusers import DiffusionPipeline
+
+from diffusers_dreambooth import train_dreambooth
+
+
+def count_forward_calls(modules: dict) -> dict[str, list]:
+    calls = {name: [] for name in modules}
+    for name, module in modules.items():
+        module.register_forward_hook(lambda *args, name=name: calls[name].append(1))
+    return calls
+
+
+def train_counting(pipeline_dirs, family, images, tmp_path, **options):
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs[family])
+    watched = {"vae_encoder": pipe.vae.encoder, "text_encoder": pipe.text_encoder}
+    if family == "sdxl":
+        watched["text_encoder_2"] = pipe.text_encoder_2
+    calls = count_forward_calls(watched)
+    train_dreambooth(
+        pipe,
+        instance_data_dir=str(images),
+        instance_prompt="a photo of sks dog",
+        output_dir=str(tmp_path / "out"),
+        resolution=TINY_RESOLUTION,
+        train_batch_size=2,
+        max_train_steps=5,
+        sample_batch_size=4,
+        seed=0,
+        report_to="none",
+        **options,
+    )
+    return {name: len(hits) for name, hits in calls.items()}
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_fixed_crops_and_frozen_text_encoders_are_encoded_once(pipeline_dirs, square_instance_dir, tmp_path, family):
+    calls = train_counting(pipeline_dirs, family, square_instance_dir, tmp_path)
+    # Four images in one VAE batch; one text-encoder call for the one prompt.
+    assert calls.pop("vae_encoder") == 1
+    assert set(calls.values()) == {1}
+
+
+def test_random_crops_are_encoded_every_step(pipeline_dirs, instance_dir, tmp_path):
+    calls = train_counting(pipeline_dirs, "sd", instance_dir, tmp_path)
+    assert calls == {"vae_encoder": 5, "text_encoder": 1}
+
+
+def test_trained_text_encoder_runs_every_step(pipeline_dirs, square_instance_dir, tmp_path):
+    calls = train_counting(pipeline_dirs, "sd", square_instance_dir, tmp_path, train_text_encoder=True)
+    assert calls == {"vae_encoder": 1, "text_encoder": 5}

@@ -1,0 +1,75 @@
+"""`accelerate launch examples/train.py` end to end, with diffusers' flags, on one and on two CPU processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RESOLUTION
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+
+
+def launch(launcher_args: list[str], flags: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, str(TRAIN_SCRIPT), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def diffusers_flags(pipeline_dir, instance_dir, class_dir, output_dir, batch_size: int) -> list[str]:
+    return [
+        f"--pretrained_model_name_or_path={pipeline_dir}",
+        f"--instance_data_dir={instance_dir}",
+        f"--class_data_dir={class_dir}",
+        f"--output_dir={output_dir}",
+        "--with_prior_preservation",
+        "--prior_loss_weight=1.0",
+        "--instance_prompt=a photo of sks dog",
+        "--class_prompt=a photo of dog",
+        f"--resolution={TINY_RESOLUTION}",
+        f"--train_batch_size={batch_size}",
+        "--gradient_accumulation_steps=1",
+        "--learning_rate=1e-3",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        "--num_class_images=4",
+        "--max_train_steps=3",
+        "--checkpointing_steps=2",
+        "--seed=0",
+        "--report_to=none",
+    ]
+
+
+SINGLE = ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]
+# accelerate starts several CPU processes (gloo) through torchrun when told to use the CPU by the environment.
+DOUBLE = ["--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_single_process_with_diffusers_flags(pipeline_dirs, instance_dir, tmp_path):
+    flags = diffusers_flags(pipeline_dirs["sd"], instance_dir, tmp_path / "class", tmp_path / "out", batch_size=2)
+    launch(SINGLE, flags + ["--adapter=lora", "--rank=4"])
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((tmp_path / "class").glob("class_*.png"))) == 4
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+    pipe.load_lora_weights(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    launch(SINGLE, diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "one", batch_size=2))
+    two = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "two", batch_size=1)
+    launch(DOUBLE, two, env={"ACCELERATE_USE_CPU": "1"})
+    one = load_file(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors")
+    two = load_file(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(Path(pipeline_dirs["sd"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    for name in one:
+        assert not torch.equal(one[name], base[name]) or name.endswith("bias"), name
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
