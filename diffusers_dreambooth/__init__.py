@@ -4,14 +4,19 @@ from .config import DreamBoothConfig
 from .families import FAMILIES, DreamBoothFamily, family_for_pipeline
 from .losses import dreambooth_loss
 from .mixin import DreamBoothTrainingMixin, train_dreambooth
+from .pipeline import DreamBoothPipeline
+from .subject import Subject, SubjectMetadata
 from .trainer import DreamBoothTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
+    "Subject",
+    "SubjectMetadata",
     "DreamBoothConfig",
     "DreamBoothFamily",
+    "DreamBoothPipeline",
     "DreamBoothTrainer",
     "DreamBoothTrainingMixin",
     "dreambooth_loss",

@@ -1,0 +1,153 @@
+"""`DreamBoothPipeline`: a trained subject, loaded from a folder or a Hub repo, that generates with it.
+
+It wraps a plain diffusers pipeline rather than subclassing one, so what it saves stays loadable by plain diffusers:
+a full fine-tune is a `save_pretrained` folder, a LoRA subject the `pytorch_lora_weights.safetensors` file of the
+base model it names; `dreambooth.json` beside them records the subject.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
+
+from .subject import SUBJECT_FILE_NAME, SubjectMetadata, fill_subject
+
+PROMPT_ARGUMENTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+class DreamBoothPipeline:
+    """A diffusers pipeline that knows its DreamBooth subject(s).
+
+    `{subject}` in a prompt stands for the subject's identifier and class noun ("sks dog"); prompts without it pass
+    through unchanged. Every other argument goes to the wrapped pipeline (`self.pipeline`) as it is.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from diffusers_dreambooth import DreamBoothPipeline
+
+    >>> pipe = DreamBoothPipeline.from_pretrained("user/sks-dog", torch_dtype=torch.float16).to("cuda")
+    >>> image = pipe("a photo of {subject} on the moon", num_inference_steps=30).images[0]
+    ```
+    """
+
+    def __init__(self, pipeline: DiffusionPipeline, metadata: SubjectMetadata, weights_source: str | None = None):
+        self.pipeline = pipeline
+        self.metadata = metadata
+        self.weights_source = weights_source
+
+    @property
+    def subjects(self):
+        return self.metadata.subjects
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.subjects[0].instance_prompt
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> DreamBoothPipeline:
+        """Load a trained subject from a local folder or a Hub repo id, whatever its training mode.
+
+        A full fine-tune loads as the pipeline it is; a LoRA subject loads its recorded base model (or `base_model`)
+        and applies the adapter. Other keyword arguments go to `DiffusionPipeline.from_pretrained`.
+        """
+        source = str(pretrained_model_name_or_path)
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir)
+        metadata = SubjectMetadata.from_json_file(_subject_file(source, **hub))
+        if metadata.adapter == "full":
+            pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **hub, **kwargs)
+            return cls(pipeline, metadata, source)
+        base = base_model or metadata.base_model
+        if not base:
+            raise ValueError(
+                f"`{source}` is a LoRA subject whose base model is not recorded; pass `base_model=` to load it."
+            )
+        pipeline = DiffusionPipeline.from_pretrained(
+            base,
+            torch_dtype=torch_dtype,
+            revision=metadata.base_model_revision if base == metadata.base_model else None,
+            variant=metadata.base_model_variant if base == metadata.base_model else None,
+            token=token,
+            cache_dir=cache_dir,
+            **kwargs,
+        )
+        pipeline.load_lora_weights(source, weight_name=metadata.lora_weight_name, **hub)
+        return cls(pipeline, metadata, source)
+
+    def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any):
+        """Generate with the wrapped pipeline, `{subject}` in the prompts filled in."""
+        if prompt is not None:
+            kwargs["prompt"] = prompt
+        for name in PROMPT_ARGUMENTS:
+            if name in kwargs and kwargs[name] is not None:
+                kwargs[name] = self.fill_prompt(kwargs[name])
+        return self.pipeline(**kwargs)
+
+    def fill_prompt(self, prompt: str | list[str]) -> str | list[str]:
+        """The prompt(s) with `{subject}` replaced by the subject's phrase, e.g. "sks dog"."""
+        if isinstance(prompt, str):
+            return fill_subject(prompt, self.subjects)
+        return [fill_subject(p, self.subjects) for p in prompt]
+
+    def to(self, *args: Any, **kwargs: Any) -> DreamBoothPipeline:
+        self.pipeline.to(*args, **kwargs)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("pipeline", "metadata", "weights_source"):
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the subject so that both `DreamBoothPipeline` and plain diffusers load it.
+
+        A full fine-tune writes the whole pipeline; a LoRA subject writes only its adapter file (the base model is
+        loaded from where `dreambooth.json` says).
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        if self.metadata.adapter == "full":
+            self.pipeline.save_pretrained(save_directory)
+        else:
+            weights = _resolve_file(self.weights_source, self.metadata.lora_weight_name)
+            if Path(weights).resolve() != (save_directory / self.metadata.lora_weight_name).resolve():
+                shutil.copyfile(weights, save_directory / self.metadata.lora_weight_name)
+        self.metadata.to_json_file(save_directory)
+
+
+def _subject_file(source: str, **hub: Any) -> str:
+    """Path of `dreambooth.json` in a local folder, or downloaded from a Hub repo."""
+    if Path(source).is_dir():
+        path = Path(source) / SUBJECT_FILE_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"`{source}` has no `{SUBJECT_FILE_NAME}`, so it is not a trained DreamBooth subject. A plain pipeline"
+                " loads with `DiffusionPipeline.from_pretrained`."
+            )
+        return str(path)
+    return hf_hub_download(source, SUBJECT_FILE_NAME, **hub)
+
+
+def _resolve_file(source: str | None, file_name: str) -> str:
+    if source is None:
+        raise ValueError("This subject was not loaded from a folder or repo, so its LoRA weights cannot be copied.")
+    if Path(source).is_dir():
+        return str(Path(source) / file_name)
+    return hf_hub_download(source, file_name)

@@ -1,0 +1,97 @@
+"""What a trained subject is: identifier, class noun, prompts and how it was trained, kept in `dreambooth.json`.
+
+The file sits beside the weights (a full pipeline folder or a LoRA file) and is all `DreamBoothPipeline` needs to
+know which base model to load, how to apply the weights, and what `{subject}` in a prompt stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SUBJECT_FILE_NAME = "dreambooth.json"
+SUBJECT_PLACEHOLDER = "{subject}"
+
+
+@dataclass
+class Subject:
+    """One trained subject: `identifier` ("sks") and `class_noun` ("dog") as they appear in `instance_prompt`."""
+
+    identifier: str
+    class_noun: str | None
+    instance_prompt: str
+    class_prompt: str | None = None
+
+    @property
+    def phrase(self) -> str:
+        """How prompts name the subject: "sks dog" (the identifier alone when there is no class noun)."""
+        return f"{self.identifier} {self.class_noun}" if self.class_noun else self.identifier
+
+    @classmethod
+    def from_prompts(cls, instance_prompt: str, class_prompt: str | None = None) -> Subject:
+        """Find identifier and class noun in the prompts, as DreamBooth writes them ("a [V] [class noun]").
+
+        The identifier is the first word of `instance_prompt` that `class_prompt` lacks, and the class noun the word
+        after it. Without a class prompt, the identifier is the second-to-last word and the class noun the last.
+        """
+        words = instance_prompt.split()
+        if not words:
+            raise ValueError("The instance prompt is empty; write it as `a photo of <identifier> <class noun>`.")
+        class_words = {w.lower() for w in _words(class_prompt or "")}
+        index = next((i for i, w in enumerate(words) if _strip(w).lower() not in class_words), None)
+        if class_prompt is None or index is None:
+            index = max(len(words) - 2, 0)
+        identifier = _strip(words[index])
+        class_noun = _strip(words[index + 1]) if index + 1 < len(words) else None
+        return cls(identifier, class_noun or None, instance_prompt, class_prompt)
+
+
+@dataclass
+class SubjectMetadata:
+    """Everything `dreambooth.json` records about a trained subject."""
+
+    subjects: list[Subject]
+    adapter: str  # "full" or "lora"
+    family: str
+    pipeline_class: str
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    base_model_variant: str | None = None
+    lora_weight_name: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_file(self, directory: str | os.PathLike) -> str:
+        path = os.path.join(directory, SUBJECT_FILE_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> SubjectMetadata:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        values["subjects"] = [Subject(**subject) for subject in values.get("subjects", [])]
+        return cls(**values)
+
+
+def fill_subject(prompt: str, subjects: list[Subject]) -> str:
+    """Replace `{subject}` with the (first) subject's phrase, and `{name}` with a named subject's phrase."""
+    if not subjects or "{" not in prompt:
+        return prompt
+    prompt = prompt.replace(SUBJECT_PLACEHOLDER, subjects[0].phrase)
+    for subject in subjects:
+        prompt = prompt.replace("{" + subject.identifier + "}", subject.phrase)
+    return prompt
+
+
+def _words(text: str) -> list[str]:
+    return [_strip(w) for w in text.split()]
+
+
+def _strip(word: str) -> str:
+    return re.sub(r"^[^\w]+|[^\w]+$", "", word)

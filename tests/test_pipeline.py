@@ -1,0 +1,109 @@
+"""`DreamBoothPipeline`: loads a trained subject from a folder, full or LoRA, and generates with `{subject}`."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_RESOLUTION
+from diffusers import DiffusionPipeline
+
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, Subject
+from diffusers_dreambooth.subject import fill_subject
+
+
+def train(pipeline_dirs, instance_dir, output_dir, family="sd", **overrides):
+    options = dict(
+        pretrained_model_name_or_path=pipeline_dirs[family],
+        instance_data_dir=str(instance_dir),
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        class_data_dir=str(output_dir.parent / "class"),
+        with_prior_preservation=True,
+        num_class_images=2,
+        prior_generation_steps=2,
+        output_dir=str(output_dir),
+        resolution=TINY_RESOLUTION,
+        train_batch_size=1,
+        max_train_steps=2,
+        learning_rate=1e-3,
+        seed=0,
+        report_to="none",
+    )
+    options.update(overrides)
+    return DreamBoothTrainer(DreamBoothConfig(**options)).train()
+
+
+def images(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+@pytest.mark.parametrize(
+    ("instance_prompt", "class_prompt", "identifier", "class_noun"),
+    [
+        ("a photo of sks dog", "a photo of dog", "sks", "dog"),
+        ("a photo of sks dog", None, "sks", "dog"),
+        ("photo of a TOK dog, studio light", "photo of a dog", "TOK", "dog"),
+        ("a sks backpack on a table", "a backpack on a table", "sks", "backpack"),
+        ("sks", "a dog", "sks", None),
+    ],
+)
+def test_subject_is_read_from_the_prompts(instance_prompt, class_prompt, identifier, class_noun):
+    subject = Subject.from_prompts(instance_prompt, class_prompt)
+    assert (subject.identifier, subject.class_noun) == (identifier, class_noun)
+
+
+def test_placeholder_is_filled_and_plain_prompts_pass_through():
+    subjects = [Subject("sks", "dog", "a photo of sks dog"), Subject("zwx", "cat", "a photo of zwx cat")]
+    assert fill_subject("a {subject} on the moon", subjects) == "a sks dog on the moon"
+    assert fill_subject("{sks} and {zwx} at the beach", subjects) == "sks dog and zwx cat at the beach"
+    assert fill_subject("a dog on the moon", subjects) == "a dog on the moon"
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_trained_subject_loads_and_reproduces_the_trained_pipeline(pipeline_dirs, instance_dir, tmp_path, adapter):
+    trained = train(pipeline_dirs, instance_dir, tmp_path / "out", adapter=adapter)
+    metadata = json.loads((tmp_path / "out" / "dreambooth.json").read_text())
+    assert metadata["adapter"] == adapter
+    assert metadata["subjects"][0]["identifier"] == "sks" and metadata["subjects"][0]["class_noun"] == "dog"
+    assert metadata["base_model"] == pipeline_dirs["sd"]
+    assert metadata["training"]["with_prior_preservation"] and metadata["training"]["num_class_images"] == 2
+
+    pipe = DreamBoothPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.instance_prompt == "a photo of sks dog"
+    expected = images(trained, "a photo of sks dog on the moon")
+    torch.testing.assert_close(images(pipe, "a photo of {subject} on the moon"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(images(pipe, "a photo of sks dog on the moon"), expected, atol=1e-5, rtol=0)
+
+    pipe.save_pretrained(tmp_path / "copy")
+    again = DreamBoothPipeline.from_pretrained(tmp_path / "copy")
+    torch.testing.assert_close(images(again, "a photo of {subject} on the moon"), expected, atol=1e-5, rtol=0)
+    if adapter == "lora":
+        assert not (tmp_path / "copy" / "unet").exists()
+        plain = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+        plain.load_lora_weights(tmp_path / "copy")
+    else:
+        plain = DiffusionPipeline.from_pretrained(tmp_path / "copy")
+    torch.testing.assert_close(images(plain, "a photo of sks dog on the moon"), expected, atol=1e-5, rtol=0)
+
+
+def test_generation_arguments_reach_the_wrapped_pipeline(pipeline_dirs, instance_dir, tmp_path):
+    train(pipeline_dirs, instance_dir, tmp_path / "out", family="sdxl", adapter="lora")
+    pipe = DreamBoothPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float32)
+    output = pipe(
+        "a {subject}",
+        negative_prompt="blurry {subject}",
+        guidance_scale=3.0,
+        num_inference_steps=2,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    assert output.images.shape == (2, TINY_RESOLUTION, TINY_RESOLUTION, 3)
+    assert pipe.fill_prompt(["a {subject}", "x"]) == ["a sks dog", "x"]
+
+
+def test_a_plain_pipeline_folder_is_not_a_subject(pipeline_dirs):
+    with pytest.raises(ValueError, match="dreambooth.json"):
+        DreamBoothPipeline.from_pretrained(pipeline_dirs["sd"])
