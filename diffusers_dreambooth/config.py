@@ -300,7 +300,6 @@ class DreamBoothConfig:
             "validation_images": "it belongs to DeepFloyd IF stage II, which this trainer does not support yet",
             "output_kohya_format": "kohya-format export is not implemented yet",
             "do_edm_style_training": "EDM-style training is not supported",
-            "push_to_hub": "Hub upload is not implemented yet; upload `output_dir` with `hf upload` meanwhile",
         }
         for name, reason in unsupported.items():
             if getattr(self, name):

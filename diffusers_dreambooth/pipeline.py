@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from huggingface_hub import hf_hub_download
+from huggingface_hub import CommitInfo, hf_hub_download
 
+from .hub import push_subject_folder
+from .model_card import write_model_card
 from .subject import SUBJECT_FILE_NAME, SubjectMetadata, fill_subject
 
 PROMPT_ARGUMENTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
@@ -129,7 +132,26 @@ class DreamBoothPipeline:
             weights = _resolve_file(self.weights_source, self.metadata.lora_weight_name)
             if Path(weights).resolve() != (save_directory / self.metadata.lora_weight_name).resolve():
                 shutil.copyfile(weights, save_directory / self.metadata.lora_weight_name)
+        for name in self.metadata.sample_images:
+            sample = _resolve_file(self.weights_source, name)
+            (save_directory / name).parent.mkdir(parents=True, exist_ok=True)
+            if Path(sample).resolve() != (save_directory / name).resolve():
+                shutil.copyfile(sample, save_directory / name)
         self.metadata.to_json_file(save_directory)
+        write_model_card(save_directory, self.metadata, save_directory.resolve().name)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+    ) -> CommitInfo:
+        """Share the subject as a Hub repo: weights, `dreambooth.json`, sample images and a model card for it."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_subject_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def _subject_file(source: str, **hub: Any) -> str:

@@ -61,6 +61,8 @@ class SubjectMetadata:
     base_model_revision: str | None = None
     base_model_variant: str | None = None
     lora_weight_name: str | None = None
+    sample_prompt: str | None = None
+    sample_images: list[str] = field(default_factory=list)  # paths relative to the subject folder
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 

@@ -35,12 +35,14 @@ from .data import (
     step_generator,
 )
 from .families import ImageConditioning, family_for_pipeline
+from .hub import push_subject_folder
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
+from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
 from .subject import Subject, SubjectMetadata
-from .validation import run_validation
+from .validation import generate_validation_images, run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -512,8 +514,27 @@ class DreamBoothTrainer:
         else:
             self._save_full_pipeline(output_dir)
         config.to_json_file(output_dir / CONFIG_NAME)
-        self.subject_metadata().to_json_file(output_dir)
+        metadata = self.subject_metadata()
+        metadata.sample_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
+        metadata.sample_images = self._write_samples(output_dir, metadata.sample_prompt)
+        metadata.to_json_file(output_dir)
+        repo_id = config.hub_model_id or output_dir.resolve().name
+        write_model_card(output_dir, metadata, repo_id, token=config.hub_token)
         logger.info("Saved the trained subject to %s", output_dir)
+        if config.push_to_hub:
+            push_subject_folder(output_dir, repo_id, token=config.hub_token)
+
+    def _write_samples(self, output_dir: Path, prompt: str) -> list[str]:
+        """Sample images of the trained subject for its model card, as `samples/sample_{i}.png`."""
+        if not self.config.num_validation_images:
+            return []
+        with self.accelerator.autocast():
+            images = generate_validation_images(self.pipeline, self.config, self.seed, prompt=prompt)
+        (output_dir / "samples").mkdir(exist_ok=True)
+        names = [f"samples/sample_{index}.png" for index in range(len(images))]
+        for name, image in zip(names, images):
+            image.save(output_dir / name)
+        return names
 
     def subject_metadata(self) -> SubjectMetadata:
         """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""

@@ -21,15 +21,17 @@ VALIDATION_SCHEDULERS = {
 
 
 @torch.no_grad()
-def generate_validation_images(pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int) -> list[Image.Image]:
-    """`num_validation_images` images of `validation_prompt`, with the validation scheduler and a fixed seed."""
+def generate_validation_images(
+    pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int, prompt: str | None = None
+) -> list[Image.Image]:
+    """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed."""
     original_scheduler = pipeline.scheduler
     scheduler_class = VALIDATION_SCHEDULERS[config.validation_scheduler]
     pipeline.scheduler = scheduler_class.from_config(original_scheduler.config)
     try:
         generator = torch.Generator(pipeline.device).manual_seed(seed)
         return pipeline(
-            prompt=[config.validation_prompt] * config.num_validation_images,
+            prompt=[prompt or config.validation_prompt] * config.num_validation_images,
             num_inference_steps=config.validation_inference_steps,
             generator=generator,
         ).images

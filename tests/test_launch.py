@@ -47,7 +47,14 @@ def diffusers_flags(pipeline_dir, instance_dir, class_dir, output_dir, batch_siz
 
 SINGLE = ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]
 # accelerate starts several CPU processes (gloo) through torchrun when told to use the CPU by the environment.
-DOUBLE = ["--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+DOUBLE = [
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_cpu_threads_per_process=1",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+]
 
 
 @pytest.mark.slow

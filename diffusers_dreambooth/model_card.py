@@ -1,0 +1,122 @@
+"""The model card of a trained subject, rendered from `model_cards/dreambooth.md` (shipped in the package)."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .subject import SubjectMetadata
+
+TEMPLATE_NAME = "dreambooth.md"
+HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
+FAMILY_TAGS = {"stable-diffusion": "stable-diffusion", "stable-diffusion-xl": "stable-diffusion-xl"}
+TRAINING_LABELS = {
+    "max_train_steps": "steps",
+    "learning_rate": "learning rate",
+    "train_batch_size": "batch size (subject images per device)",
+    "resolution": "resolution",
+    "with_prior_preservation": "prior preservation",
+    "prior_loss_weight": "prior loss weight",
+    "num_class_images": "class images",
+    "train_text_encoder": "text encoder trained",
+    "rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha",
+    "seed": "seed",
+}
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` reads as a Hub repo id (`org/name`) rather than a local path."""
+    return bool(name) and HUB_ID_PATTERN.match(name) is not None and not Path(name).exists()
+
+
+def base_model_license(base_model: str | None, token: str | bool | None = None) -> str | None:
+    """The license in the base model's card (a local folder's README.md or the Hub repo's), when there is one."""
+    if not base_model:
+        return None
+    try:
+        card = ModelCard.load(Path(base_model) / "README.md" if Path(base_model).is_dir() else base_model, token=token)
+    except Exception:  # noqa: BLE001 - a missing or unreachable card only means the license is unknown.
+        return None
+    return card.data.get("license")
+
+
+def render_model_card(
+    metadata: SubjectMetadata,
+    repo_id: str,
+    sample_images: list[str] | None = None,
+    sample_prompt: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """The card for `repo_id`: Hub metadata (base model, license, tags, widget) and a body a stranger can use.
+
+    Local paths never reach the card: a base model given as a folder is described, not named.
+    """
+    subject = metadata.subjects[0]
+    base_model = metadata.base_model if is_hub_id(metadata.base_model) else None
+    sample_images = sample_images or []
+    sample_prompt = sample_prompt or subject.instance_prompt
+    tags = ["text-to-image", "diffusers", "dreambooth", FAMILY_TAGS.get(metadata.family, metadata.family)]
+    if metadata.adapter == "lora":
+        tags.append("lora")
+    card_data = ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        instance_prompt=subject.instance_prompt,
+        widget=[{"text": sample_prompt, "output": {"url": image}} for image in sample_images] or None,
+    )
+    mode = "LoRA adapter" if metadata.adapter == "lora" else "full fine-tune"
+    template = files("diffusers_dreambooth.model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        title=f"DreamBooth {mode}: {subject.phrase}",
+        repo_id=repo_id,
+        adapter=metadata.adapter,
+        subject_phrase=subject.phrase,
+        subject_phrase_md=f"`{subject.phrase}`",
+        base_model_md=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local base model",
+        base_model_or_placeholder=base_model or "<base model>",
+        mode_md=mode,
+        instance_prompt=subject.instance_prompt,
+        sample_images=sample_images,
+        sample_prompt=sample_prompt,
+        training_rows=_rows(metadata.training, TRAINING_LABELS, mode),
+        evaluation_rows=[(name, _format(value)) for name, value in metadata.evaluation.items()],
+    )
+
+
+def write_model_card(
+    folder: str | Path, metadata: SubjectMetadata, repo_id: str, token: str | bool | None = None
+) -> Path:
+    """Render the card of the subject in `folder` and write it as `folder/README.md`."""
+    card = render_model_card(
+        metadata,
+        repo_id,
+        sample_images=metadata.sample_images,
+        sample_prompt=metadata.sample_prompt,
+        license=base_model_license(metadata.base_model, token=token),
+    )
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def _rows(values: dict, labels: dict[str, str], mode: str) -> list[tuple[str, str]]:
+    rows = [("mode", mode)]
+    rows += [(labels[key], _format(values[key])) for key in labels if values.get(key) is not None]
+    return rows
+
+
+def _format(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
