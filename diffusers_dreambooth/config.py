@@ -208,7 +208,9 @@ class DreamBoothConfig:
     # Diffusers options of other families or features, parsed so drop-in commands fail clearly.
     class_labels_conditioning: str | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
     validation_images: list[str] | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
-    output_kohya_format: bool = _option(False, "Also write the LoRA in kohya format; not supported yet.")
+    output_kohya_format: bool = _option(
+        False, "Also write the LoRA as `pytorch_lora_weights_kohya.safetensors` (AUTOMATIC1111/ComfyUI format)."
+    )
     do_edm_style_training: bool = _option(False, "EDM-style SDXL training; not supported.")
 
     def __post_init__(self) -> None:
@@ -288,6 +290,8 @@ class DreamBoothConfig:
 
     def _check_lora(self) -> None:
         if self.adapter != "lora":
+            if self.output_kohya_format:
+                raise ValueError("`--output_kohya_format` exports a LoRA adapter; it needs `--adapter lora`.")
             return
         if self.rank < 1:
             raise ValueError(f"`--rank` must be at least 1 for `--adapter lora`, got {self.rank}.")
@@ -298,7 +302,6 @@ class DreamBoothConfig:
         unsupported = {
             "class_labels_conditioning": "it belongs to DeepFloyd IF, which this trainer does not support yet",
             "validation_images": "it belongs to DeepFloyd IF stage II, which this trainer does not support yet",
-            "output_kohya_format": "kohya-format export is not implemented yet",
             "do_edm_style_training": "EDM-style training is not supported",
         }
         for name, reason in unsupported.items():

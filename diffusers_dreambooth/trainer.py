@@ -36,6 +36,7 @@ from .data import (
 )
 from .families import ImageConditioning, family_for_pipeline
 from .hub import push_subject_folder
+from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
 from .model_card import write_model_card
@@ -511,6 +512,8 @@ class DreamBoothTrainer:
         modules = {name: accelerator.unwrap_model(model) for name, model in self.prepared.items()}
         if config.adapter == "lora":
             self.family.save_lora_weights(str(output_dir), modules)
+            if config.output_kohya_format:
+                export_kohya_lora(output_dir)
         else:
             self._save_full_pipeline(output_dir)
         config.to_json_file(output_dir / CONFIG_NAME)

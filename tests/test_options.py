@@ -129,6 +129,13 @@ def test_dataset_captions_become_the_prompts(pipeline_dirs, tmp_path):
     assert sorted(image.prompt for image in trainer.instance_images) == ["a photo of sks dog", "sks"]
 
 
+def test_output_kohya_format_writes_a_file_plain_diffusers_loads(pipeline_dirs, instance_dir, tmp_path):
+    run(pipeline_dirs, instance_dir, tmp_path, adapter="lora", output_kohya_format=True)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+    pipe.load_lora_weights(tmp_path / "out", weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert pipe.get_active_adapters()
+
+
 def test_skip_save_text_encoder_leaves_it_out(pipeline_dirs, instance_dir, tmp_path):
     trainer = run(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, skip_save_text_encoder=True)
     model_index = json.loads((tmp_path / "out" / "model_index.json").read_text())
