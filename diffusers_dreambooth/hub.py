@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, create_commit, create_repo
 
+from .kohya import KOHYA_WEIGHT_NAME
 from .model_card import base_model_license, is_hub_id, render_model_card
 from .subject import SUBJECT_FILE_NAME, SubjectMetadata
 
@@ -23,11 +24,11 @@ def subject_files(folder: Path, metadata: SubjectMetadata) -> list[Path]:
     """The files of a subject folder that belong on the Hub (weights and samples), relative to `folder`."""
     if metadata.adapter == "lora":
         weights = [Path(metadata.lora_weight_name)]
-        kohya = folder / "pytorch_lora_weights_kohya.safetensors"
+        kohya = folder / KOHYA_WEIGHT_NAME
         weights += [kohya.relative_to(folder)] if kohya.is_file() else []
     else:
         model_index = json.loads((folder / "model_index.json").read_text())
-        components = [name for name, value in model_index.items() if not name.startswith("_") and value[0]]
+        components = [name for name, value in model_index.items() if isinstance(value, list) and value[0]]
         weights = [Path("model_index.json")]
         weights += [p.relative_to(folder) for name in components for p in sorted((folder / name).rglob("*"))]
     samples = [Path(name) for name in metadata.sample_images]

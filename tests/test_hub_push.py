@@ -1,0 +1,128 @@
+"""Train -> push_to_hub -> load in a fresh process with an empty cache, through the real client and a local Hub.
+
+The client reads `HF_ENDPOINT` at import, so each Hub step runs in a fresh interpreter (`run_client`) pointed at
+`LocalHub`; training runs there too when it must read its base model from the Hub.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RESOLUTION
+from hub_server import LocalHub, run_client
+
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer
+
+GENERATE = """
+import numpy as np, torch
+def generate(pipe):
+    images = pipe("a photo of {subject} on the moon", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    return images
+"""
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with LocalHub(tmp_path / "hub_storage") as hub:
+        yield hub
+
+
+def load_and_generate(hub, home: Path, repo_id: str, output: Path) -> dict:
+    """In a fresh process with an empty cache: load the subject, generate, save the images, return the card data."""
+    return run_client(
+        hub,
+        home,
+        GENERATE
+        + f"""
+from huggingface_hub import model_info
+from diffusers_dreambooth import DreamBoothPipeline
+pipe = DreamBoothPipeline.from_pretrained({repo_id!r})
+np.save({str(output)!r}, generate(pipe))
+info = model_info({repo_id!r})
+result = {{"card": info.card_data.to_dict(), "files": sorted(s.rfilename for s in info.siblings)}}
+""",
+    )
+
+
+@pytest.mark.slow
+def test_full_subject_round_trips_and_a_repush_uploads_nothing(hub, pipeline_dirs, instance_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path=pipeline_dirs["sd"],
+        instance_data_dir=str(instance_dir),
+        instance_prompt="a photo of sks dog",
+        output_dir=str(output_dir),
+        resolution=TINY_RESOLUTION,
+        train_batch_size=1,
+        max_train_steps=2,
+        learning_rate=1e-3,
+        checkpointing_steps=1,
+        num_validation_images=2,
+        validation_inference_steps=2,
+        seed=0,
+        report_to="none",
+    )
+    DreamBoothTrainer(config).train()
+    expected = DreamBoothPipeline.from_pretrained(output_dir)(
+        "a photo of {subject} on the moon",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+    push = f"""
+from diffusers_dreambooth import DreamBoothPipeline
+DreamBoothPipeline.from_pretrained({str(output_dir)!r}).push_to_hub("user/sks-dog", commit_message="first push")
+"""
+    run_client(hub, tmp_path / "home_push", push)
+    uploaded, lfs_uploads = hub.uploaded_bytes, hub.lfs_uploads
+
+    pulled = load_and_generate(hub, tmp_path / "home_pull", "user/sks-dog", tmp_path / "pulled.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "pulled.npy"), expected, atol=1e-5)
+    files = pulled["files"]
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "dreambooth.json", "README.md"} <= set(
+        files
+    )
+    assert not [f for f in files if f.startswith(("checkpoint-", "logs/", "validation/")) or "config.json" == f]
+    card = pulled["card"]
+    assert card["library_name"] == "diffusers" and "dreambooth" in card["tags"]
+    assert "base_model" not in card  # the base was a local folder: no path on the Hub
+    widget_urls = [entry["output"]["url"] for entry in card["widget"]]
+    assert widget_urls == ["samples/sample_0.png", "samples/sample_1.png"]
+    assert set(widget_urls) <= set(files)
+    assert str(tmp_path) not in str(card)
+
+    run_client(hub, tmp_path / "home_push", push)
+    assert (hub.uploaded_bytes, hub.lfs_uploads) == (uploaded, lfs_uploads)
+
+
+@pytest.mark.slow
+def test_lora_subject_on_a_hub_base_model_round_trips(hub, pipeline_dirs, instance_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    train_and_push = (
+        GENERATE
+        + f"""
+from huggingface_hub import upload_folder, create_repo
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+create_repo("user/tiny-sd")
+upload_folder(repo_id="user/tiny-sd", folder_path={pipeline_dirs["sd"]!r})
+config = DreamBoothConfig(
+    pretrained_model_name_or_path="user/tiny-sd", instance_data_dir={str(instance_dir)!r},
+    instance_prompt="a photo of sks dog", output_dir={str(output_dir)!r}, adapter="lora", rank=4,
+    resolution={TINY_RESOLUTION}, train_batch_size=1, max_train_steps=2, learning_rate=1e-2, seed=0,
+    num_validation_images=1, validation_inference_steps=2, report_to="none",
+    push_to_hub=True, hub_model_id="user/sks-dog-lora",
+)
+pipe = DreamBoothTrainer(config).train()
+np.save({str(tmp_path / "trained.npy")!r}, generate(lambda prompt, **kw: pipe(prompt.format(subject="sks dog"), **kw)))
+"""
+    )
+    run_client(hub, tmp_path / "home_train", train_and_push)
+
+    pulled = load_and_generate(hub, tmp_path / "home_pull", "user/sks-dog-lora", tmp_path / "pulled.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "pulled.npy"), np.load(tmp_path / "trained.npy"), atol=1e-5)
+    assert "pytorch_lora_weights.safetensors" in pulled["files"] and "unet/config.json" not in pulled["files"]
+    assert pulled["card"]["base_model"] == "user/tiny-sd"
+    assert {"lora", "dreambooth", "stable-diffusion"} <= set(pulled["card"]["tags"])
