@@ -104,10 +104,12 @@ def test_lora_subject_on_a_hub_base_model_round_trips(hub, pipeline_dirs, instan
     train_and_push = (
         GENERATE
         + f"""
-from huggingface_hub import upload_folder, create_repo
+from huggingface_hub import create_repo, upload_file, upload_folder
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
 create_repo("user/tiny-sd")
 upload_folder(repo_id="user/tiny-sd", folder_path={pipeline_dirs["sd"]!r})
+upload_file(path_or_fileobj=b"---\\nlicense: openrail\\n---\\nA tiny base model.\\n", path_in_repo="README.md",
+            repo_id="user/tiny-sd")
 config = DreamBoothConfig(
     pretrained_model_name_or_path="user/tiny-sd", instance_data_dir={str(instance_dir)!r},
     instance_prompt="a photo of sks dog", output_dir={str(output_dir)!r}, adapter="lora", rank=4,
@@ -125,4 +127,5 @@ np.save({str(tmp_path / "trained.npy")!r}, generate(lambda prompt, **kw: pipe(pr
     np.testing.assert_allclose(np.load(tmp_path / "pulled.npy"), np.load(tmp_path / "trained.npy"), atol=1e-5)
     assert "pytorch_lora_weights.safetensors" in pulled["files"] and "unet/config.json" not in pulled["files"]
     assert pulled["card"]["base_model"] == "user/tiny-sd"
+    assert pulled["card"]["license"] == "openrail"  # inherited from the base model's card
     assert {"lora", "dreambooth", "stable-diffusion"} <= set(pulled["card"]["tags"])
