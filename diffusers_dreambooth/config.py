@@ -278,8 +278,13 @@ class DreamBoothConfig:
             raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {self.checkpoints_total_limit}.")
         if self.use_8bit_adam and self.optimizer.lower() != "adamw":
             raise ValueError(f"`--use_8bit_adam` only applies to AdamW, got `--optimizer={self.optimizer}`.")
-        if self.local_rank not in (-1, int(os.environ.get("LOCAL_RANK", self.local_rank))):
+        if self.local_rank != -1:
             logger.warning("`--local_rank` is ignored; `accelerate launch` sets the process layout.")
+        if self.text_encoder_use_attention_mask:
+            logger.warning(
+                "`--text_encoder_use_attention_mask` is ignored: it applies to T5 encoders (DeepFloyd IF), and the"
+                " CLIP encoders of SD/SDXL are used without a mask, as their pipelines use them."
+            )
         if self.report_to in ("wandb", "all") and self.hub_token is not None:
             raise ValueError(
                 "`--report_to wandb` with `--hub_token` could expose the token in the run's logged config; log in with"

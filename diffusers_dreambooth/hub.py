@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, create_commit, create_repo
 
 from .kohya import KOHYA_WEIGHT_NAME
-from .model_card import base_model_license, is_hub_id, render_model_card
+from .model_card import is_hub_id, subject_card
 from .subject import SUBJECT_FILE_NAME, SubjectMetadata
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,7 @@ def push_subject_folder(
                 " from the Hub. Push the base model first and train from its repo id."
             )
         metadata.base_model = None
-    card = render_model_card(
-        metadata,
-        repo_id,
-        sample_images=metadata.sample_images,
-        sample_prompt=metadata.sample_prompt,
-        license=base_model_license(metadata.base_model, token=token),
-    )
+    card = subject_card(metadata, repo_id, token=token)
     operations = [CommitOperationAdd(path.as_posix(), str(folder / path)) for path in subject_files(folder, metadata)]
     subject_json = (json.dumps(asdict(metadata), indent=2, sort_keys=True) + "\n").encode()
     operations += [

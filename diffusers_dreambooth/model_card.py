@@ -92,17 +92,22 @@ def render_model_card(
     )
 
 
-def write_model_card(
-    folder: str | Path, metadata: SubjectMetadata, repo_id: str, token: str | bool | None = None
-) -> Path:
-    """Render the card of the subject in `folder` and write it as `folder/README.md`."""
-    card = render_model_card(
+def subject_card(metadata: SubjectMetadata, repo_id: str, token: str | bool | None = None) -> ModelCard:
+    """The card of a subject for `repo_id`, with its recorded samples and its base model's license."""
+    return render_model_card(
         metadata,
         repo_id,
         sample_images=metadata.sample_images,
         sample_prompt=metadata.sample_prompt,
         license=base_model_license(metadata.base_model, token=token),
     )
+
+
+def write_model_card(
+    folder: str | Path, metadata: SubjectMetadata, repo_id: str, token: str | bool | None = None
+) -> Path:
+    """Render the card of the subject in `folder` and write it as `folder/README.md`."""
+    card = subject_card(metadata, repo_id, token=token)
     path = Path(folder) / "README.md"
     card.save(path)
     return path
