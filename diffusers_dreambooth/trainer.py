@@ -101,22 +101,7 @@ class DreamBoothTrainer:
         self._check_resolution()
 
         if config.with_prior_preservation:
-            missing = missing_class_images(config.class_data_dir, config.num_class_images)
-            accelerator.wait_for_everyone()
-            generate_class_images(
-                self.pipeline,
-                config.class_prompt,
-                config.class_data_dir,
-                config.num_class_images,
-                batch_size=config.sample_batch_size,
-                seed=self.seed,
-                num_inference_steps=config.prior_generation_steps,
-                precision=config.prior_generation_precision,
-                process_index=accelerator.process_index,
-                num_processes=accelerator.num_processes,
-                missing=missing,
-            )
-            accelerator.wait_for_everyone()
+            self._generate_class_images()
         self._load_images()
         self._set_up_trainable_modules()
         self._build_caches()
@@ -127,6 +112,26 @@ class DreamBoothTrainer:
         self._save_final()
         accelerator.end_training()
         return self.pipeline
+
+    def _generate_class_images(self) -> None:
+        """Top up the class folder with the frozen model, every process listing it before any of them writes."""
+        config, accelerator = self.config, self.accelerator
+        missing = missing_class_images(config.class_data_dir, config.num_class_images)
+        accelerator.wait_for_everyone()
+        generate_class_images(
+            self.pipeline,
+            config.class_prompt,
+            config.class_data_dir,
+            config.num_class_images,
+            batch_size=config.sample_batch_size,
+            seed=self.seed,
+            num_inference_steps=config.prior_generation_steps,
+            precision=config.prior_generation_precision,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            missing=missing,
+        )
+        accelerator.wait_for_everyone()
 
     def _make_accelerator(self) -> Accelerator:
         config = self.config
