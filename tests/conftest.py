@@ -15,9 +15,34 @@ import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from diffusers_dreambooth import DreamBoothConfig  # noqa: E402
 from diffusers_dreambooth.testing_utils import save_dummy_pipeline  # noqa: E402
 
 TINY_RESOLUTION = 32
+
+#: A short, deterministic run on the tiny pipelines; tests override what they check.
+TINY_RUN = dict(
+    instance_prompt="a photo of sks dog",
+    resolution=TINY_RESOLUTION,
+    train_batch_size=1,
+    max_train_steps=2,
+    learning_rate=1e-3,
+    lr_warmup_steps=0,
+    seed=0,
+    report_to="none",
+    prior_generation_steps=2,
+    validation_inference_steps=2,
+)
+
+
+def tiny_config(pretrained: str, instance_dir, output_dir, **overrides) -> DreamBoothConfig:
+    """`TINY_RUN` on the pipeline folder `pretrained`, subject photos in `instance_dir`, writing to `output_dir`."""
+    paths = dict(
+        pretrained_model_name_or_path=str(pretrained),
+        instance_data_dir=None if instance_dir is None else str(instance_dir),
+        output_dir=str(output_dir),
+    )
+    return DreamBoothConfig(**{**TINY_RUN, **paths, **overrides})
 
 
 @pytest.fixture(scope="session", autouse=True)

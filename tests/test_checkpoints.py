@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from conftest import TINY_RESOLUTION
+from conftest import tiny_config
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.checkpoints import (
     TRAINER_STATE_NAME,
     checkpoint_step,
@@ -177,21 +177,8 @@ def test_read_trainer_state_falls_back_to_the_step_in_the_name(tmp_path):
 @pytest.mark.slow
 def test_total_limit_holds_during_training_and_after_a_resume(pipeline_dirs, instance_dir, tmp_path):
     def train(**overrides):
-        options = dict(
-            pretrained_model_name_or_path=pipeline_dirs["sd"],
-            instance_data_dir=str(instance_dir),
-            instance_prompt="a photo of sks dog",
-            output_dir=str(tmp_path / "out"),
-            resolution=TINY_RESOLUTION,
-            train_batch_size=1,
-            max_train_steps=6,
-            checkpointing_steps=1,
-            checkpoints_total_limit=2,
-            seed=0,
-            report_to="none",
-        )
-        options.update(overrides)
-        DreamBoothTrainer(DreamBoothConfig(**options)).train()
+        options = {"max_train_steps": 6, "checkpointing_steps": 1, "checkpoints_total_limit": 2, **overrides}
+        DreamBoothTrainer(tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out", **options)).train()
 
     train()
     assert checkpoint_names(tmp_path / "out") == ["checkpoint-5", "checkpoint-6"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESOLUTION
+from conftest import TINY_RESOLUTION, tiny_config
 from hub_server import LocalHub, run_client
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer
+from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer
 
 GENERATE = """
 import numpy as np, torch
@@ -49,21 +49,7 @@ result = {{"card": info.card_data.to_dict(), "files": sorted(s.rfilename for s i
 @pytest.mark.slow
 def test_full_subject_round_trips_and_a_repush_uploads_nothing(hub, pipeline_dirs, instance_dir, tmp_path):
     output_dir = tmp_path / "out"
-    config = DreamBoothConfig(
-        pretrained_model_name_or_path=pipeline_dirs["sd"],
-        instance_data_dir=str(instance_dir),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(output_dir),
-        resolution=TINY_RESOLUTION,
-        train_batch_size=1,
-        max_train_steps=2,
-        learning_rate=1e-3,
-        checkpointing_steps=1,
-        num_validation_images=2,
-        validation_inference_steps=2,
-        seed=0,
-        report_to="none",
-    )
+    config = tiny_config(pipeline_dirs["sd"], instance_dir, output_dir, checkpointing_steps=1, num_validation_images=2)
     DreamBoothTrainer(config).train()
     expected = DreamBoothPipeline.from_pretrained(output_dir)(
         "a photo of {subject} on the moon",

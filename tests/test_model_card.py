@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RESOLUTION
+from conftest import tiny_config
 from huggingface_hub import ModelCard
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, Subject, SubjectMetadata
+from diffusers_dreambooth import DreamBoothTrainer, Subject, SubjectMetadata
 from diffusers_dreambooth.model_card import render_model_card
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -75,19 +75,8 @@ def test_a_local_base_model_path_never_reaches_the_card():
 
 def test_training_writes_samples_and_a_card_without_paths_or_token(pipeline_dirs, instance_dir, tmp_path):
     output_dir = tmp_path / "out"
-    config = DreamBoothConfig(
-        pretrained_model_name_or_path=pipeline_dirs["sd"],
-        instance_data_dir=str(instance_dir),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(output_dir),
-        resolution=TINY_RESOLUTION,
-        train_batch_size=1,
-        max_train_steps=1,
-        num_validation_images=2,
-        validation_inference_steps=2,
-        seed=0,
-        report_to="none",
-        hub_token="hf_NeverWriteMe",
+    config = tiny_config(
+        pipeline_dirs["sd"], instance_dir, output_dir, num_validation_images=2, hub_token="hf_NeverWriteMe"
     )
     DreamBoothTrainer(config).train()
     assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["sample_0.png", "sample_1.png"]

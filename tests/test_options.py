@@ -5,28 +5,15 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, write_subject_images
+from conftest import tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+from diffusers_dreambooth import DreamBoothTrainer
 
 
 def run(pipeline_dirs, instance_dir, tmp_path, family="sd", **overrides) -> DreamBoothTrainer:
-    options = dict(
-        pretrained_model_name_or_path=pipeline_dirs[family],
-        instance_data_dir=str(instance_dir),
-        instance_prompt="a photo of sks dog",
-        output_dir=str(tmp_path / "out"),
-        resolution=TINY_RESOLUTION,
-        train_batch_size=2,
-        max_train_steps=2,
-        learning_rate=1e-3,
-        lr_warmup_steps=0,
-        seed=0,
-        report_to="none",
-    )
-    options.update(overrides)
-    trainer = DreamBoothTrainer(DreamBoothConfig(**options))
+    options = {"train_batch_size": 2, **overrides}
+    trainer = DreamBoothTrainer(tiny_config(pipeline_dirs[family], instance_dir, tmp_path / "out", **options))
     trainer.train()
     return trainer
 

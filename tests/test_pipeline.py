@@ -4,33 +4,23 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION
+from conftest import TINY_RESOLUTION, tiny_config
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, Subject
+from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer, Subject
 from diffusers_dreambooth.subject import fill_subject
 
 
 def train(pipeline_dirs, instance_dir, output_dir, family="sd", **overrides):
-    options = dict(
-        pretrained_model_name_or_path=pipeline_dirs[family],
-        instance_data_dir=str(instance_dir),
-        instance_prompt="a photo of sks dog",
+    prior = dict(
+        with_prior_preservation=True,
         class_prompt="a photo of dog",
         class_data_dir=str(output_dir.parent / "class"),
-        with_prior_preservation=True,
         num_class_images=2,
-        prior_generation_steps=2,
-        output_dir=str(output_dir),
-        resolution=TINY_RESOLUTION,
-        train_batch_size=1,
-        max_train_steps=2,
-        learning_rate=1e-3,
-        seed=0,
-        report_to="none",
     )
-    options.update(overrides)
-    return DreamBoothTrainer(DreamBoothConfig(**options)).train()
+    return DreamBoothTrainer(
+        tiny_config(pipeline_dirs[family], instance_dir, output_dir, **prior, **overrides)
+    ).train()
 
 
 def images(pipe, prompt):

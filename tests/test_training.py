@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION
+from conftest import tiny_config
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
@@ -37,23 +37,8 @@ class DreamBoothFamilyTester:
     family: str
 
     def config(self, pipeline_dirs, instance_dir, tmp_path, **overrides) -> DreamBoothConfig:
-        options = dict(
-            pretrained_model_name_or_path=pipeline_dirs[self.family],
-            instance_data_dir=str(instance_dir),
-            instance_prompt="a photo of sks dog",
-            output_dir=str(tmp_path / "out"),
-            resolution=TINY_RESOLUTION,
-            train_batch_size=2,
-            max_train_steps=4,
-            learning_rate=1e-3,
-            lr_warmup_steps=0,
-            checkpointing_steps=2,
-            seed=0,
-            report_to="none",
-            prior_generation_steps=2,
-        )
-        options.update(overrides)
-        return DreamBoothConfig(**options)
+        options = {"train_batch_size": 2, "max_train_steps": 4, "checkpointing_steps": 2, **overrides}
+        return tiny_config(pipeline_dirs[self.family], instance_dir, tmp_path / "out", **options)
 
     def test_full_fine_tune_trains_the_denoiser_only(self, pipeline_dirs, instance_dir, tmp_path):
         config = self.config(
