@@ -211,7 +211,13 @@ class DreamBoothTrainer:
         if config.adapter == "lora":
             self._add_lora_adapters()
         else:
-            for module in self.trained.values():
+            for name, module in self.trained.items():
+                if module.dtype != torch.float32:
+                    raise ValueError(
+                        f"Full fine-tuning needs float32 weights, but the pipeline's `{name}` is {module.dtype}"
+                        " (mixed precision keeps float32 master weights). Load the pipeline with"
+                        " `torch_dtype=torch.float32`, or train `--adapter lora`."
+                    )
                 module.requires_grad_(True)
         if config.gradient_checkpointing:
             for name, module in self.trained.items():
@@ -225,14 +231,16 @@ class DreamBoothTrainer:
             module.train()
 
     def _add_lora_adapters(self) -> None:
+        """PEFT adapters in float32 on a frozen base kept in its own dtype, or in the mixed-precision dtype if set."""
         config, family = self.config, self.family
         targets = family.denoiser_lora_target_modules
         if config.lora_target_modules:
             targets = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
-        weight_dtype = self.weight_dtype
+        cast_to = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
         for name, module in self.trained.items():
             is_denoiser = name == family.denoiser_name
-            module.to(dtype=weight_dtype)
+            if cast_to is not None:
+                module.to(dtype=cast_to)
             module.add_adapter(
                 LoraConfig(
                     r=config.rank,
@@ -244,11 +252,6 @@ class DreamBoothTrainer:
                 )
             )
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        """dtype of frozen LoRA base weights: the mixed-precision dtype, as in diffusers' scripts."""
-        return MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
 
     @property
     def text_encoders_frozen(self) -> bool:
@@ -433,9 +436,11 @@ class DreamBoothTrainer:
         mean, std, conditioning = self._latent_distribution(examples, positions, micro_step)
         latents = mean + std * latent_noise
         prompts = [images[i].prompt for images, _, i in examples]
-        prompt_embeds = self._prompt_embeds(prompts)
+        dtype = family.denoiser.dtype  # the frozen base's dtype for LoRA (bf16 say); float32 for full fine-tuning
+        prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
         noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
-        model_pred = family.predict(self.prepared[family.denoiser_name], noisy, timesteps, prompt_embeds, conditioning)
+        denoiser = self.prepared[family.denoiser_name]
+        model_pred = family.predict(denoiser, noisy.to(dtype), timesteps, prompt_embeds, conditioning)
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
         weights = family.loss_weights(timesteps, config.snr_gamma)
         return dreambooth_loss(model_pred, target, is_prior, config.prior_loss_weight, weights)

@@ -47,6 +47,17 @@ def test_train_dreambooth_works_on_a_plain_pipeline(pipeline_dirs, instance_dir,
     assert (tmp_path / "out" / "model_index.json").is_file()
 
 
+def test_full_fine_tune_of_a_half_precision_pipeline_is_refused(pipeline_dirs, instance_dir, tmp_path):
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"], torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        train_dreambooth(pipe, instance_data_dir=str(instance_dir), output_dir=str(tmp_path / "out"), **OPTIONS)
+    lora = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"], torch_dtype=torch.bfloat16)
+    train_dreambooth(
+        lora, instance_data_dir=str(instance_dir), output_dir=str(tmp_path / "lora"), adapter="lora", **OPTIONS
+    )
+    assert {p.dtype for n, p in lora.unet.named_parameters() if "lora_" in n} == {torch.float32}
+
+
 def test_unsupported_pipeline_error_lists_the_supported_ones():
     unet = UNet2DModel(
         sample_size=8,
