@@ -31,6 +31,7 @@ def test_wheel_ships_the_card_template_and_renders_from_it(tmp_path):
     (wheel,) = tmp_path.glob("diffusers_dreambooth-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert "diffusers_dreambooth/model_cards/dreambooth.md" in archive.namelist()
+        assert "diffusers_dreambooth/toy/world.py" in archive.namelist()
         archive.extractall(tmp_path / "installed")
     code = """
 import diffusers_dreambooth

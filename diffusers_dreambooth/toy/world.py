@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 RGB = tuple[int, int, int]
 
@@ -108,27 +108,34 @@ class Scene:
 
     def render(self, image_size: int = IMAGE_SIZE) -> Image.Image:
         """The scene as an RGB image of `image_size` pixels, drawn 4x larger and box-filtered for smooth edges."""
-        scale = image_size * _SUPERSAMPLING / IMAGE_SIZE
         side = image_size * _SUPERSAMPLING
-        mask = Image.new("L", (side, side), 0)
-        draw = ImageDraw.Draw(mask)
-        if self.shape == "circle":
-            radius = self.size * scale
-            cx, cy = self.x * scale, self.y * scale
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
-        else:
-            outline = _unit_outline(self.shape, self.rotation) * self.size + (self.x, self.y)
-            draw.polygon([(float(px), float(py)) for px, py in outline * scale], fill=255)
-        inside = np.asarray(mask)[..., None] >= 128
-        pixels = np.where(inside, self._fill(side, scale), np.array(BACKGROUNDS[self.background], dtype=np.uint8))
+        scale = side / IMAGE_SIZE
+        # Sample centres in scene pixel units: output pixel i covers [i, i + 1), as the scene's coordinates do.
+        centres = (np.arange(side) + 0.5) / scale
+        px, py = np.meshgrid(centres, centres)
+        inside = self._contains(px, py)[..., None]
+        pixels = np.where(inside, self._fill(px, py), np.array(BACKGROUNDS[self.background], dtype=np.uint8))
         return Image.fromarray(pixels.astype(np.uint8), "RGB").resize((image_size, image_size), Image.Resampling.BOX)
 
-    def _fill(self, side: int, scale: float) -> np.ndarray:
-        """The shape's colour (or stripes) over a whole `side`-pixel canvas, to be cut out by the shape's mask."""
+    def _contains(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """Whether each point (scene pixel units) lies inside the shape, by an exact geometric test."""
+        if self.shape == "circle":
+            return (px - self.x) ** 2 + (py - self.y) ** 2 < self.size**2
+        outline = _unit_outline(self.shape, self.rotation) * self.size + (self.x, self.y)
+        # Even-odd rule: a point is inside when a ray to its right crosses the outline an odd number of times.
+        inside = np.zeros(px.shape, dtype=bool)
+        for (x0, y0), (x1, y1) in zip(np.roll(outline, 1, axis=0), outline):
+            if y0 == y1:
+                continue
+            crossing_x = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+            inside ^= ((y0 > py) != (y1 > py)) & (px < crossing_x)
+        return inside
+
+    def _fill(self, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        """The shape's colour (or stripes) at each point, to be cut out by the shape's outline."""
         if self.pattern is None:
             return np.array(COLORS[self.color], dtype=np.uint8)
-        centres = (np.arange(side) + 0.5) / scale
-        dx, dy = centres[None, :] - self.x, centres[:, None] - self.y
+        dx, dy = px - self.x, py - self.y
         cos, sin = math.cos(self.rotation), math.sin(self.rotation)
         along, across = dx * cos + dy * sin, -dx * sin + dy * cos
         # Distance along the shape's own diagonal; stripe 0 is centred on the shape's centre.
@@ -239,8 +246,9 @@ def sample_scene(
     size_range: tuple[float, float] = SIZE_RANGE,
     stripe_width_range: tuple[float, float] = STRIPE_WIDTH_RANGE,
 ) -> Scene:
-    """A random scene: shape, colour, background, position, size and rotation all uniform.
+    """A random scene: shape, colour, background, position, size and rotation all drawn uniformly.
 
+    Only a big square turned near 45 degrees has its size capped, so that it fits in the image.
     With probability `pattern_p` the shape gets stripes of two different random colours ("texture" images, so a
     model can learn patterns at all); a star never gets the subject's two colours, in either order.
     """
