@@ -4,20 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION
+from conftest import TINY_RUN
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DModel
 
 from diffusers_dreambooth import DreamBoothTrainingMixin, family_for_pipeline, train_dreambooth
 
-OPTIONS = dict(
-    instance_prompt="a photo of sks dog",
-    resolution=TINY_RESOLUTION,
-    train_batch_size=1,
-    max_train_steps=2,
-    learning_rate=1e-3,
-    seed=0,
-    report_to="none",
-)
+OPTIONS = TINY_RUN
 
 
 class DreamBoothStableDiffusionPipeline(DreamBoothTrainingMixin, StableDiffusionPipeline):
