@@ -325,6 +325,9 @@ class DreamBoothTrainer:
         prepared = accelerator.prepare(*self.trained.values(), optimizer, lr_scheduler)
         self.prepared = dict(zip(names, prepared[: len(names)]))
         self.optimizer, self.lr_scheduler = prepared[len(names) :]
+        self.trained_parameters = [p for group in param_groups for p in group["params"]]
+        # The frozen base's dtype for LoRA (bf16, say), float32 for full fine-tuning; the denoiser's inputs follow it.
+        self.input_dtype = self.family.denoiser.dtype
         accelerator.register_save_state_pre_hook(self._save_model_hook)
         accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -399,8 +402,7 @@ class DreamBoothTrainer:
                 losses = self._micro_step(self.global_step * config.gradient_accumulation_steps + micro)
                 accelerator.backward(losses.loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
-                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(self.trained_parameters, config.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -436,7 +438,7 @@ class DreamBoothTrainer:
         mean, std, conditioning = self._latent_distribution(examples, positions, micro_step)
         latents = mean + std * latent_noise
         prompts = [images[i].prompt for images, _, i in examples]
-        dtype = family.denoiser.dtype  # the frozen base's dtype for LoRA (bf16 say); float32 for full fine-tuning
+        dtype = self.input_dtype
         prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
         noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
         denoiser = self.prepared[family.denoiser_name]
