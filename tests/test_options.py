@@ -116,6 +116,18 @@ def test_dataset_captions_become_the_prompts(pipeline_dirs, tmp_path):
     assert sorted(image.prompt for image in trainer.instance_images) == ["a photo of sks dog", "sks"]
 
 
+def test_lora_target_modules_and_dropout_reach_the_adapters(pipeline_dirs, instance_dir, tmp_path):
+    trainer = run(
+        pipeline_dirs, instance_dir, tmp_path, adapter="lora", lora_target_modules="to_q, to_v", lora_dropout=0.1
+    )
+    adapted = {
+        name.rsplit(".", 1)[-1] for name, module in trainer.pipeline.unet.named_modules() if hasattr(module, "lora_A")
+    }
+    assert adapted == {"to_q", "to_v"}
+    config = trainer.pipeline.unet.peft_config["default"]
+    assert (config.lora_dropout, config.r, config.lora_alpha) == (0.1, 4, 4)
+
+
 def test_output_kohya_format_writes_a_file_plain_diffusers_loads(pipeline_dirs, instance_dir, tmp_path):
     run(pipeline_dirs, instance_dir, tmp_path, adapter="lora", output_kohya_format=True)
     pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
