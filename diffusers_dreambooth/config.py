@@ -197,8 +197,32 @@ class DreamBoothConfig:
     validation_scheduler: Literal["DPMSolverMultistepScheduler", "DDPMScheduler"] = _option(
         "DPMSolverMultistepScheduler", "Scheduler used for validation images."
     )
+    guidance_scale: float | None = _option(
+        None, "Classifier-free guidance of class, validation, sample and evaluation images; default: the pipeline's."
+    )
+    sample_prompts: list[str] | None = _option(
+        None,
+        "Rows of a sample grid written after training (samples/grid.png), `{subject}` standing for identifier and"
+        " class noun; the first row also gives the card's sample images. Default: no grid.",
+    )
     report_to: str = _option("tensorboard", "Tracker(s): tensorboard, wandb, comet_ml, all or none.")
     logging_dir: str = _option("logs", "Tracker log folder, relative to output_dir.")
+
+    # Evaluation after training
+    evaluate: bool = _option(
+        False, "After training, compute the paper's DINO, CLIP-I, CLIP-T, PRES and DIV; they go into the model card."
+    )
+    evaluation_prompts: list[str] | None = _option(
+        None, "Evaluation prompts, `{subject}` standing for identifier and class noun; default: the paper's 25."
+    )
+    evaluation_images_per_prompt: int = _option(4, "Images generated per evaluation prompt (the paper: 4).")
+    evaluation_dino_model: str = _option(
+        "facebook/dino-vits16", "DINO model (repo id or folder) for DINO and PRES, or a toy checker folder."
+    )
+    evaluation_clip_model: str = _option(
+        "openai/clip-vit-base-patch32",
+        "CLIP model (repo id or folder) for CLIP-I and CLIP-T, or a toy checker folder.",
+    )
 
     # Hub
     push_to_hub: bool = _option(False, "Push the trained subject to the Hub.")
@@ -226,6 +250,10 @@ class DreamBoothConfig:
         self._check_training()
         self._check_lora()
         self._check_unsupported()
+        if self.evaluate and not self.class_prompt:
+            raise ValueError(
+                "`--evaluate` measures prior preservation (PRES) on `--class_prompt`; pass it (e.g. `a photo of dog`)."
+            )
 
     def _check_subject_data(self) -> None:
         if self.instance_data_dir is None and self.dataset_name is None:

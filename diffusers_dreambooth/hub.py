@@ -32,6 +32,7 @@ def subject_files(folder: Path, metadata: SubjectMetadata) -> list[Path]:
         weights = [Path("model_index.json")]
         weights += [p.relative_to(folder) for name in components for p in sorted((folder / name).rglob("*"))]
     samples = [Path(name) for name in metadata.sample_images]
+    samples += [Path(metadata.sample_grid)] if metadata.sample_grid else []
     return [path for path in weights + samples if (folder / path).is_file()]
 
 

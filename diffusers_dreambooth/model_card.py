@@ -87,6 +87,8 @@ def render_model_card(
         instance_prompt=subject.instance_prompt,
         sample_images=sample_images,
         sample_prompt=sample_prompt,
+        sample_grid=metadata.sample_grid,
+        sample_grid_prompts=metadata.sample_grid_prompts,
         training_rows=_rows(metadata.training, TRAINING_LABELS, mode),
         evaluation_rows=[(name, _format(value)) for name, value in metadata.evaluation.items()],
     )
@@ -123,5 +125,5 @@ def _format(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.3g}"
     return str(value)

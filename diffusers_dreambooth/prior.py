@@ -58,6 +58,7 @@ def generate_class_images(
     process_index: int = 0,
     num_processes: int = 1,
     missing: list[int] | None = None,
+    guidance_scale: float | None = None,
 ) -> list[Path]:
     """Generate the missing class images with `pipeline` and return the paths this process wrote.
 
@@ -75,6 +76,7 @@ def generate_class_images(
         num_inference_steps (`int`, *optional*, defaults to 50): denoising steps per image.
         precision (`str`, *optional*): `fp16` or `bf16` runs generation under autocast; weights are unchanged.
             Unset: fp16 on CUDA, full precision elsewhere (diffusers' scripts' default).
+        guidance_scale (`float`, *optional*): classifier-free guidance; unset, the pipeline's default.
     """
     class_data_dir = Path(class_data_dir)
     class_data_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,7 @@ def generate_class_images(
                 prompt=[class_prompt] * len(indices),
                 generator=generators,
                 num_inference_steps=num_inference_steps,
+                **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
             ).images
             for index, image in zip(indices, images):
                 path = class_image_path(class_data_dir, index)

@@ -63,6 +63,8 @@ class SubjectMetadata:
     lora_weight_name: str | None = None
     sample_prompt: str | None = None
     sample_images: list[str] = field(default_factory=list)  # paths relative to the subject folder
+    sample_grid: str | None = None  # path of the grid image, one row per prompt of `sample_grid_prompts`
+    sample_grid_prompts: list[str] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 

@@ -34,6 +34,7 @@ from .data import (
     load_folder_images,
     step_generator,
 )
+from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
 from .hub import push_subject_folder
 from .kohya import export_kohya_lora
@@ -42,8 +43,8 @@ from .losses import dreambooth_loss
 from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
-from .subject import Subject, SubjectMetadata
-from .validation import generate_validation_images, run_validation
+from .subject import Subject, SubjectMetadata, fill_subject
+from .validation import generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class DreamBoothTrainer:
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
             missing=missing,
+            guidance_scale=config.guidance_scale,
         )
         accelerator.wait_for_everyone()
 
@@ -530,8 +532,9 @@ class DreamBoothTrainer:
             self._save_full_pipeline(output_dir)
         config.to_json_file(output_dir / CONFIG_NAME)
         metadata = self.subject_metadata()
-        metadata.sample_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
-        metadata.sample_images = self._write_samples(output_dir, metadata.sample_prompt)
+        self._write_samples(output_dir, metadata)
+        if config.evaluate:
+            metadata.evaluation = self._evaluate(metadata)
         metadata.to_json_file(output_dir)
         repo_id = config.hub_model_id or output_dir.resolve().name
         write_model_card(output_dir, metadata, repo_id, token=config.hub_token)
@@ -539,17 +542,60 @@ class DreamBoothTrainer:
         if config.push_to_hub:
             push_subject_folder(output_dir, repo_id, token=config.hub_token)
 
-    def _write_samples(self, output_dir: Path, prompt: str) -> list[str]:
-        """Sample images of the trained subject for its model card, as `samples/sample_{i}.png`."""
-        if not self.config.num_validation_images:
-            return []
+    def _write_samples(self, output_dir: Path, metadata: SubjectMetadata) -> None:
+        """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation, else the
+        instance prompt), and with `--sample_prompts`, `samples/grid.png` with one row per prompt."""
+        config = self.config
+        subject_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
+        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or [subject_prompt]]
+        if not config.num_validation_images:
+            return
         with self.accelerator.autocast():
-            images = generate_validation_images(self.pipeline, self.config, self.seed, prompt=prompt)
+            rows = [generate_validation_images(self.pipeline, config, self.seed, prompt=p) for p in prompts]
         (output_dir / "samples").mkdir(exist_ok=True)
-        names = [f"samples/sample_{index}.png" for index in range(len(images))]
-        for name, image in zip(names, images):
+        metadata.sample_prompt = prompts[0]
+        metadata.sample_images = [f"samples/sample_{index}.png" for index in range(len(rows[0]))]
+        for name, image in zip(metadata.sample_images, rows[0]):
             image.save(output_dir / name)
-        return names
+        if config.sample_prompts:
+            metadata.sample_grid, metadata.sample_grid_prompts = "samples/grid.png", prompts
+            image_grid(rows).save(output_dir / metadata.sample_grid)
+
+    def _evaluate(self, metadata: SubjectMetadata) -> dict[str, float]:
+        """The paper's metrics of the trained subject (`diffusers_dreambooth.evaluation`), for its card."""
+        config, subject = self.config, metadata.subjects[0]
+        prompts = [fill_subject(p, metadata.subjects) for p in config.evaluation_prompts or paper_prompts("{subject}")]
+        dino, clip = load_evaluation_models(config.evaluation_dino_model, config.evaluation_clip_model)
+
+        def generate(batch: list[str], seed: int) -> list:
+            generator = torch.Generator(self.pipeline.device).manual_seed(seed)
+            options = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
+            with self.accelerator.autocast():
+                return self.pipeline(
+                    batch, num_inference_steps=config.validation_inference_steps, generator=generator, **options
+                ).images
+
+        result = evaluate_subject(
+            generate,
+            [image.image for image in self.instance_images[: len(self.instance_images) // config.repeats]],
+            prompts,
+            class_prompt=config.class_prompt,
+            identifier=subject.identifier,
+            dino=dino,
+            clip=clip,
+            images_per_prompt=config.evaluation_images_per_prompt,
+            seed=self.seed,
+        )
+        logger.info("Evaluation: %s", result.as_dict())
+        models = {"DINO model": config.evaluation_dino_model, "CLIP model": config.evaluation_clip_model}
+        metrics = result.as_dict()
+        metrics.pop("num_images")
+        return {
+            **metrics,
+            "images per prompt": config.evaluation_images_per_prompt,
+            "prompts": len(prompts),
+            **{name: describe_evaluation_model(value) for name, value in models.items()},
+        }
 
     def subject_metadata(self) -> SubjectMetadata:
         """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils import make_image_grid
 from PIL import Image
 
 from .config import DreamBoothConfig
@@ -34,6 +35,7 @@ def generate_validation_images(
             prompt=[prompt or config.validation_prompt] * config.num_validation_images,
             num_inference_steps=config.validation_inference_steps,
             generator=generator,
+            **({} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}),
         ).images
     finally:
         pipeline.scheduler = original_scheduler
@@ -61,3 +63,13 @@ def run_validation(
 
             tracker.log({"validation": [wandb.Image(image, caption=config.validation_prompt) for image in images]})
     return paths
+
+
+def image_grid(rows: list[list[Image.Image]], min_cell_size: int = 128) -> Image.Image:
+    """One image of `rows` (same-sized images), small images scaled up (nearest) so that the grid is legible."""
+    images = [image for row in rows for image in row]
+    width, height = images[0].size
+    scale = max(1, -(-min_cell_size // width))
+    if scale > 1:
+        images = [image.resize((width * scale, height * scale), Image.Resampling.NEAREST) for image in images]
+    return make_image_grid(images, rows=len(rows), cols=len(rows[0]))

@@ -1,5 +1,6 @@
 """A toy world of simple shapes for pretraining a tiny text-to-image model and measuring DreamBooth on CPU."""
 
+from .recipe import BASE_MODEL_DIR, CHECKER_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
 from .world import (
     BACKGROUNDS,
     CLASS_PROMPT,
@@ -23,6 +24,10 @@ from .world import (
 )
 
 __all__ = [
+    "BASE_MODEL_DIR",
+    "CHECKER_DIR",
+    "SUBJECT_PHOTOS_DIR",
+    "toy_dreambooth_config",
     "BACKGROUNDS",
     "CLASS_PROMPT",
     "COLORS",

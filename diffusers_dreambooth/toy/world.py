@@ -355,18 +355,23 @@ def write_image_folder(
     return directory
 
 
+def subject_photo_scenes(count: int = 4, seed: int = 0, backgrounds: Sequence[str] = ("white",)) -> list[Scene]:
+    """The scenes of `count` instance photos of the subject, cycling through `backgrounds`, seeded."""
+    if not backgrounds:
+        raise ValueError("`backgrounds` needs at least one background name.")
+    rng = np.random.default_rng(seed)
+    return [subject_scene(rng, backgrounds[index % len(backgrounds)]) for index in range(count)]
+
+
 def write_subject_photos(
     directory: str | Path, count: int = 4, seed: int = 0, backgrounds: Sequence[str] = ("white",)
 ) -> list[Path]:
     """Save `count` instance photos of the subject (PNG, `IMAGE_SIZE`), cycling through `backgrounds`."""
-    if not backgrounds:
-        raise ValueError("`backgrounds` needs at least one background name.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     paths = []
-    for index in range(count):
+    for index, scene in enumerate(subject_photo_scenes(count, seed, backgrounds)):
         path = directory / f"subject_{index}.png"
-        subject_scene(rng, backgrounds[index % len(backgrounds)]).render().save(path)
+        scene.render().save(path)
         paths.append(path)
     return paths

@@ -1,0 +1,74 @@
+"""The bundled toy base model and checker, and the DreamBooth run that the main job and the benchmark make on them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import DreamBoothConfig
+from .world import BACKGROUNDS, CLASS_PROMPT, SUBJECT_PROMPT
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+#: The pretrained toy text-to-image model, a Stable Diffusion 1.x `save_pretrained` folder.
+BASE_MODEL_DIR = PRETRAINED_DIR / "base_model"
+#: The toy world's checker (`ToyChecker.from_pretrained`), its stand-in for DINO and CLIP.
+CHECKER_DIR = PRETRAINED_DIR / "checker"
+#: The bundled subject: four photos of the red and yellow striped star, `sks star`.
+SUBJECT_PHOTOS_DIR = PRETRAINED_DIR / "subject"
+
+#: Rows of the sample grid: the subject, the subject in new contexts, and the class it must not take over.
+SAMPLE_PROMPTS = [
+    "a photo of {subject}",
+    "a photo of {subject} on a black background",
+    "a photo of {subject} on a green background",
+    CLASS_PROMPT,
+    "a photo of a blue circle on a pink background",
+]
+
+#: Evaluation prompts of the toy world: the subject on each background (the paper's recontextualization).
+EVALUATION_PROMPTS = ["a photo of {subject}"] + [
+    f"a photo of {{subject}} on a {background} background" for background in BACKGROUNDS
+]
+
+
+def toy_dreambooth_config(
+    output_dir: str | os.PathLike = "toy-sks-star",
+    instance_data_dir: str | os.PathLike | None = SUBJECT_PHOTOS_DIR,
+    **overrides: Any,
+) -> DreamBoothConfig:
+    """DreamBooth of the bundled subject on the bundled toy base model, with prior preservation and text-encoder
+    training: about 600 steps of batch 4 (plus 4 class images), 100 class images, sampling as the world needs
+    (20 steps, guidance 4). Class images go to `output_dir/class_images`. `overrides` set any other option."""
+    output_dir = Path(output_dir)
+    options: dict[str, Any] = dict(
+        pretrained_model_name_or_path=str(BASE_MODEL_DIR),
+        instance_data_dir=None if instance_data_dir is None else str(instance_data_dir),
+        instance_prompt=SUBJECT_PROMPT,
+        with_prior_preservation=True,
+        class_prompt=CLASS_PROMPT,
+        class_data_dir=str(output_dir / "class_images"),
+        num_class_images=100,
+        output_dir=str(output_dir),
+        resolution=32,
+        train_batch_size=4,
+        sample_batch_size=50,
+        max_train_steps=600,
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        train_text_encoder=True,
+        checkpointing_steps=1000,
+        seed=0,
+        report_to="none",
+        prior_generation_steps=20,
+        guidance_scale=4.0,
+        num_validation_images=4,
+        validation_inference_steps=20,
+        sample_prompts=SAMPLE_PROMPTS,
+        evaluate=True,
+        evaluation_prompts=EVALUATION_PROMPTS,
+        evaluation_dino_model=str(CHECKER_DIR),
+        evaluation_clip_model=str(CHECKER_DIR),
+    )
+    return DreamBoothConfig(**{**options, **overrides})
