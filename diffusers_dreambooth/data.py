@@ -2,20 +2,33 @@
 
 Images are decoded once (EXIF orientation applied, converted to RGB), resized so the shorter side equals the
 training resolution, and kept in memory: a DreamBooth subject is a handful of photos and a few hundred class images.
+
+Bad input is decided before the first training step, never deep inside PIL or torch: transparent pixels become
+white, 16-bit images are scaled to 8 bits, animated images give their first frame, images smaller than the
+resolution are upscaled with a warning, unreadable files in a folder are skipped with a warning, and decompression
+bombs, missing or empty folders (or folders where nothing is readable) stop with an error naming the file or folder.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
+
+# What PIL raises for files it cannot identify or decode (truncated, corrupt, not an image, unsupported mode).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, zlib.error)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 RESAMPLING = {
@@ -38,11 +51,20 @@ class TrainingImage:
     source: str  # file path or dataset row, for messages
 
 
+class UnreadableImageError(ValueError):
+    """A file that is not a readable image (empty, truncated, corrupt or not an image); folders skip these."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"`{source}` is not a readable image ({reason}). Remove or replace it.")
+        self.source = source
+        self.reason = reason
+
+
 def list_images(directory: str | Path) -> list[Path]:
     """Image files directly inside `directory`, sorted by name; hidden and partial files are skipped."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Image folder `{directory}` does not exist.")
+        raise FileNotFoundError(f"Image folder `{directory}` does not exist. Create it or fix the path.")
     return sorted(
         path
         for path in directory.iterdir()
@@ -51,11 +73,68 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
-    """An RGB image with its EXIF orientation applied."""
+    """An RGB image with its EXIF orientation applied, transparency on white, 16-bit scaled to 8-bit.
+
+    Raises `UnreadableImageError` (a `ValueError`) naming the path if the file cannot be decoded, and a `ValueError`
+    if it is a decompression bomb (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`).
+    """
+    source = str(getattr(image, "filename", "") or "in-memory image") if isinstance(image, Image.Image) else str(image)
+    return decode_image(image, source)
+
+
+def decode_image(image: str | Path | Image.Image, source: str) -> Image.Image:
+    """`load_image` with `source` naming the image in warnings and errors (a dataset row has no path)."""
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
-    with Image.open(image) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+        try:
+            return to_rgb(ImageOps.exif_transpose(first_frame(image, source)))
+        except DECODE_ERRORS as error:
+            raise UnreadableImageError(source, describe(error)) from error
+    try:
+        # Images between 1x and 2x PIL's pixel limit only warn; they are as dangerous, so make them errors too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image) as opened:
+                frame = first_frame(opened, source)
+                frame.load()  # decode every byte now, so a truncated file fails here rather than later
+                return to_rgb(ImageOps.exif_transpose(frame))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(
+            f"`{source}` is too large to decode safely: {error} Downscale the photo (for example to at most 4096"
+            " pixels on its longer side) and retry, or, if you trust the file, raise `PIL.Image.MAX_IMAGE_PIXELS` in"
+            " your script."
+        ) from error
+    except UnidentifiedImageError as error:
+        empty = Path(image).is_file() and Path(image).stat().st_size == 0
+        reason = "the file is empty" if empty else "PIL does not recognize its format"
+        raise UnreadableImageError(source, reason) from error
+    except DECODE_ERRORS as error:
+        raise UnreadableImageError(source, describe(error)) from error
+
+
+def first_frame(image: Image.Image, source: str) -> Image.Image:
+    """The first frame of an animated or multi-frame image (with a warning), else the image itself."""
+    if getattr(image, "is_animated", False):
+        logger.warning("`%s` is animated; using its first frame.", source)
+        if image.tell() != 0:
+            image.seek(0)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels: transparency composited onto white, 16-bit grayscale scaled so that 65535 becomes 255."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def describe(error: BaseException) -> str:
+    """The error's type and message on one line: the reason given in warnings and errors."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def resize_to_resolution(image: Image.Image, resolution: int, interpolation: str = "bilinear") -> Image.Image:
@@ -71,7 +150,17 @@ def resize_to_resolution(image: Image.Image, resolution: int, interpolation: str
 def to_training_image(
     image: str | Path | Image.Image, prompt: str, resolution: int, interpolation: str, source: str
 ) -> TrainingImage:
-    rgb = load_image(image)
+    """Decode and resize one image; an image smaller than `resolution` is upscaled, with a warning."""
+    rgb = decode_image(image, source)
+    if min(rgb.size) < resolution:
+        logger.warning(
+            "`%s` is %dx%d pixels, smaller than the training resolution %d; it will be upscaled and training quality"
+            " suffers. Use a larger photo if you have one.",
+            source,
+            rgb.width,
+            rgb.height,
+            resolution,
+        )
     return TrainingImage(resize_to_resolution(rgb, resolution, interpolation), prompt, (rgb.height, rgb.width), source)
 
 
@@ -104,13 +193,31 @@ def has_fixed_crop(image: TrainingImage, resolution: int, center_crop: bool, ran
 def load_folder_images(
     directory: str | Path, prompt: str, resolution: int, interpolation: str, limit: int | None = None
 ) -> list[TrainingImage]:
-    """The images of a folder, all with the same prompt."""
-    paths = list_images(directory)[:limit]
-    if not paths:
+    """The images of a folder (the first `limit` readable ones by name), all with the same prompt.
+
+    Unreadable files are skipped with a warning, so one bad photo does not stop training; a folder in which nothing
+    is readable is an error.
+    """
+    paths = list_images(directory)
+    if not paths or limit == 0:
         raise ValueError(
             f"No images found in `{directory}` (looked for {', '.join(IMAGE_EXTENSIONS)}). Put the photos there."
         )
-    return [to_training_image(path, prompt, resolution, interpolation, str(path)) for path in paths]
+    images, skipped = [], []
+    for path in paths:
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            images.append(to_training_image(path, prompt, resolution, interpolation, str(path)))
+        except UnreadableImageError as error:
+            logger.warning("Skipping `%s`: not a readable image (%s). Remove or replace it.", path, error.reason)
+            skipped.append(path.name)
+    if not images:
+        raise ValueError(
+            f"None of the images in `{directory}` could be read ({', '.join(skipped)}); they are empty, truncated"
+            " or not images. Replace them with readable photos."
+        )
+    return images
 
 
 def load_dataset_images(

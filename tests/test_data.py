@@ -138,13 +138,14 @@ def test_load_image_converts_grayscale_to_rgb(tmp_path):
     assert loaded.getpixel((3, 3)) == (77, 77, 77)
 
 
-def test_load_image_converts_rgba_to_rgb_dropping_alpha(tmp_path):
+def test_load_image_composites_alpha_on_white(tmp_path):
+    # Cut-out product photos are transparent around the subject: white, not whatever colour hides under alpha 0.
     Image.new("RGBA", (8, 6), (10, 20, 30, 128)).save(tmp_path / "alpha.png")
 
     loaded = load_image(tmp_path / "alpha.png")
 
     assert loaded.mode == "RGB"
-    assert loaded.getpixel((3, 3)) == (10, 20, 30)
+    assert loaded.getpixel((3, 3)) == (132, 137, 142)
 
 
 def test_load_image_converts_cmyk_to_rgb(tmp_path):
