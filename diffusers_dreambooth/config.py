@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
+#: The options file a run leaves in its output folder.
+CONFIG_NAME = "dreambooth_config.json"
+
 #: Config keys that may carry secrets; they never reach a saved config, a card or a log.
 SECRET_FIELDS = ("hub_token",)
 
@@ -248,6 +251,7 @@ class DreamBoothConfig:
         self._check_subject_data()
         self._check_prior_preservation()
         self._check_training()
+        self._check_mixed_precision()
         self._check_lora()
         self._check_unsupported()
         if self.evaluate and not self.class_prompt:
@@ -263,7 +267,7 @@ class DreamBoothConfig:
                 f"Got both `--instance_data_dir={self.instance_data_dir}` and `--dataset_name={self.dataset_name}`;"
                 " pass only one of them."
             )
-        if not self.instance_prompt and not (self.dataset_name and self.caption_column):
+        if not (self.instance_prompt or "").strip() and not (self.dataset_name and self.caption_column):
             raise ValueError(
                 "`--instance_prompt` is required (e.g. `a photo of sks dog`), unless every image has a caption"
                 " through `--dataset_name` and `--caption_column`."
@@ -302,6 +306,8 @@ class DreamBoothConfig:
                 raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"`--max_train_steps` must be at least 1, got {self.max_train_steps}.")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"`--learning_rate` must be positive, got {self.learning_rate}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {self.checkpoints_total_limit}.")
         if self.use_8bit_adam and self.optimizer.lower() != "adamw":
@@ -321,6 +327,25 @@ class DreamBoothConfig:
         if self.dataloader_num_workers:
             logger.warning("`--dataloader_num_workers` is ignored: images are decoded once and cached in memory.")
 
+    def _check_mixed_precision(self) -> None:
+        """Fail now, not after the model loads, when this machine's PyTorch cannot run the requested precision."""
+        if self.mixed_precision not in ("fp16", "bf16"):
+            return
+        import torch
+
+        if self.mixed_precision == "fp16":
+            has_gpu = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+            if not has_gpu:
+                raise ValueError(
+                    "`--mixed_precision=fp16` needs a GPU, and this PyTorch sees none (CPU only). Pass"
+                    " `--mixed_precision bf16` (which also runs on CPU) or `--mixed_precision no`."
+                )
+        elif torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"`--mixed_precision=bf16` is not supported by this GPU ({torch.cuda.get_device_name()}); pass"
+                " `--mixed_precision fp16` or `--mixed_precision no`."
+            )
+
     def _check_lora(self) -> None:
         if self.adapter != "lora":
             if self.output_kohya_format:
@@ -328,6 +353,10 @@ class DreamBoothConfig:
             return
         if self.rank < 1:
             raise ValueError(f"`--rank` must be at least 1 for `--adapter lora`, got {self.rank}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(
+                f"`--lora_alpha` must be positive, got {self.lora_alpha}; leave it unset to use `--rank` (scale 1)."
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`--lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
 

@@ -40,7 +40,7 @@ class Subject:
         words = instance_prompt.split()
         if not words:
             raise ValueError("The instance prompt is empty; write it as `a photo of <identifier> <class noun>`.")
-        class_words = {w.lower() for w in _words(class_prompt or "")}
+        class_words = {w.lower() for w in prompt_words(class_prompt or "")}
         index = next((i for i, w in enumerate(words) if _strip(w).lower() not in class_words), None)
         if class_prompt is None or index is None:
             index = max(len(words) - 2, 0)
@@ -93,7 +93,8 @@ def fill_subject(prompt: str, subjects: list[Subject]) -> str:
     return prompt
 
 
-def _words(text: str) -> list[str]:
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt with surrounding punctuation removed ("dog," -> "dog")."""
     return [_strip(w) for w in text.split()]
 
 

@@ -24,7 +24,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import DreamBoothConfig
+from .config import CONFIG_NAME, DreamBoothConfig
 from .data import (
     TrainingImage,
     TrainingOrder,
@@ -37,6 +37,7 @@ from .data import (
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
 from .hub import push_subject_folder
+from .input_checks import check_inputs
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
@@ -48,7 +49,6 @@ from .validation import generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "dreambooth_config.json"
 MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -100,6 +100,7 @@ class DreamBoothTrainer:
         self.family = family_for_pipeline(self.pipeline)
         self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
         self._check_resolution()
+        check_inputs(config, self.family)
 
         if config.with_prior_preservation:
             self._generate_class_images()

@@ -1,0 +1,187 @@
+"""Checks of a run's prompts and output folder that need the loaded pipeline or the file system.
+
+`DreamBoothConfig` rejects bad option values when it is built; what depends on the base model's tokenizers, or on
+what an earlier run left in `--output_dir`, is checked here once the trainer has loaded the pipeline, before class
+images are generated or any step runs. Mistakes that make training impossible or dangerous raise; prompts that
+train worse than they could only warn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from accelerate.state import PartialState
+
+from .config import CONFIG_NAME, DreamBoothConfig
+from .families import DreamBoothFamily
+from .subject import Subject, prompt_words
+
+logger = logging.getLogger(__name__)
+
+#: Options that tell one run from another: resuming into a folder whose saved run differs in them mixes two runs.
+RUN_IDENTITY_FIELDS = ("instance_prompt", "pretrained_model_name_or_path", "adapter")
+
+
+def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
+    """Check `--output_dir` against the run saved there, then warn about prompts that train badly.
+
+    Called by the trainer once the base pipeline is loaded and `family` known. A resume into a folder that holds a
+    different run raises on every process; the prompt warnings are logged by the main process only.
+    """
+    check_output_dir(config)
+    if not PartialState().is_main_process:
+        return
+    if config.instance_prompt and config.instance_prompt.strip():
+        subject = Subject.from_prompts(config.instance_prompt, config.class_prompt)
+        check_class_noun(config, subject)
+        check_identifier_tokens(subject.identifier, family)
+    check_prompt_lengths(config, family)
+
+
+def check_output_dir(config: DreamBoothConfig) -> None:
+    """Raise if `--resume_from_checkpoint` would continue a different run saved in `--output_dir`; else warn.
+
+    The folder's `dreambooth_config.json` names the run that wrote it. Resuming with another instance prompt, base
+    model or adapter would load that run's checkpoint into this one, so it fails; a new run there only overwrites
+    the old one's weights, samples and card, which is worth a warning.
+    """
+    path = Path(config.output_dir) / CONFIG_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("Could not read `%s` to compare it with this run's options: %s", path, error)
+        return
+    current = config.to_dict()
+    differing = [name for name in RUN_IDENTITY_FIELDS if not _same_value(name, saved.get(name), current[name])]
+    if not differing:
+        return
+    details = "; ".join(f"`--{name}` was {saved.get(name)!r}, now {current[name]!r}" for name in differing)
+    if config.resume_from_checkpoint is not None:
+        raise ValueError(
+            f"`--resume_from_checkpoint={config.resume_from_checkpoint}` would resume a different run: `{path}` was"
+            f" written by a run with other options ({details}). Pass a new `--output_dir` to start this run, or"
+            " resume with the options of the run saved there."
+        )
+    if PartialState().is_main_process:
+        logger.warning(
+            "`--output_dir=%s` holds a previous, different run (%s); this run will overwrite its weights, samples and"
+            " model card. Pass a new `--output_dir` to keep it.",
+            config.output_dir,
+            details,
+        )
+
+
+def check_class_noun(config: DreamBoothConfig, subject: Subject) -> None:
+    """Warn when the instance prompt lacks (or changes) the class noun that `--class_prompt` names.
+
+    The paper's class-prior ablation (Ruiz et al., CVPR 2023, Sec. 4.3) trains with no class noun and with a wrong
+    one: both give worse subject fidelity than the correct class noun, which ties the subject to the class prior.
+    """
+    if not config.class_prompt:
+        return
+    class_words = [word for word in prompt_words(config.class_prompt) if word]
+    if not class_words:
+        return
+    if subject.class_noun is not None and subject.class_noun.lower() in {word.lower() for word in class_words}:
+        return
+    instance_words = {word.lower() for word in prompt_words(config.instance_prompt)}
+    missing = [word for word in class_words if word.lower() not in instance_words]
+    noun = missing[-1] if missing else class_words[-1]
+    if subject.class_noun is None:
+        found = f"has no class noun after the identifier `{subject.identifier}`"
+    else:
+        found = f"names `{subject.class_noun}` after the identifier `{subject.identifier}`"
+    logger.warning(
+        "`--instance_prompt=%r` %s, but `--class_prompt=%r` names the class `%s`. Put the class noun after the"
+        " identifier (e.g. `... %s %s`): in the paper's class-prior ablation (Ruiz et al., CVPR 2023, Sec. 4.3) a"
+        " missing or wrong class noun makes the trained subject worse.",
+        config.instance_prompt,
+        found,
+        config.class_prompt,
+        noun,
+        subject.identifier,
+        noun,
+    )
+
+
+def check_identifier_tokens(identifier: str, family: DreamBoothFamily) -> None:
+    """Warn when a tokenizer splits the identifier into several tokens.
+
+    DreamBooth binds the subject to a rare token; an identifier made of several common pieces spreads it over
+    tokens that other words share.
+    """
+    split = {}
+    for name, tokenizer in zip(family.tokenizer_names, family.tokenizers):
+        tokens = tokenizer.tokenize(identifier)
+        if len(tokens) > 1:
+            split[name] = tokens
+    if split:
+        shown = "; ".join(f"`{name}`: {tokens}" for name, tokens in split.items())
+        logger.warning(
+            "The identifier `%s` of `--instance_prompt` is split into several tokens (%s). Use a rare word that is a"
+            " single token, such as `sks` (the community's habit), so the subject binds to one token.",
+            identifier,
+            shown,
+        )
+
+
+def check_prompt_lengths(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
+    """Warn about prompts longer than a tokenizer's maximum length (special tokens included): they are truncated.
+
+    Training prompts are cut to `--tokenizer_max_length` (default: the tokenizer's `model_max_length`); the
+    validation prompt goes through the pipeline, which cuts it to `model_max_length`.
+    """
+    prompts = {
+        "instance_prompt": (config.instance_prompt, config.tokenizer_max_length),
+        "class_prompt": (config.class_prompt, config.tokenizer_max_length),
+        "validation_prompt": (config.validation_prompt, None),
+    }
+    for option, (prompt, max_length) in prompts.items():
+        if not prompt:
+            continue
+        too_long, dropped = [], None
+        for name, tokenizer in zip(family.tokenizer_names, family.tokenizers):
+            limit = max_length or tokenizer.model_max_length
+            length = len(tokenizer(prompt)["input_ids"])
+            if length > limit:
+                too_long.append(f"`{name}` counts {length} tokens and keeps {limit}")
+                dropped = dropped or _dropped_text(tokenizer, prompt, limit)
+        if too_long:
+            logger.warning(
+                "`--%s=%r` is longer than the text encoder takes and will be truncated, dropping `%s` (%s, special"
+                " tokens included). Shorten the prompt.",
+                option,
+                prompt,
+                dropped,
+                "; ".join(too_long),
+            )
+
+
+def _dropped_text(tokenizer: Any, prompt: str, limit: int) -> str:
+    """The end of `prompt` that truncation to `limit` tokens (special tokens included) cuts off."""
+    try:
+        encoding = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+    except NotImplementedError:  # tokenizers without a fast backend have no offsets
+        tokens = tokenizer.tokenize(prompt)
+        kept = limit - (len(tokenizer(prompt)["input_ids"]) - len(tokens))
+        return tokenizer.convert_tokens_to_string(tokens[kept:]).strip()
+    specials = encoding["special_tokens_mask"]
+    offsets = [offset for offset, special in zip(encoding["offset_mapping"], specials) if not special]
+    kept = limit - sum(specials)
+    return prompt[offsets[kept][0] :].strip()
+
+
+def _same_value(name: str, saved: Any, current: Any) -> bool:
+    """Whether a saved option equals the current one; two paths to the same local folder count as equal."""
+    if saved == current:
+        return True
+    if name == "pretrained_model_name_or_path" and isinstance(saved, str) and isinstance(current, str):
+        if os.path.exists(saved) and os.path.exists(current):
+            return os.path.realpath(saved) == os.path.realpath(current)
+    return False

@@ -1,0 +1,228 @@
+"""Bad options fail when the config is built, and bad prompts or output folders fail or warn before any step runs.
+
+Each error and warning names the option and the value received.
+"""
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_config
+from diffusers import DiffusionPipeline
+
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth.checkpoints import list_checkpoints
+from diffusers_dreambooth.config import CONFIG_NAME
+from diffusers_dreambooth.input_checks import check_inputs, check_output_dir
+
+SUBJECT = dict(instance_data_dir="photos", instance_prompt="a photo of sks dog")
+# Words the tiny tokenizer keeps whole: 5 + 18 * 4 + 3 = 80 tokens, 82 with start and end; 77 keep the first 75.
+LONG_PROMPT = "a photo of sks dog" + " on a red dog" * 18 + " of a photo"
+
+
+@pytest.fixture(scope="module")
+def families(pipeline_dirs):
+    """The family adapters of the tiny SD and SDXL pipelines, whose CLIP tokenizers know `sks` but not `qzxv`."""
+    return {
+        name: family_for_pipeline(DiffusionPipeline.from_pretrained(pipeline_dirs[name])) for name in ("sd", "sdxl")
+    }
+
+
+def warnings_of(caplog, config, family) -> str:
+    """What `check_inputs` warns, without the config's own construction warnings."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusers_dreambooth"):
+        check_inputs(config, family)
+    return caplog.text
+
+
+# Options rejected when the config is built
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(with_prior_preservation=True, class_data_dir="class"), "needs `--class_prompt`"),
+        (dict(with_prior_preservation=True, class_prompt="a photo of dog"), "needs `--class_data_dir`"),
+        (dict(train_text_encoder=True, pre_compute_text_embeddings=True), "`--pre_compute_text_embeddings` cannot"),
+        (dict(adapter="lora", rank=0), "`--rank` must be at least 1 .*got 0"),
+        (dict(adapter="lora", lora_alpha=0), "`--lora_alpha` must be positive, got 0"),
+        (dict(adapter="lora", lora_alpha=-8), "`--lora_alpha` must be positive, got -8"),
+        (dict(resolution=0), "`--resolution` must be a positive multiple of 8, got 0"),
+        (dict(resolution=-512), "`--resolution` must be a positive multiple of 8, got -512"),
+        (dict(train_batch_size=0), "`--train_batch_size` must be at least 1, got 0"),
+        (dict(gradient_accumulation_steps=0), "`--gradient_accumulation_steps` must be at least 1, got 0"),
+        (dict(max_train_steps=0), "`--max_train_steps` must be at least 1, got 0"),
+        (dict(num_train_epochs=0), "`--num_train_epochs` must be at least 1, got 0"),
+        (dict(learning_rate=0.0), "`--learning_rate` must be positive, got 0.0"),
+        (dict(learning_rate=-1e-4), "`--learning_rate` must be positive, got -0.0001"),
+        (dict(checkpointing_steps=0), "`--checkpointing_steps` must be at least 1, got 0"),
+        (
+            dict(with_prior_preservation=True, class_prompt="a dog", class_data_dir="class", num_class_images=0),
+            "`--num_class_images` must be at least 1, got 0",
+        ),
+        (dict(lr_scheduler="cosine_annealing"), "`--lr_scheduler=cosine_annealing`.*constant_with_warmup"),
+    ],
+)
+def test_bad_option_fails_at_construction_naming_it(options, message):
+    with pytest.raises(ValueError, match=message):
+        DreamBoothConfig(**SUBJECT, **options)
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   "])
+def test_empty_instance_prompt_fails_at_construction(prompt):
+    with pytest.raises(ValueError, match="`--instance_prompt` is required"):
+        DreamBoothConfig(instance_data_dir="photos", instance_prompt=prompt)
+
+
+def test_fp16_without_a_gpu_fails_and_suggests_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError, match=r"`--mixed_precision=fp16` needs a GPU.*`--mixed_precision bf16`.*`--mixed_precision no`"
+    ):
+        DreamBoothConfig(**SUBJECT, mixed_precision="fp16")
+
+
+def test_fp16_with_a_gpu_is_accepted(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert DreamBoothConfig(**SUBJECT, mixed_precision="fp16").mixed_precision == "fp16"
+
+
+def test_bf16_on_a_gpu_without_bf16_fails(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100")
+    with pytest.raises(ValueError, match=r"`--mixed_precision=bf16` is not supported by this GPU \(Tesla V100\)"):
+        DreamBoothConfig(**SUBJECT, mixed_precision="bf16")
+
+
+def test_bf16_on_cpu_is_accepted(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert DreamBoothConfig(**SUBJECT, mixed_precision="bf16").mixed_precision == "bf16"
+
+
+# Prompts checked against the loaded pipeline's tokenizers
+
+
+def test_instance_prompt_without_the_class_noun_warns(families, tmp_path, caplog):
+    config = tiny_config(
+        "sd", tmp_path, tmp_path / "out", instance_prompt="a photo of sks", class_prompt="a photo of dog"
+    )
+    text = warnings_of(caplog, config, families["sd"])
+    assert "`--instance_prompt='a photo of sks'` has no class noun after the identifier `sks`" in text
+    assert "`--class_prompt='a photo of dog'` names the class `dog`" in text
+    assert "`... sks dog`" in text and "class-prior ablation" in text
+
+
+def test_instance_prompt_with_another_class_noun_warns(families, tmp_path, caplog):
+    config = tiny_config(
+        "sd", tmp_path, tmp_path / "out", instance_prompt="a photo of sks cat", class_prompt="a photo of dog"
+    )
+    text = warnings_of(caplog, config, families["sd"])
+    assert (
+        "names `cat` after the identifier `sks`, but `--class_prompt='a photo of dog'` names the class `dog`" in text
+    )
+
+
+def test_matching_prompts_do_not_warn(families, tmp_path, caplog):
+    config = tiny_config("sd", tmp_path, tmp_path / "out", class_prompt="a photo of dog", validation_prompt="sks dog")
+    assert warnings_of(caplog, config, families["sd"]) == ""
+
+
+def test_identifier_split_into_several_tokens_warns(families, tmp_path, caplog):
+    assert families["sd"].tokenizers[0].tokenize("qzxv") == ["q", "z", "x", "v</w>"]
+    config = tiny_config("sd", tmp_path, tmp_path / "out", instance_prompt="a photo of qzxv dog")
+    text = warnings_of(caplog, config, families["sd"])
+    assert "The identifier `qzxv` of `--instance_prompt` is split into several tokens" in text
+    assert "`tokenizer`: ['q', 'z', 'x', 'v</w>']" in text and "`sks`" in text
+
+
+def test_identifier_split_names_both_sdxl_tokenizers(families, tmp_path, caplog):
+    config = tiny_config("sdxl", tmp_path, tmp_path / "out", instance_prompt="a photo of qzxv dog")
+    text = warnings_of(caplog, config, families["sdxl"])
+    assert "`tokenizer`: ['q', 'z', 'x', 'v</w>']; `tokenizer_2`: ['q', 'z', 'x', 'v</w>']" in text
+
+
+@pytest.mark.parametrize("option", ["instance_prompt", "class_prompt", "validation_prompt"])
+def test_prompt_longer_than_the_tokenizer_warns_it_is_truncated(option, families, tmp_path, caplog):
+    prompts = {"class_prompt": "a photo of dog", option: LONG_PROMPT}
+    if option == "class_prompt":
+        prompts["instance_prompt"] = "a photo of sks dog on a red dog"
+    config = tiny_config("sd", tmp_path, tmp_path / "out", **prompts)
+    text = warnings_of(caplog, config, families["sd"])
+    assert f"`--{option}='{LONG_PROMPT}'` is longer than the text encoder takes and will be truncated" in text
+    assert "dropping `red dog of a photo` (`tokenizer` counts 82 tokens and keeps 77" in text
+
+
+def test_tokenizer_max_length_sets_where_training_prompts_are_cut(families, tmp_path, caplog):
+    prompt = "a photo of sks dog on a red dog"
+    config = tiny_config("sd", tmp_path, tmp_path / "out", instance_prompt=prompt, tokenizer_max_length=8)
+    text = warnings_of(caplog, config, families["sd"])
+    assert f"`--instance_prompt='{prompt}'` is longer" in text
+    assert "dropping `a red dog` (`tokenizer` counts 11 tokens and keeps 8" in text
+
+
+# Output folder holding another run
+
+
+def test_resume_into_a_different_run_fails_before_any_step(pipeline_dirs, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    DreamBoothTrainer(tiny_config(pipeline_dirs["sd"], instance_dir, out, checkpointing_steps=1)).train()
+    saved = (out / CONFIG_NAME).read_text()
+    other = tiny_config(
+        pipeline_dirs["sd"],
+        instance_dir,
+        out,
+        instance_prompt="a photo of zwx cat",
+        resume_from_checkpoint="latest",
+        max_train_steps=4,
+    )
+    with pytest.raises(ValueError) as error:
+        DreamBoothTrainer(other).train()
+    message = str(error.value)
+    assert "`--resume_from_checkpoint=latest` would resume a different run" in message
+    assert str(out / CONFIG_NAME) in message
+    assert "`--instance_prompt` was 'a photo of sks dog', now 'a photo of zwx cat'" in message
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert (out / CONFIG_NAME).read_text() == saved
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (dict(pretrained_model_name_or_path="other-model"), "`--pretrained_model_name_or_path` was"),
+        (dict(adapter="lora"), "`--adapter` was 'full', now 'lora'"),
+    ],
+)
+def test_resume_with_another_base_model_or_adapter_fails(options, field, tmp_path):
+    tiny_config("model", tmp_path, tmp_path).to_json_file(tmp_path / CONFIG_NAME)
+    config = tiny_config("model", tmp_path, tmp_path, resume_from_checkpoint="checkpoint-2", **options)
+    with pytest.raises(ValueError, match=field):
+        check_output_dir(config)
+
+
+def test_resume_of_the_same_run_passes(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "sub").mkdir()
+    tiny_config(tmp_path / "model", tmp_path, tmp_path).to_json_file(tmp_path / CONFIG_NAME)
+    same_folder = tmp_path / "sub" / ".." / "model"
+    check_output_dir(tiny_config(same_folder, tmp_path, tmp_path, resume_from_checkpoint="latest", seed=1))
+
+
+def test_new_run_over_a_different_run_warns_it_is_overwritten(tmp_path, caplog):
+    tiny_config("model", tmp_path, tmp_path).to_json_file(tmp_path / CONFIG_NAME)
+    config = tiny_config("model", tmp_path, tmp_path, instance_prompt="a photo of zwx cat")
+    with caplog.at_level(logging.WARNING, logger="diffusers_dreambooth"):
+        check_output_dir(config)
+    assert f"`--output_dir={tmp_path}` holds a previous, different run" in caplog.text
+    assert "`--instance_prompt` was 'a photo of sks dog', now 'a photo of zwx cat'" in caplog.text
+    assert "will overwrite" in caplog.text
+
+
+def test_unreadable_saved_config_warns_and_passes(tmp_path, caplog):
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="diffusers_dreambooth"):
+        check_output_dir(tiny_config("model", tmp_path, tmp_path, resume_from_checkpoint="latest"))
+    assert "Could not read" in caplog.text
