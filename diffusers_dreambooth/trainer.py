@@ -620,7 +620,7 @@ class DreamBoothTrainer:
             adapter=config.adapter,
             family=self.family.name,
             pipeline_class=diffusers_pipeline_class(type(self.pipeline)).__name__,
-            base_model=config.pretrained_model_name_or_path or self.pipeline.name_or_path,
+            base_model=str(config.pretrained_model_name_or_path or self.pipeline.name_or_path or "") or None,
             base_model_revision=config.revision,
             base_model_variant=config.variant,
             lora_weight_name=LORA_WEIGHT_NAME_SAFE if config.adapter == "lora" else None,

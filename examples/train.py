@@ -1,15 +1,25 @@
 """Train a DreamBooth subject: `accelerate launch examples/train.py --pretrained_model_name_or_path ... [flags]`.
 
 Takes the flags of diffusers' `examples/dreambooth/train_dreambooth*.py` (LoRA with `--adapter lora`), or
-`--config run.yaml`. See `python examples/train.py --help`.
+`--config run.yaml`. See `python examples/train.py --help`. With no arguments at all it trains the bundled example
+subject (a striped star, `sks star`) on the bundled toy base model into `toy-sks-star/`, in a few minutes on a CPU.
 """
+
+import logging
+import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import parse_config
+from diffusers_dreambooth.toy import toy_dreambooth_config
 
 
 def main() -> None:
-    config = parse_config()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) == 1:
+        logging.info("No options: training the bundled subject on the bundled toy model (see --help for options).")
+        config = toy_dreambooth_config()
+    else:
+        config = parse_config()
     DreamBoothTrainer(config).train()
 
 

@@ -1,6 +1,7 @@
 """Training from Python: the mixin on a pipeline class, `train_dreambooth` on a plain pipeline, family lookup."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import TINY_RUN
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DModel
 
 from diffusers_dreambooth import DreamBoothTrainingMixin, family_for_pipeline, train_dreambooth
+from diffusers_dreambooth.subject import SubjectMetadata
 
 OPTIONS = TINY_RUN
 
@@ -32,11 +34,15 @@ def test_mixin_trains_in_place_and_saves_a_plain_diffusers_pipeline(pipeline_dir
 
 
 def test_train_dreambooth_works_on_a_plain_pipeline(pipeline_dirs, instance_dir, tmp_path):
-    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sdxl"])
+    # Loaded from a `Path`, so the pipeline's `name_or_path` is one too: dreambooth.json must still record it.
+    pipe = DiffusionPipeline.from_pretrained(Path(pipeline_dirs["sdxl"]))
     before = pipe.unet.conv_in.weight.detach().clone()
     train_dreambooth(pipe, instance_data_dir=str(instance_dir), output_dir=str(tmp_path / "out"), **OPTIONS)
     assert not torch.equal(before, pipe.unet.conv_in.weight)
     assert (tmp_path / "out" / "model_index.json").is_file()
+    assert SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json").base_model == str(
+        pipeline_dirs["sdxl"]
+    )
 
 
 def test_full_fine_tune_of_a_half_precision_pipeline_is_refused(pipeline_dirs, instance_dir, tmp_path):

@@ -32,6 +32,8 @@ def test_wheel_ships_the_card_template_and_renders_from_it(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         assert "diffusers_dreambooth/model_cards/dreambooth.md" in archive.namelist()
         assert "diffusers_dreambooth/toy/world.py" in archive.namelist()
+        for shipped in ("checker/config.json", "subject/subject_0.png", "base_model/unet/config.json"):
+            assert f"diffusers_dreambooth/toy/pretrained/{shipped}" in archive.namelist(), shipped
         archive.extractall(tmp_path / "installed")
     code = """
 import diffusers_dreambooth

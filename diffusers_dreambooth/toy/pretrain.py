@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from .checker import images_to_tensor
 from .models import build_untrained_pipeline, build_world_tokenizer
 from .world import Scene, caption, sample_scene
 
@@ -33,12 +34,12 @@ class PretrainConfig:
     seed: int = 0
     num_images: int = 40_000  # rendered once; the model sees each about six times
     pattern_p: float = 0.15  # share of striped "texture" images, so the model can draw patterns at all
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
     vae_final_learning_rate: float = 4e-4  # for the last third of the VAE steps
     vae_kl_weight: float = 1e-6
-    steps: int = 3800
+    steps: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2
@@ -47,17 +48,11 @@ class PretrainConfig:
     log_every: int = 100
 
 
-def _to_tensor(images) -> torch.Tensor:
-    """PIL images as one float tensor in [-1, 1], NCHW."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 def render_world(config: PretrainConfig) -> tuple[list[Scene], torch.Tensor]:
     """The pretraining scenes and their images, drawn from the config's seed."""
     rng = np.random.default_rng([config.seed, 1])
     scenes = [sample_scene(rng, config.pattern_p) for _ in range(config.num_images)]
-    return scenes, _to_tensor(scene.render() for scene in scenes)
+    return scenes, images_to_tensor([scene.render() for scene in scenes])
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, config: PretrainConfig) -> None:

@@ -1,0 +1,301 @@
+"""Reproduce the DreamBooth paper's prior-preservation ablation on the bundled toy base model, on a CPU.
+
+Each run trains the bundled subject (`sks star`) with `toy_dreambooth_config` and some overrides (`RUNS`), and the
+toy checker judges what the trained pipeline draws. The runs of the plot (`PLOTTED`) train in segments of
+`--eval_every` steps, each resuming the previous one's checkpoint (exact by design), judged after each segment.
+
+- binding: share of "a photo of sks star" images that show the subject;
+- drift: share of "a photo of a star" images that show the subject (language drift);
+- prior kept: all-three accuracy on every full prompt of the world, relative to the base model's;
+- recontextualization: "a photo of sks star on a green background" shows the subject / the green background;
+- the paper's DINO, CLIP-I, CLIP-T, PRES and DIV, with the checker as DINO and CLIP.
+
+Usage (about 3 minutes per run and seed on one CPU thread):
+
+    python benchmarks/reproduce_dreambooth.py --seeds 0 1 2 --output_dir benchmarks/results
+
+It prints a markdown table (mean +- spread over seeds) and writes `results.json`, `binding_drift.png` and one
+sample grid per run into `--output_dir`; `--workers 2` runs two trainings at once (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
+
+from diffusers_dreambooth import DreamBoothTrainer  # noqa: E402
+from diffusers_dreambooth.evaluation import evaluate_subject  # noqa: E402
+from diffusers_dreambooth.toy import BASE_MODEL_DIR, CHECKER_DIR, toy_dreambooth_config, write_image_folder  # noqa: E402
+from diffusers_dreambooth.toy.checker import ToyChecker  # noqa: E402
+from diffusers_dreambooth.toy.metrics import (  # noqa: E402
+    ToyAttributeEmbedder,
+    background_share,
+    generate,
+    prior_accuracy,
+    subject_share,
+)
+from diffusers_dreambooth.toy.recipe import EVALUATION_PROMPTS  # noqa: E402
+from diffusers_dreambooth.toy.world import CLASS_PROMPT, SUBJECT_PROMPT, subject_photo_scenes  # noqa: E402
+
+LORA = {"adapter": "lora", "learning_rate": 1e-3, "rank": 8}
+VARIED = ("white", "black", "pink", "gray")
+
+#: The runs of the table: name -> overrides of `toy_dreambooth_config`, plus two keys of this script:
+#: `instance_backgrounds` (the photos' backgrounds, default white only) and `background_captions` (each photo's
+#: caption names its background, "a photo of sks star on a white background", instead of the one instance prompt).
+RUNS: dict[str, dict] = {
+    "full + TE, prior": {},
+    "full + TE, no prior": {"with_prior_preservation": False},
+    "full, prior": {"train_text_encoder": False},
+    "LoRA + TE, prior": {**LORA},
+    "LoRA, prior": {**LORA, "train_text_encoder": False},
+    "full + TE, prior, varied backgrounds": {"instance_backgrounds": VARIED},
+    "full + TE, prior, background captions": {"background_captions": True},
+    "full + TE, prior, varied backgrounds + captions": {"instance_backgrounds": VARIED, "background_captions": True},
+    "full, no prior": {"train_text_encoder": False, "with_prior_preservation": False},
+    "LoRA + TE, no prior": {**LORA, "with_prior_preservation": False},
+}
+
+#: Runs whose binding and drift are also measured every `--eval_every` steps, for the plot; the others at the end.
+PLOTTED = ("full + TE, prior", "full + TE, no prior")
+
+NUM_JUDGED = 32
+RECONTEXT_BACKGROUND = "green"
+
+
+@dataclass
+class RunResult:
+    name: str
+    seed: int
+    curve: list[dict] = field(default_factory=list)  # per segment: step, binding, drift
+    final: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, base_model: str) -> RunResult:
+    """Train run `name` with `seed` in segments; judge after each; return the curve and the final figures."""
+    torch.set_num_threads(1)
+    overrides = dict(RUNS[name])
+    run_dir = Path(output_dir) / "runs" / f"{_slug(name)}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    scenes = subject_photo_scenes(4, seed=0, backgrounds=overrides.pop("instance_backgrounds", ("white",)))
+    instance_dir = run_dir / "subject"
+    if overrides.pop("background_captions", False):
+        captions = [f"{SUBJECT_PROMPT} on a {scene.background} background" for scene in scenes]
+        write_image_folder(instance_dir, [(s, s.render(), c) for s, c in zip(scenes, captions)], captions=True)
+        data = dict(instance_data_dir=None, dataset_name=str(instance_dir), caption_column="text")
+    else:
+        data = dict(instance_data_dir=str(instance_dir))
+        instance_dir.mkdir(parents=True)
+        for index, scene in enumerate(scenes):
+            scene.render().save(instance_dir / f"subject_{index}.png")
+    instance_images = [scene.render() for scene in scenes]
+    checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
+    result = RunResult(name, seed)
+    start = time.perf_counter()
+    pipeline = None
+    segment = eval_every if name in PLOTTED else steps
+    for step in range(segment, steps + 1, segment):
+        config = toy_dreambooth_config(
+            output_dir=run_dir,
+            pretrained_model_name_or_path=base_model,
+            **data,
+            seed=seed,
+            max_train_steps=step,
+            checkpointing_steps=segment,
+            checkpoints_total_limit=1,
+            resume_from_checkpoint="latest",
+            num_validation_images=4 if step == steps else 0,
+            evaluate=False,
+            **overrides,
+        )
+        pipeline = DreamBoothTrainer(config).train()
+        subject_images = generate(pipeline, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1000 + seed)
+        class_images = generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)
+        point = dict(
+            step=step, binding=subject_share(checker, subject_images), drift=subject_share(checker, class_images)
+        )
+        result.curve.append(point)
+        logging.info("%s seed %d: %s", name, seed, point)
+    recontext_prompt = f"{SUBJECT_PROMPT} on a {RECONTEXT_BACKGROUND} background"
+    recontext = generate(pipeline, [recontext_prompt] * NUM_JUDGED, seed=3000 + seed)
+    paper = evaluate_subject(
+        lambda prompts, s: generate(pipeline, prompts, seed=s),
+        instance_images,
+        [p.replace("{subject}", "sks star") for p in EVALUATION_PROMPTS],
+        class_prompt=CLASS_PROMPT,
+        identifier="sks",
+        dino=checker,
+        clip=ToyAttributeEmbedder(checker),
+        seed=seed,
+    )
+    result.final = dict(
+        result.curve[-1],
+        prior=prior_accuracy(pipeline, checker, seed=4000 + seed),
+        recontext_subject=subject_share(checker, recontext),
+        recontext_background=background_share(checker, recontext, RECONTEXT_BACKGROUND),
+        **paper.as_dict(),
+    )
+    result.seconds = time.perf_counter() - start
+    logging.info("%s seed %d final (%.0f s): %s", name, seed, result.seconds, result.final)
+    shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{_slug(name)}-seed{seed}.png")
+    return result
+
+
+def base_model_figures(seed: int, base_model: str) -> dict:
+    """Drift and all-three accuracy of the untouched base model, the reference for 'prior kept'."""
+    torch.set_num_threads(1)
+    pipeline = DiffusionPipeline.from_pretrained(base_model)
+    pipeline.set_progress_bar_config(disable=True)
+    checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
+    return dict(
+        prior=prior_accuracy(pipeline, checker, seed=4000 + seed),
+        binding=subject_share(checker, generate(pipeline, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1000 + seed)),
+        drift=subject_share(checker, generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)),
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).replace("--", "-").strip("-")
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+COLUMNS = [
+    ("binding", "binding ↑"),
+    ("drift", "drift ↓"),
+    ("prior_kept", "prior kept ↑"),
+    ("recontext_subject", "recontext: subject ↑"),
+    ("recontext_background", "recontext: green ↑"),
+    ("DINO", "DINO ↑"),
+    ("CLIP-I", "CLIP-I ↑"),
+    ("CLIP-T", "CLIP-T ↑"),
+    ("PRES", "PRES ↓"),
+    ("DIV", "DIV ↑"),
+]
+
+
+def table(results: list[RunResult], base: list[dict]) -> str:
+    """Markdown table: one row per run, mean ± standard deviation over seeds."""
+    base_prior = {index: figures["prior"] for index, figures in enumerate(base)}
+    lines = [
+        "| run | " + " | ".join(label for _, label in COLUMNS) + " |",
+        "| --- |" + " --- |" * len(COLUMNS),
+    ]
+    base_row = {
+        "binding": [b["binding"] for b in base],
+        "drift": [b["drift"] for b in base],
+        "prior_kept": [1.0 for _ in base],
+    }
+    lines.append(
+        "| base model (no training) | "
+        + " | ".join(_mean_spread(base_row[key]) if key in base_row else "" for key, _ in COLUMNS)
+        + " |"
+    )
+    for name in RUNS:
+        runs = [r for r in results if r.name == name]
+        if not runs:
+            continue
+        values = {key: [] for key, _ in COLUMNS}
+        for index, run in enumerate(runs):
+            final = dict(run.final, prior_kept=run.final["prior"] / max(base_prior.get(index, base[0]["prior"]), 1e-9))
+            for key, _ in COLUMNS:
+                values[key].append(final[key])
+        lines.append(f"| {name} | " + " | ".join(_mean_spread(values[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    """Binding and drift against training steps, with and without the prior loss (full + TE runs), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, metric, title in ((axes[0], "binding", "identifier binding"), (axes[1], "drift", "language drift")):
+        for name, style in zip(PLOTTED, ("-o", "--s")):
+            runs = [r for r in results if r.name == name]
+            if not runs:
+                continue
+            steps = [point["step"] for point in runs[0].curve]
+            means = [statistics.mean(r.curve[i][metric] for r in runs) for i in range(len(steps))]
+            axis.plot(steps, means, style, label=name)
+        axis.set_title(
+            f'{title}: share of "{"a photo of sks star" if metric == "binding" else "a photo of a star"}"'
+            " judged the subject",
+            fontsize=9,
+        )
+        axis.set_xlabel("training steps")
+        axis.set_ylim(-0.05, 1.05)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS)[:8],
+        choices=list(RUNS),
+        metavar="RUN",
+        help="Default: the first 8 of RUNS (the others are extra ablations).",
+    )
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--base_model", default=str(BASE_MODEL_DIR), help="Default: the bundled toy base model.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("diffusers_dreambooth").setLevel(logging.WARNING)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        base_futures = [pool.submit(base_model_figures, seed, args.base_model) for seed in args.seeds]
+        futures = [
+            pool.submit(run_one, name, seed, args.steps, args.eval_every, str(output_dir), args.base_model)
+            for seed in args.seeds  # every run's first seed first, so a first look at the log comes early
+            for name in args.runs
+        ]
+        base = [future.result() for future in base_futures]
+        results = [future.result() for future in futures]
+    markdown = table(results, base)
+    (output_dir / "results.json").write_text(
+        json.dumps({"base": base, "runs": [r.__dict__ for r in results]}, indent=2) + "\n", encoding="utf-8"
+    )
+    plot(results, output_dir / "binding_drift.png")
+    (output_dir / "table.md").write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    print(
+        f"\n{len(results)} runs, seeds {args.seeds}, {time.perf_counter() - start:.0f} s in all "
+        f"({args.workers} worker(s)); command: python {shlex.join(sys.argv)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
