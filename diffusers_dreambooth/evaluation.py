@@ -16,11 +16,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
 from .model_card import is_hub_id
 from .toy.checker import ToyChecker
@@ -141,11 +142,15 @@ def _load_kwargs(torch_dtype: torch.dtype | None) -> dict:
     return {} if torch_dtype is None else {"dtype": torch_dtype}
 
 
-class DinoEmbedder:
-    """DINO embeddings (the CLS token of the last hidden state) of any transformers ViT-like vision backbone.
+_Embedder = TypeVar("_Embedder", bound="_PretrainedEmbedder")
 
-    Also a `FeatureMapModel`: its per-layer hidden states feed `FeatureMapDistance` for the DIV metric.
-    """
+
+class _PretrainedEmbedder:
+    """A transformers model and its processor, loaded by repo id or folder, embedding images in batches."""
+
+    default_model: str
+    model_class: type  # the transformers class that loads the model
+    processor_class: type  # the transformers class that loads its processor
 
     def __init__(self, model, processor, batch_size: int = DEFAULT_BATCH_SIZE):
         self.model = model.eval()
@@ -154,18 +159,28 @@ class DinoEmbedder:
 
     @classmethod
     def from_pretrained(
-        cls,
-        name_or_path: str = DEFAULT_DINO_MODEL,
+        cls: type[_Embedder],
+        name_or_path: str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-    ) -> DinoEmbedder:
-        """Load the backbone (`AutoModel`) and its image processor (`AutoImageProcessor`) from a repo id or folder."""
-        from transformers import AutoImageProcessor, AutoModel
-
-        model = AutoModel.from_pretrained(name_or_path, **_load_kwargs(torch_dtype))
+    ) -> _Embedder:
+        """Load the model and its processor from a repo id or folder (default: the paper's model)."""
+        name_or_path = name_or_path or cls.default_model
+        model = cls.model_class.from_pretrained(name_or_path, **_load_kwargs(torch_dtype))
         if device is not None:
             model = model.to(device)
-        return cls(model, AutoImageProcessor.from_pretrained(name_or_path))
+        return cls(model, cls.processor_class.from_pretrained(name_or_path))
+
+
+class DinoEmbedder(_PretrainedEmbedder):
+    """DINO embeddings (the CLS token of the last hidden state) of any transformers ViT-like vision backbone.
+
+    Also a `FeatureMapModel`: its per-layer hidden states feed `FeatureMapDistance` for the DIV metric.
+    """
+
+    default_model = DEFAULT_DINO_MODEL
+    model_class = AutoModel
+    processor_class = AutoImageProcessor
 
     def _forward(self, images: Sequence[Image.Image], output_hidden_states: bool):
         pixels = self.processor(images=_rgb(images), return_tensors="pt")["pixel_values"]
@@ -204,29 +219,12 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class ClipEmbedder:
+class ClipEmbedder(_PretrainedEmbedder):
     """CLIP image and text embeddings (`CLIPModel.get_image_features` / `get_text_features`), for CLIP-I and CLIP-T."""
 
-    def __init__(self, model, processor, batch_size: int = DEFAULT_BATCH_SIZE):
-        self.model = model.eval()
-        self.processor = processor
-        self.batch_size = _check_batch_size(batch_size)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str = DEFAULT_CLIP_MODEL,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-    ) -> ClipEmbedder:
-        """Load a `CLIPModel` and its processor (`AutoProcessor`: tokenizer and image processor) from a repo id or
-        folder."""
-        from transformers import AutoProcessor, CLIPModel
-
-        model = CLIPModel.from_pretrained(name_or_path, **_load_kwargs(torch_dtype))
-        if device is not None:
-            model = model.to(device)
-        return cls(model, AutoProcessor.from_pretrained(name_or_path))
+    default_model = DEFAULT_CLIP_MODEL
+    model_class = CLIPModel
+    processor_class = AutoProcessor
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -269,7 +267,8 @@ def load_evaluation_models(
     A folder holding the toy world's checker (`diffusers_dreambooth.toy.ToyChecker`) stands in for either: its
     features as DINO, its (shape, colour, background) judgements as CLIP.
     """
-    toy_dino, toy_clip = _toy_checker(dino_model), _toy_checker(clip_model)
+    toy_dino = _toy_checker(dino_model)
+    toy_clip = toy_dino if clip_model == dino_model else _toy_checker(clip_model)
     dino = toy_dino or DinoEmbedder.from_pretrained(dino_model, torch_dtype=torch_dtype, device=device)
     clip = ToyAttributeEmbedder(toy_clip) if toy_clip is not None else None
     return dino, clip or ClipEmbedder.from_pretrained(clip_model, torch_dtype=torch_dtype, device=device)
