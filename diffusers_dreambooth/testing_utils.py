@@ -251,21 +251,30 @@ def _load_or_build_tokenizer(tokenizer_dir: str | os.PathLike) -> CLIPTokenizer:
     return build_clip_tokenizer(tokenizer_dir)
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConfig:
-    """Return a 2-layer, 32-wide CLIP text config whose vocabulary and special ids match `tokenizer`."""
+def clip_text_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
+    """A CLIP text config whose vocabulary, context length and special token ids match `tokenizer`; `sizes` (hidden
+    size, layers, ...) set the rest."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+
+
+def _clip_text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConfig:
+    """Return a 2-layer, 32-wide CLIP text config whose vocabulary and special ids match `tokenizer`."""
+    return clip_text_config(
+        tokenizer,
         hidden_size=_TEXT_HIDDEN_SIZE,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
         hidden_act=hidden_act,
         layer_norm_eps=1e-05,
         projection_dim=_TEXT_PROJECTION_DIM,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
 
 

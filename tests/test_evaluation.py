@@ -10,7 +10,6 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
-    CLIPTextConfig,
     CLIPVisionConfig,
     ViTConfig,
     ViTImageProcessorPil,
@@ -37,7 +36,7 @@ from diffusers_dreambooth.evaluation import (
     subject_fidelity,
 )
 from diffusers_dreambooth.subject import SubjectMetadata
-from diffusers_dreambooth.testing_utils import build_clip_tokenizer
+from diffusers_dreambooth.testing_utils import build_clip_tokenizer, clip_text_config
 from diffusers_dreambooth.toy import CHECKER_DIR
 from diffusers_dreambooth.toy.world import Scene, subject_scene
 
@@ -70,16 +69,8 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    text_config = clip_text_config(
+        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
     )
     vision_config = CLIPVisionConfig(
         image_size=IMAGE_SIZE,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..testing_utils import build_clip_tokenizer
+from ..testing_utils import build_clip_tokenizer, clip_text_config
 from .world import BACKGROUNDS, CLASS_PROMPT, COLORS, SHAPES, SUBJECT_PROMPT, Scene, full_caption
 
 TEXT_HIDDEN_SIZE = 64
@@ -46,16 +46,12 @@ def build_untrained_pipeline(tokenizer: CLIPTokenizer, seed: int = 0) -> StableD
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
+            clip_text_config(
+                tokenizer,
                 hidden_size=TEXT_HIDDEN_SIZE,
                 intermediate_size=4 * TEXT_HIDDEN_SIZE,
                 num_hidden_layers=2,
                 num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
             )
         )
         vae = AutoencoderKL(
