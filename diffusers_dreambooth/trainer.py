@@ -45,7 +45,7 @@ from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
 from .subject import Subject, SubjectMetadata, fill_subject
-from .validation import generate_validation_images, image_grid, run_validation
+from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -547,10 +547,10 @@ class DreamBoothTrainer:
         """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation, else the
         instance prompt), and with `--sample_prompts`, `samples/grid.png` with one row per prompt."""
         config = self.config
-        subject_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
-        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or [subject_prompt]]
         if not config.num_validation_images:
             return
+        subject_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
+        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or [subject_prompt]]
         with self.accelerator.autocast():
             rows = [generate_validation_images(self.pipeline, config, self.seed, prompt=p) for p in prompts]
         (output_dir / "samples").mkdir(exist_ok=True)
@@ -569,12 +569,8 @@ class DreamBoothTrainer:
         dino, clip = load_evaluation_models(config.evaluation_dino_model, config.evaluation_clip_model)
 
         def generate(batch: list[str], seed: int) -> list:
-            generator = torch.Generator(self.pipeline.device).manual_seed(seed)
-            options = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
             with self.accelerator.autocast():
-                return self.pipeline(
-                    batch, num_inference_steps=config.validation_inference_steps, generator=generator, **options
-                ).images
+                return generate_images(self.pipeline, config, batch, seed)
 
         result = evaluate_subject(
             generate,

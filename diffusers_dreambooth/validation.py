@@ -22,6 +22,19 @@ VALIDATION_SCHEDULERS = {
 
 
 @torch.no_grad()
+def generate_images(
+    pipeline: DiffusionPipeline, config: DreamBoothConfig, prompts: list[str], seed: int
+) -> list[Image.Image]:
+    """One image per prompt with the pipeline's scheduler, `--validation_inference_steps` and `--guidance_scale`."""
+    options = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
+    return pipeline(
+        prompt=prompts,
+        num_inference_steps=config.validation_inference_steps,
+        generator=torch.Generator(pipeline.device).manual_seed(seed),
+        **options,
+    ).images
+
+
 def generate_validation_images(
     pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int, prompt: str | None = None
 ) -> list[Image.Image]:
@@ -30,13 +43,9 @@ def generate_validation_images(
     scheduler_class = VALIDATION_SCHEDULERS[config.validation_scheduler]
     pipeline.scheduler = scheduler_class.from_config(original_scheduler.config)
     try:
-        generator = torch.Generator(pipeline.device).manual_seed(seed)
-        return pipeline(
-            prompt=[prompt or config.validation_prompt] * config.num_validation_images,
-            num_inference_steps=config.validation_inference_steps,
-            generator=generator,
-            **({} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}),
-        ).images
+        return generate_images(
+            pipeline, config, [prompt or config.validation_prompt] * config.num_validation_images, seed
+        )
     finally:
         pipeline.scheduler = original_scheduler
 
