@@ -93,7 +93,10 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tens
 
 
 def train_denoiser(
-    pipeline: StableDiffusionPipeline, scenes: list[Scene], latents: tuple[torch.Tensor, torch.Tensor], config
+    pipeline: StableDiffusionPipeline,
+    scenes: list[Scene],
+    latents: tuple[torch.Tensor, torch.Tensor],
+    config: PretrainConfig,
 ) -> None:
     """Train UNet and text encoder on (latent, caption) pairs with the epsilon loss; keep the EMA weights."""
     unet, text_encoder, tokenizer, scheduler = (
