@@ -74,8 +74,18 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     removed = checkpoints[: max(excess, 0)]
     for path in removed:
         logger.info("Removing checkpoint %s (--checkpoints_total_limit=%d)", path, total_limit)
-        shutil.rmtree(path)
+        _remove_atomically(path)
     return removed
+
+
+def _remove_atomically(path: Path) -> None:
+    """Rename a checkpoint out of the `checkpoint-N` namespace first, so a crash mid-delete leaves no half folder
+    that `latest` could pick; a leftover `.deleting` folder is removed by the next call."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def temporary_checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -91,7 +101,7 @@ def publish_checkpoint(temporary: Path, step: int, state: dict) -> Path:
     (temporary / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     final = temporary.parent / f"checkpoint-{step}"
     if final.exists():
-        shutil.rmtree(final)
+        _remove_atomically(final)
     os.replace(temporary, final)
     return final
 

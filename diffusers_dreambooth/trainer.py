@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from .losses import dreambooth_loss
 from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
+from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
 from .subject import Subject, SubjectMetadata, fill_subject
 from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
@@ -119,6 +121,9 @@ class DreamBoothTrainer:
         """Top up the class folder with the frozen model, every process listing it before any of them writes."""
         config, accelerator = self.config, self.accelerator
         missing = missing_class_images(config.class_data_dir, config.num_class_images)
+        if missing and accelerator.is_main_process:
+            # An 8-bit RGB PNG is at most about its raw size.
+            check_free_space(config.class_data_dir, len(missing) * 3 * config.resolution**2, "the class images")
         accelerator.wait_for_everyone()
         generate_class_images(
             self.pipeline,
@@ -384,17 +389,39 @@ class DreamBoothTrainer:
             desc="Steps",
             disable=not accelerator.is_local_main_process,
         )
-        while self.global_step < self.max_train_steps:
-            logs = self._optimizer_step()
-            self.global_step += 1
-            progress.update(1)
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=self.global_step)
-            if self.global_step % config.checkpointing_steps == 0:
-                self.save_checkpoint()
-            if config.validation_prompt and self.global_step % validation_every == 0:
-                self._validate()
+        with stop_requests() as stop:
+            while self.global_step < self.max_train_steps:
+                logs = self._optimizer_step()
+                self.global_step += 1
+                progress.update(1)
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=self.global_step)
+                if self.global_step % config.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if config.validation_prompt and self.global_step % validation_every == 0:
+                    self._validate()
+                if self._stop_requested(stop):
+                    progress.close()
+                    self._stop(stop)
         progress.close()
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process got a stop signal; with several processes, all of them agree on the step."""
+        if self.accelerator.num_processes == 1:
+            return bool(stop)
+        if stop:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    def _stop(self, stop: StopRequest) -> None:
+        """Save a checkpoint of the finished step (unless one was just saved), then raise `TrainingInterrupted`."""
+        if self.global_step % self.config.checkpointing_steps == 0:
+            saved = checkpoints.list_checkpoints(self.config.output_dir)[-1:] or [None]
+            checkpoint = saved[0]
+        else:
+            checkpoint = self.save_checkpoint()
+        self.accelerator.end_training()
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.global_step, checkpoint)
 
     def _optimizer_step(self) -> dict[str, float]:
         """One optimizer step: `gradient_accumulation_steps` micro-batches, then the update."""
@@ -404,16 +431,33 @@ class DreamBoothTrainer:
             with accelerator.accumulate(*trained):
                 losses = self._micro_step(self.global_step * config.gradient_accumulation_steps + micro)
                 accelerator.backward(losses.loss)
+                # One host sync per micro-step: the loss values for the logs, checked before the update is applied.
+                values = self._loss_values(losses)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(self.trained_parameters, config.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        logs = {"loss": losses.loss.detach().item(), "lr": self.lr_scheduler.get_last_lr()[0]}
-        if config.with_prior_preservation:
-            logs["instance_loss"] = losses.instance_loss.detach().item()
-            logs["prior_loss"] = losses.prior_loss.detach().item()
-        return logs
+        return {**values, "lr": self.lr_scheduler.get_last_lr()[0]}
+
+    def _loss_values(self, losses) -> dict[str, float]:
+        """The micro-step's losses (averaged over processes) as floats; stop on a NaN or infinite loss."""
+        parts = [losses.loss]
+        if self.config.with_prior_preservation:
+            parts += [losses.instance_loss, losses.prior_loss]
+        stacked = torch.stack([part.detach().float() for part in parts])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        values = dict(zip(("loss", "instance_loss", "prior_loss"), stacked.tolist()))
+        if not math.isfinite(values["loss"]):
+            last = checkpoints.list_checkpoints(self.config.output_dir)[-1:]
+            raise NonFiniteLossError(
+                f"The loss became {values['loss']} at step {self.global_step + 1}; stopping before applying it."
+                f" The latest checkpoint, saved before that step, is {last[0] if last else 'none (none saved yet)'}."
+                " Lower `--learning_rate`, keep `--max_grad_norm` on, or use bf16 instead of fp16, then resume with"
+                " `--resume_from_checkpoint latest`."
+            )
+        return values
 
     def _micro_step(self, micro_step: int):
         """Loss of this process's slice of global micro-batch `micro_step`."""
@@ -497,6 +541,7 @@ class DreamBoothTrainer:
         accelerator, config = self.accelerator, self.config
         saved = None
         if accelerator.is_main_process:
+            check_free_space(config.output_dir, self._checkpoint_bytes(), f"checkpoint-{self.global_step}")
             checkpoints.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
             temporary = checkpoints.temporary_checkpoint_dir(config.output_dir, self.global_step)
             accelerator.save_state(str(temporary))
@@ -505,6 +550,20 @@ class DreamBoothTrainer:
             logger.info("Saved %s", saved)
         accelerator.wait_for_everyone()
         return saved
+
+    def _checkpoint_bytes(self) -> int:
+        """A generous estimate of one checkpoint's size: trained weights plus two optimizer moments, plus 10%."""
+        weights = sum(p.numel() * p.element_size() for p in self.trained_parameters)
+        if self.config.adapter == "full":
+            weights = sum(p.numel() * p.element_size() for m in self.trained.values() for p in m.parameters())
+        return int(weights * 3 * 1.1)
+
+    def _final_bytes(self) -> int:
+        """The final save's size: the adapter weights for LoRA, every pipeline module for a full fine-tune."""
+        if self.config.adapter == "lora":
+            return sum(p.numel() * p.element_size() for p in self.trained_parameters)
+        modules = [m for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
     def _validate(self) -> None:
         if not self.accelerator.is_main_process:
@@ -525,6 +584,7 @@ class DreamBoothTrainer:
             return
         output_dir = Path(config.output_dir)
         modules = {name: accelerator.unwrap_model(model) for name, model in self.prepared.items()}
+        check_free_space(output_dir, self._final_bytes(), "the trained subject")
         if config.adapter == "lora":
             self.family.save_lora_weights(str(output_dir), modules)
             if config.output_kohya_format:

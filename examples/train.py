@@ -10,6 +10,7 @@ import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import parse_config
+from diffusers_dreambooth.safeguards import TrainingInterrupted
 from diffusers_dreambooth.toy import toy_dreambooth_config
 
 
@@ -20,7 +21,11 @@ def main() -> None:
         config = toy_dreambooth_config()
     else:
         config = parse_config()
-    DreamBoothTrainer(config).train()
+    try:
+        DreamBoothTrainer(config).train()
+    except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint is saved; exit as the signal would
+        logging.warning("%s", stop)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""What keeps a long run from losing work: stop requests (Ctrl-C, SIGTERM), a non-finite loss, a full disk.
+
+A signal does not kill the run mid-step: the trainer finishes the step, saves a checkpoint, and raises
+`TrainingInterrupted`, so `--resume_from_checkpoint latest` continues exactly where it stopped. A second Ctrl-C stops
+at once (the last complete checkpoint stays whole: checkpoints are written under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Signals that ask a run to save a checkpoint and stop: Ctrl-C, and what job schedulers send before killing a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a stop signal once the run's checkpoint is saved; `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint saved"
+        super().__init__(
+            f"Stopped by {signal.Signals(signum).name} after step {step}; {where}."
+            " Run the same command with `--resume_from_checkpoint latest` to continue."
+        )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; nothing of that step was applied and nothing after it is saved."""
+
+
+class StopRequest:
+    """Records the first stop signal received; a second one raises `KeyboardInterrupt` to stop immediately."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: stopping without a checkpoint.")
+        self.signum = signum
+        logger.warning(
+            "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once).",
+            signal.Signals(signum).name,
+        )
+
+
+@contextlib.contextmanager
+def stop_requests(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Catch `signals` while the block runs, into the yielded `StopRequest`; restore the old handlers after.
+
+    Signal handlers can only be set from the main thread; elsewhere (a notebook's worker thread, say) the signals
+    keep their usual effect.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {signum: signal.signal(signum, request._handle) for signum in signals}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def check_free_space(directory: str | Path, needed_bytes: int, purpose: str) -> None:
+    """Raise `OSError` before writing `purpose` to `directory` if its disk has less than `needed_bytes` free."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise OSError(
+            f"Not enough free disk space for {purpose} in `{directory}`: {_gigabytes(free)} free, about"
+            f" {_gigabytes(needed_bytes)} needed. Free some space (or remove old checkpoints), or choose another"
+            " `--output_dir` / `--class_data_dir`."
+        )
+
+
+def _gigabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:.2f} GB"

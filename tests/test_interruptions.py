@@ -1,0 +1,179 @@
+"""Faults injected into real runs (issue #5): SIGKILL at any moment, Ctrl-C and SIGTERM, a NaN loss, a full disk.
+
+The kill tests start `examples/train.py` as a real process on the tiny pipeline, stop it once it has saved a
+checkpoint (or some class images), run the same command again, and compare with a run that was never stopped.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_dreambooth import DreamBoothTrainer
+from diffusers_dreambooth.checkpoints import list_checkpoints
+from diffusers_dreambooth.safeguards import NonFiniteLossError, StopRequest, check_free_space, stop_requests
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+#: One thread in every child, so a resumed run computes bit for bit what an unbroken one does.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def train_flags(pipeline_dir, instance_dir, output_dir, *extra: str) -> list[str]:
+    return [
+        f"--pretrained_model_name_or_path={pipeline_dir}",
+        f"--instance_data_dir={instance_dir}",
+        f"--output_dir={output_dir}",
+        "--instance_prompt=a photo of sks dog",
+        f"--resolution={TINY_RESOLUTION}",
+        "--train_batch_size=2",
+        "--learning_rate=1e-3",
+        "--lr_scheduler=linear",
+        "--lr_warmup_steps=0",
+        "--seed=0",
+        "--report_to=none",
+        "--num_validation_images=0",
+        *extra,
+    ]
+
+
+def start(flags: list[str]) -> subprocess.Popen:
+    command = [sys.executable, str(TRAIN_SCRIPT), *flags]
+    return subprocess.Popen(command, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(flags: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *flags], env=CHILD_ENV, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def stop_when(process: subprocess.Popen, ready, signum: int, timeout: float = 300) -> tuple[int, str]:
+    """Send `signum` to `process` as soon as `ready()` holds; return its exit code and stderr."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the run ended before it could be stopped:\n{process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the run never got to the point where it is stopped"
+        time.sleep(0.005)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
+TRAINING_STEPS = ["--max_train_steps=80", "--checkpointing_steps=1", "--checkpoints_total_limit=3"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_weights(pipeline_dirs, tmp_path_factory):
+    """The final UNet of the run that the interrupted runs repeat, never stopped."""
+    root = tmp_path_factory.mktemp("unbroken")
+    instance_dir = write_subject_images(root / "instance")
+    run(train_flags(pipeline_dirs["sd"], instance_dir, root / "out", *TRAINING_STEPS))
+    return instance_dir, load_file(root / "out" / UNET_WEIGHTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stopped_run_resumes_to_the_weights_of_an_unbroken_one(pipeline_dirs, unbroken_weights, tmp_path, signum):
+    instance_dir, expected = unbroken_weights
+    out = tmp_path / "out"
+    flags = train_flags(pipeline_dirs["sd"], instance_dir, out, *TRAINING_STEPS)
+
+    code, stderr = stop_when(start(flags), lambda: (out / "checkpoint-3").is_dir(), signum)
+
+    saved = list_checkpoints(out)
+    assert saved, stderr[-3000:]
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 3 <= stopped_at < 80
+    if signum == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # the step in progress finished and was saved, and the process said how to go on
+        assert code == 128 + signum, stderr[-3000:]
+        assert f"Stopped by {signum.name} after step {stopped_at}" in stderr
+        assert "--resume_from_checkpoint latest" in stderr
+        assert not list(out.glob(".checkpoint-*"))
+    assert not (out / "model_index.json").exists()
+
+    run(flags + ["--resume_from_checkpoint=latest"])
+    resumed = load_file(out / UNET_WEIGHTS)
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-78", "checkpoint-79", "checkpoint-80"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_class_image_generation_killed_and_rerun_writes_each_image_once(pipeline_dirs, instance_dir, tmp_path):
+    count = 120
+    class_flags = [
+        "--with_prior_preservation",
+        "--class_prompt=a photo of dog",
+        f"--num_class_images={count}",
+        "--prior_generation_steps=10",
+        "--sample_batch_size=4",
+        "--max_train_steps=1",
+    ]
+    unbroken_dir, killed_dir = tmp_path / "unbroken_class", tmp_path / "class"
+    pipeline_dir = pipeline_dirs["sd"]
+    run(train_flags(pipeline_dir, instance_dir, tmp_path / "a", f"--class_data_dir={unbroken_dir}", *class_flags))
+
+    flags = train_flags(pipeline_dir, instance_dir, tmp_path / "b", f"--class_data_dir={killed_dir}", *class_flags)
+    code, _ = stop_when(start(flags), lambda: len(list(killed_dir.glob("class_*.png"))) >= 10, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert len(list(killed_dir.glob("class_*.png"))) < count
+    run(flags)
+
+    names = sorted(path.name for path in killed_dir.iterdir() if not path.name.startswith("."))
+    assert names == [f"class_{index:05d}.png" for index in range(count)]
+    for name in names:
+        killed = np.asarray(Image.open(killed_dir / name).convert("RGB"), dtype=np.int16)
+        unbroken = np.asarray(Image.open(unbroken_dir / name).convert("RGB"), dtype=np.int16)
+        # A batch that restarts at another index rounds floats differently: at most one 8-bit level apart.
+        assert np.abs(killed - unbroken).max() <= 1, name
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_earlier_checkpoints(pipeline_dirs, instance_dir, tmp_path):
+    # An absurd learning rate sends the weights to infinity after one update, so step 2's loss is NaN.
+    config = tiny_config(
+        pipeline_dirs["sd"],
+        instance_dir,
+        tmp_path / "out",
+        learning_rate=1e30,
+        lr_scheduler="constant",
+        max_train_steps=6,
+        checkpointing_steps=1,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 2; stopping before applying it") as error:
+        DreamBoothTrainer(config).train()
+    assert "checkpoint-1" in str(error.value)
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-1"]
+    assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_stop_requests_catch_the_first_signal_and_stop_at_once_on_the_second():
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop_requests() as stop:
+        assert isinstance(stop, StopRequest) and not stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_free_space_check_names_the_folder_and_the_sizes(tmp_path):
+    check_free_space(tmp_path, 1, "a checkpoint")
+    with pytest.raises(OSError, match=r"Not enough free disk space for a checkpoint in `.*missing`: .* GB free"):
+        check_free_space(tmp_path / "missing", 10**18, "a checkpoint")
