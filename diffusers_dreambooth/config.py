@@ -37,9 +37,9 @@ LR_SCHEDULERS = (
 )
 
 
-def _option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field whose one-line help becomes the CLI help."""
-    return field(default=default, metadata={"help": help, **kwargs})
+def _option(default: Any, help: str, *, repr: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field whose one-line help becomes the CLI help; `repr=False` keeps it out of the config's repr."""
+    return field(default=default, repr=repr, metadata={"help": help, **kwargs})
 
 
 @dataclass
@@ -72,6 +72,11 @@ class DreamBoothConfig:
     tokenizer_name: str | None = _option(None, "Tokenizer to use instead of the base pipeline's own.")
     pretrained_vae_model_name_or_path: str | None = _option(
         None, "VAE to use instead of the base pipeline's (e.g. an fp16-safe SDXL VAE)."
+    )
+    allow_pickle: bool = _option(
+        False,
+        "Also load base-model weights stored as pickle (`.bin`/`.ckpt`), which can run code when loaded; only for"
+        " files you trust. Default: safetensors only.",
     )
     adapter: Literal["full", "lora"] = _option(
         "full", "What is trained: `full` fine-tunes the denoiser's weights, `lora` trains PEFT LoRA adapters."
@@ -229,7 +234,7 @@ class DreamBoothConfig:
 
     # Hub
     push_to_hub: bool = _option(False, "Push the trained subject to the Hub.")
-    hub_token: str | None = _option(None, "Hub token; never written to any file or log.")
+    hub_token: str | None = _option(None, "Hub token; never written to any file or log.", repr=False)
     hub_model_id: str | None = _option(None, "Hub repo id to push to; default: the output_dir's name.")
 
     # Diffusers options of other families or features, parsed so drop-in commands fail clearly.

@@ -18,6 +18,7 @@ from accelerate.state import PartialState
 
 from .config import CONFIG_NAME, DreamBoothConfig
 from .families import DreamBoothFamily
+from .model_card import is_hub_id
 from .subject import Subject, prompt_words
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     different run raises on every process; the prompt warnings are logged by the main process only.
     """
     check_output_dir(config)
+    check_push_target(config, config.pretrained_model_name_or_path or family.pipeline.name_or_path)
     if not PartialState().is_main_process:
         return
     if config.instance_prompt and config.instance_prompt.strip():
@@ -40,6 +42,17 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
         check_class_noun(config, subject)
         check_identifier_tokens(subject.identifier, family)
     check_prompt_lengths(config, family)
+
+
+def check_push_target(config: DreamBoothConfig, base_model: str | None) -> None:
+    """Raise before training if `--push_to_hub` of a LoRA subject would fail at the end: its base model must be on
+    the Hub for anyone to load the adapter."""
+    if config.push_to_hub and config.adapter == "lora" and not is_hub_id(str(base_model or "")):
+        raise ValueError(
+            f"`--push_to_hub` with `--adapter lora`: the base model `{base_model}` is a local folder, so nobody could"
+            " load the pushed adapter. Push the base model to the Hub and train from its repo id, or leave out"
+            " `--push_to_hub`."
+        )
 
 
 def check_output_dir(config: DreamBoothConfig) -> None:

@@ -69,9 +69,11 @@ class DreamBoothPipeline:
         """Load a trained subject from a local folder or a Hub repo id, whatever its training mode.
 
         A full fine-tune loads as the pipeline it is; a LoRA subject loads its recorded base model (or `base_model`)
-        and applies the adapter. Other keyword arguments go to `DiffusionPipeline.from_pretrained`.
+        and applies the adapter. Other keyword arguments go to `DiffusionPipeline.from_pretrained`; weights load from
+        safetensors only unless `use_safetensors=None` is passed (pickle files can run code when loaded).
         """
         source = str(pretrained_model_name_or_path)
+        kwargs.setdefault("use_safetensors", True)
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
         metadata = SubjectMetadata.from_json_file(_subject_file(source, **hub))
         if metadata.adapter == "full":

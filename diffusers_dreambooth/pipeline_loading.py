@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
@@ -19,7 +22,10 @@ def diffusers_pipeline_class(cls: type) -> type:
 
 
 def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
-    """The base pipeline in float32 (trained weights start in full precision), with optional VAE/tokenizer swaps."""
+    """The base pipeline in float32 (trained weights start in full precision), with optional VAE/tokenizer swaps.
+
+    Weights load from safetensors only unless `config.allow_pickle`; a failure says in one line what was found.
+    """
     source = config.pretrained_model_name_or_path
     if not source:
         raise ValueError("`--pretrained_model_name_or_path` is required: a Hub repo id or a local diffusers folder.")
@@ -29,22 +35,53 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             f"`--pretrained_model_name_or_path={source}` is a folder without `model_index.json`, so not a diffusers"
             " pipeline. Point it at a folder written by `save_pretrained` (or a Hub repo id)."
         )
+    use_safetensors = None if config.allow_pickle else True
     overrides = {}
     if config.pretrained_vae_model_name_or_path:
-        overrides["vae"] = AutoencoderKL.from_pretrained(
-            config.pretrained_vae_model_name_or_path, revision=config.revision, cache_dir=config.cache_dir
-        )
+        with _readable_load_errors("pretrained_vae_model_name_or_path", config.pretrained_vae_model_name_or_path):
+            overrides["vae"] = AutoencoderKL.from_pretrained(
+                config.pretrained_vae_model_name_or_path,
+                revision=config.revision,
+                cache_dir=config.cache_dir,
+                use_safetensors=use_safetensors,
+            )
     if config.tokenizer_name:
         from transformers import AutoTokenizer
 
         overrides["tokenizer"] = AutoTokenizer.from_pretrained(
             config.tokenizer_name, revision=config.revision, cache_dir=config.cache_dir
         )
-    return DiffusionPipeline.from_pretrained(
-        source,
-        revision=config.revision,
-        variant=config.variant,
-        cache_dir=config.cache_dir,
-        torch_dtype=torch.float32,
-        **overrides,
-    )
+    with _readable_load_errors("pretrained_model_name_or_path", source):
+        return DiffusionPipeline.from_pretrained(
+            source,
+            revision=config.revision,
+            variant=config.variant,
+            cache_dir=config.cache_dir,
+            torch_dtype=torch.float32,
+            use_safetensors=use_safetensors,
+            **overrides,
+        )
+
+
+@contextlib.contextmanager
+def _readable_load_errors(option: str, source: str) -> Iterator[None]:
+    """Turn the loaders' multi-line `OSError`s into one line naming the option, what was found and what to do."""
+    try:
+        yield
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "safetensors" in reason:
+            hint = (
+                "Its weights are only in pickle files (`.bin`), which can run code when loaded: convert them to"
+                " safetensors, or pass `--allow_pickle` if you trust them."
+            )
+        elif not Path(source).exists() and huggingface_hub.is_offline_mode():
+            hint = (
+                "It is not a local folder and the Hub is offline (HF_HUB_OFFLINE): download it first where the Hub"
+                f" is reachable (`hf download {source}`), or pass a local diffusers folder."
+            )
+        elif not Path(source).exists():
+            hint = "It is not a local folder; check the Hub repo id (and `--revision`), your network and your token."
+        else:
+            hint = "Point it at a folder written by `save_pretrained`."
+        raise OSError(f"Could not load `--{option}={source}`: {reason} {hint}") from error

@@ -115,3 +115,36 @@ np.save({str(tmp_path / "trained.npy")!r}, generate(lambda prompt, **kw: pipe(pr
     assert pulled["card"]["base_model"] == "user/tiny-sd"
     assert pulled["card"]["license"] == "openrail"  # inherited from the base model's card
     assert {"lora", "dreambooth", "stable-diffusion"} <= set(pulled["card"]["tags"])
+
+
+@pytest.mark.slow
+def test_the_token_never_reaches_a_file_a_log_line_or_a_checkpoint(hub, pipeline_dirs, instance_dir, tmp_path):
+    output_dir, log_file = tmp_path / "out", tmp_path / "train.log"
+    train_and_push = f"""
+import logging
+logging.basicConfig(filename={str(log_file)!r}, level=logging.DEBUG)
+from huggingface_hub import create_repo, upload_folder
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+create_repo("user/tiny-sd")
+upload_folder(repo_id="user/tiny-sd", folder_path={pipeline_dirs["sd"]!r})
+config = DreamBoothConfig(
+    pretrained_model_name_or_path="user/tiny-sd", instance_data_dir={str(instance_dir)!r},
+    instance_prompt="a photo of sks dog", output_dir={str(output_dir)!r}, adapter="lora", rank=4,
+    resolution={TINY_RESOLUTION}, train_batch_size=1, max_train_steps=2, checkpointing_steps=1, seed=0,
+    num_validation_images=1, validation_inference_steps=2, validation_prompt="a photo of sks dog",
+    validation_steps=1, report_to="none", push_to_hub=True, hub_model_id="user/sks-dog-token",
+    hub_token={hub.token!r},
+)
+logging.getLogger("test").info("config: %s", config)
+DreamBoothTrainer(config).train()
+"""
+    run_client(hub, tmp_path / "home_train", train_and_push)  # the token is also in HF_TOKEN
+
+    written = [path for path in output_dir.rglob("*") if path.is_file()] + [log_file]
+    assert any(path.name == "optimizer.bin" for path in written) and log_file.stat().st_size > 0
+    leaks = [str(path) for path in written if hub.token.encode() in path.read_bytes()]
+    assert not leaks
+    download = "from huggingface_hub import hf_hub_download as get\n"
+    download += "result = open(get('user/sks-dog-token', 'README.md')).read()"
+    pulled = run_client(hub, tmp_path / "home_pull", download)
+    assert "sks dog" in pulled and hub.token not in pulled

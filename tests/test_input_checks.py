@@ -226,3 +226,67 @@ def test_unreadable_saved_config_warns_and_passes(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="diffusers_dreambooth"):
         check_output_dir(tiny_config("model", tmp_path, tmp_path, resume_from_checkpoint="latest"))
     assert "Could not read" in caplog.text
+
+
+# Model paths: one line that says what was found and what is expected
+
+
+def test_a_folder_that_is_not_a_pipeline_fails(instance_dir, tmp_path):
+    (tmp_path / "weights").mkdir()
+    config = tiny_config(tmp_path / "weights", instance_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"is a folder without `model_index.json`, so not a diffusers pipeline"):
+        DreamBoothTrainer(config).train()
+
+
+def test_a_pipeline_of_an_unsupported_family_fails_naming_the_supported_ones(instance_dir, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    config = tiny_config(tmp_path / "ddpm", instance_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"does not support `DDPMPipeline`\. Supported pipelines: .*StableDiffusion"):
+        DreamBoothTrainer(config).train()
+
+
+def test_a_hub_id_while_offline_says_to_download_it_first(instance_dir, tmp_path):
+    config = tiny_config("some-org/not-cached-model", instance_dir, tmp_path / "out", cache_dir=str(tmp_path))
+    with pytest.raises(
+        OSError, match=r"^Could not load `--pretrained_model_name_or_path=some-org/not-cached-model`: "
+    ):
+        DreamBoothTrainer(config).train()
+    with pytest.raises(OSError, match=r"the Hub is offline \(HF_HUB_OFFLINE\).*hf download some-org/not-cached-mod"):
+        DreamBoothTrainer(config).train()
+
+
+@pytest.fixture
+def pickled_pipeline_dir(pipeline_dirs, tmp_path):
+    """The tiny SD pipeline with its UNet saved only as a pickle `.bin` file."""
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+    pipeline.save_pretrained(tmp_path / "pickled")
+    unet_dir = tmp_path / "pickled" / "unet"
+    pipeline.unet.save_pretrained(unet_dir, safe_serialization=False)
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    return tmp_path / "pickled"
+
+
+def test_pickle_weights_are_refused_unless_allowed(pickled_pipeline_dir, instance_dir, tmp_path):
+    config = tiny_config(pickled_pipeline_dir, instance_dir, tmp_path / "out", max_train_steps=1)
+    with pytest.raises(OSError, match=r"only in pickle files \(`\.bin`\).*pass `--allow_pickle` if you trust them"):
+        DreamBoothTrainer(config).train()
+    allowed = tiny_config(pickled_pipeline_dir, instance_dir, tmp_path / "out", max_train_steps=1, allow_pickle=True)
+    DreamBoothTrainer(allowed).train()
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_pushing_a_lora_of_a_local_base_model_fails_before_training(pipeline_dirs, instance_dir, tmp_path):
+    config = tiny_config(
+        pipeline_dirs["sd"], instance_dir, tmp_path / "out", adapter="lora", push_to_hub=True, hub_model_id="u/r"
+    )
+    with pytest.raises(ValueError, match=r"`--push_to_hub` with `--adapter lora`: the base model `.*` is a local"):
+        DreamBoothTrainer(config).train()
+    assert (
+        not list_checkpoints(tmp_path / "out") and not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    )
