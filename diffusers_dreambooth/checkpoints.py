@@ -4,7 +4,7 @@ A full fine-tune's checkpoint holds `unet/` (and `text_encoder/` when trained) a
 `UNet2DConditionModel.from_pretrained("out/checkpoint-500/unet")` works for inference; a LoRA checkpoint holds
 `pytorch_lora_weights.safetensors` for `load_lora_weights`. Beside them, accelerate's optimizer, scheduler and RNG
 state, and `trainer_state.json`. A checkpoint is written under a temporary name and renamed when complete, so
-`latest` never picks a partial one.
+`latest` never picks a partial one. The final outputs are staged the same way (`final_staging_dir`, `publish_final`).
 """
 
 from __future__ import annotations
@@ -104,6 +104,31 @@ def publish_checkpoint(temporary: Path, step: int, state: dict) -> Path:
         _remove_atomically(final)
     os.replace(temporary, final)
     return final
+
+
+def final_staging_dir(output_dir: str | Path) -> Path:
+    """An empty folder in `output_dir` where the final outputs are written before `publish_final` moves them in."""
+    path = Path(output_dir) / ".final.partial"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_final(staging: Path, output_dir: str | Path, last: str) -> None:
+    """Move every entry of `staging` into `output_dir`, replacing older ones, with `last` (the file whose presence
+    says the outputs are complete) moved after all others; then remove `staging`.
+
+    Each move is a rename, so a crash leaves every file either old or new, never half written.
+    """
+    output_dir = Path(output_dir)
+    entries = sorted(staging.iterdir(), key=lambda path: path.name == last)
+    for entry in entries:
+        destination = output_dir / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            _remove_atomically(destination)
+        os.replace(entry, destination)
+    staging.rmdir()
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

@@ -46,7 +46,7 @@ from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
 from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
-from .subject import Subject, SubjectMetadata, fill_subject
+from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
 from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
@@ -585,20 +585,23 @@ class DreamBoothTrainer:
         output_dir = Path(config.output_dir)
         modules = {name: accelerator.unwrap_model(model) for name, model in self.prepared.items()}
         check_free_space(output_dir, self._final_bytes(), "the trained subject")
+        # Written aside, then renamed into place: a run killed here leaves the old outputs or the new, not a mix.
+        staging = checkpoints.final_staging_dir(output_dir)
         if config.adapter == "lora":
-            self.family.save_lora_weights(str(output_dir), modules)
+            self.family.save_lora_weights(str(staging), modules)
             if config.output_kohya_format:
-                export_kohya_lora(output_dir)
+                export_kohya_lora(staging)
         else:
-            self._save_full_pipeline(output_dir)
-        config.to_json_file(output_dir / CONFIG_NAME)
+            self._save_full_pipeline(staging)
+        config.to_json_file(staging / CONFIG_NAME)
         metadata = self.subject_metadata()
-        self._write_samples(output_dir, metadata)
+        self._write_samples(staging, metadata)
         if config.evaluate:
             metadata.evaluation = self._evaluate(metadata)
-        metadata.to_json_file(output_dir)
+        metadata.to_json_file(staging)
         repo_id = config.hub_model_id or output_dir.resolve().name
-        write_model_card(output_dir, metadata, repo_id, token=config.hub_token)
+        write_model_card(staging, metadata, repo_id, token=config.hub_token)
+        checkpoints.publish_final(staging, output_dir, last=SUBJECT_FILE_NAME)
         logger.info("Saved the trained subject to %s", output_dir)
         if config.push_to_hub:
             push_subject_folder(output_dir, repo_id, token=config.hub_token)

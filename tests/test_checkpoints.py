@@ -9,9 +9,11 @@ from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.checkpoints import (
     TRAINER_STATE_NAME,
     checkpoint_step,
+    final_staging_dir,
     list_checkpoints,
     prune_checkpoints,
     publish_checkpoint,
+    publish_final,
     read_trainer_state,
     resolve_checkpoint,
     temporary_checkpoint_dir,
@@ -188,3 +190,26 @@ def test_total_limit_holds_during_training_and_after_a_resume(pipeline_dirs, ins
     assert checkpoint_names(tmp_path / "out") == ["checkpoint-7", "checkpoint-8"]
     assert read_trainer_state(tmp_path / "out" / "checkpoint-8")["global_step"] == 8
     assert not [path for path in (tmp_path / "out").iterdir() if path.name.endswith(".partial")]
+
+
+def test_publish_final_replaces_old_outputs_and_removes_the_staging_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "old.safetensors").write_text("old")
+    (tmp_path / "dreambooth.json").write_text("old")
+    (tmp_path / "checkpoint-2").mkdir()
+    staging = final_staging_dir(tmp_path)
+    (staging / "unet").mkdir()
+    (staging / "unet" / "new.safetensors").write_text("new")
+    (staging / "dreambooth.json").write_text("new")
+
+    publish_final(staging, tmp_path, last="dreambooth.json")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "dreambooth.json", "unet"]
+    assert [p.name for p in (tmp_path / "unet").iterdir()] == ["new.safetensors"]
+    assert (tmp_path / "dreambooth.json").read_text() == "new"
+
+
+def test_final_staging_dir_clears_a_leftover_from_a_crash(tmp_path):
+    leftover = final_staging_dir(tmp_path)
+    (leftover / "model_index.json").write_text("half")
+    assert list(final_staging_dir(tmp_path).iterdir()) == []
