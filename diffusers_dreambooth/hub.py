@@ -15,7 +15,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, create_commit, creat
 
 from .kohya import KOHYA_WEIGHT_NAME
 from .model_card import is_hub_id, subject_card
-from .subject import SUBJECT_FILE_NAME, SubjectMetadata
+from .subject import SUBJECT_FILE_NAME, SubjectMetadata, check_relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ def subject_files(folder: Path, metadata: SubjectMetadata) -> list[Path]:
     else:
         model_index = json.loads((folder / "model_index.json").read_text())
         components = [name for name, value in model_index.items() if isinstance(value, list) and value[0]]
+        for name in components:
+            check_relative_path(name, "model_index.json")
         weights = [Path("model_index.json")]
         weights += [p.relative_to(folder) for name in components for p in sorted((folder / name).rglob("*"))]
     samples = [Path(name) for name in metadata.sample_images]

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 SUBJECT_FILE_NAME = "dreambooth.json"
@@ -68,6 +69,11 @@ class SubjectMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The file names come from a `dreambooth.json` that may have been downloaded: they must stay in its folder.
+        for name in [self.lora_weight_name, self.sample_grid, *self.sample_images]:
+            check_relative_path(name, SUBJECT_FILE_NAME)
+
     def to_json_file(self, directory: str | os.PathLike) -> str:
         path = os.path.join(directory, SUBJECT_FILE_NAME)
         with open(path, "w", encoding="utf-8") as f:
@@ -81,6 +87,18 @@ class SubjectMetadata:
             values = json.load(f)
         values["subjects"] = [Subject(**subject) for subject in values.get("subjects", [])]
         return cls(**values)
+
+
+def check_relative_path(name: str | None, source: str) -> None:
+    """Raise if `name` (a file name read from `source`) is absolute or climbs out of its folder with `..`."""
+    if name is None:
+        return
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or PureWindowsPath(name).drive or not path.parts:
+        raise ValueError(
+            f"`{source}` names the file `{name}`, which is outside its folder; only relative paths inside it are"
+            " allowed. The file was edited or comes from an untrusted source."
+        )
 
 
 def fill_subject(prompt: str, subjects: list[Subject]) -> str:

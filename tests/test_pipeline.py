@@ -8,7 +8,8 @@ from conftest import TINY_RESOLUTION, tiny_config
 from diffusers import DiffusionPipeline
 
 from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer, Subject
-from diffusers_dreambooth.subject import fill_subject
+from diffusers_dreambooth.hub import push_subject_folder, subject_files
+from diffusers_dreambooth.subject import SubjectMetadata, fill_subject
 
 
 def train(pipeline_dirs, instance_dir, output_dir, family="sd", **overrides):
@@ -97,3 +98,28 @@ def test_generation_arguments_reach_the_wrapped_pipeline(pipeline_dirs, instance
 def test_a_plain_pipeline_folder_is_not_a_subject(pipeline_dirs):
     with pytest.raises(ValueError, match="dreambooth.json"):
         DreamBoothPipeline.from_pretrained(pipeline_dirs["sd"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("sample_images", ["../../outside.png"]), ("lora_weight_name", "/etc/passwd"), ("sample_grid", "..\\grid.png")],
+)
+def test_file_names_from_an_edited_subject_file_cannot_leave_its_folder(
+    pipeline_dirs, instance_dir, tmp_path, field, value
+):
+    train(pipeline_dirs, instance_dir, tmp_path / "out", adapter="lora")
+    path = tmp_path / "out" / "dreambooth.json"
+    metadata = json.loads(path.read_text())
+    path.write_text(json.dumps({**metadata, field: value}))
+    with pytest.raises(ValueError, match=r"`dreambooth.json` names the file `.*`, which is outside its folder"):
+        DreamBoothPipeline.from_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="outside its folder"):
+        push_subject_folder(tmp_path / "out", "user/never-created")
+
+
+def test_component_names_from_an_edited_model_index_cannot_leave_the_folder(pipeline_dirs, instance_dir, tmp_path):
+    train(pipeline_dirs, instance_dir, tmp_path / "out", adapter="full")
+    path = tmp_path / "out" / "model_index.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "../..": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(ValueError, match=r"`model_index.json` names the file `../..`, which is outside its folder"):
+        subject_files(tmp_path / "out", SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json"))
