@@ -37,6 +37,10 @@ LR_SCHEDULERS = (
 )
 
 
+#: Scheduler class names for class, validation and sample images (`validation.SAMPLING_SCHEDULERS`), or `pipeline`.
+SamplingScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler", "DDIMScheduler", "pipeline"]
+
+
 def _option(default: Any, help: str, *, repr: bool = True, **kwargs: Any) -> Any:
     """A dataclass field whose one-line help becomes the CLI help; `repr=False` keeps it out of the config's repr."""
     return field(default=default, repr=repr, metadata={"help": help, **kwargs})
@@ -110,7 +114,12 @@ class DreamBoothConfig:
     prior_generation_precision: Literal["no", "fp32", "fp16", "bf16"] | None = _option(
         None, "Precision of class-image generation (autocast); default: fp16 on GPU, fp32 on CPU."
     )
-    prior_generation_steps: int = _option(50, "Denoising steps per generated class image.")
+    prior_generation_steps: int = _option(
+        25, "Denoising steps per class image (25 with DPM-Solver++; diffusers' scripts: 50 with the pipeline's own)."
+    )
+    prior_generation_scheduler: SamplingScheduler = _option(
+        "DPMSolverMultistepScheduler", "Scheduler of class-image generation; `pipeline` keeps the pipeline's own."
+    )
 
     # Images
     resolution: int | None = _option(
@@ -202,8 +211,8 @@ class DreamBoothConfig:
         None, "Run validation every N epochs (N x steps per epoch). Default: 50 for LoRA, as diffusers' LoRA scripts."
     )
     validation_inference_steps: int = _option(25, "Denoising steps of validation images.")
-    validation_scheduler: Literal["DPMSolverMultistepScheduler", "DDPMScheduler"] = _option(
-        "DPMSolverMultistepScheduler", "Scheduler used for validation images."
+    validation_scheduler: SamplingScheduler = _option(
+        "DPMSolverMultistepScheduler", "Scheduler of validation and sample images; `pipeline`: the pipeline's own."
     )
     guidance_scale: float | None = _option(
         None, "Classifier-free guidance of class, validation, sample and evaluation images; default: the pipeline's."

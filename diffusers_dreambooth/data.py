@@ -261,10 +261,17 @@ class TrainingOrder:
         self.num_class = num_class
         self.seed = seed
         self.length = max(num_instance, num_class)
+        self._permutations: dict[int, list[int]] = {}
 
-    def epoch_permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, salt=1))
-        return torch.randperm(self.length, generator=generator)
+    def epoch_permutation(self, epoch: int) -> list[int]:
+        """The order of epoch `epoch`'s items; the two latest epochs are kept, not drawn again at every step."""
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, salt=1))
+            self._permutations = {
+                **{e: p for e, p in self._permutations.items() if e == epoch - 1},
+                epoch: torch.randperm(self.length, generator=generator).tolist(),
+            }
+        return self._permutations[epoch]
 
     def items(self, batch_index: int, global_batch_size: int) -> list[int]:
         """Item ids of global batch number `batch_index`."""
@@ -272,7 +279,7 @@ class TrainingOrder:
         stop = start + global_batch_size
         items = []
         for epoch in range(start // self.length, math.ceil(stop / self.length)):
-            permutation = self.epoch_permutation(epoch).tolist()
+            permutation = self.epoch_permutation(epoch)
             lo = max(start - epoch * self.length, 0)
             hi = min(stop - epoch * self.length, self.length)
             items.extend(permutation[lo:hi])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .data import list_images, mix_seed
+from .validation import swapped_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def generate_class_images(
     num_processes: int = 1,
     missing: list[int] | None = None,
     guidance_scale: float | None = None,
+    scheduler: str = "pipeline",
 ) -> list[Path]:
     """Generate the missing class images with `pipeline` and return the paths this process wrote.
 
@@ -77,6 +80,10 @@ def generate_class_images(
         precision (`str`, *optional*): `fp16` or `bf16` runs generation under autocast; weights are unchanged.
             Unset: fp16 on CUDA, full precision elsewhere (diffusers' scripts' default).
         guidance_scale (`float`, *optional*): classifier-free guidance; unset, the pipeline's default.
+        scheduler (`str`, *optional*, defaults to `"pipeline"`): a scheduler class name of
+            `validation.SAMPLING_SCHEDULERS` to sample with (the trainer passes `--prior_generation_scheduler`).
+
+    A background thread encodes and writes each batch's PNGs while the next batch is generated.
     """
     class_data_dir = Path(class_data_dir)
     class_data_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +95,13 @@ def generate_class_images(
     logger.info("Generating %d class images for %r in %s", len(todo), class_prompt, class_data_dir)
     written = []
     device = pipeline.device
-    with _autocast(device, precision), _without_safety_checker(pipeline):
+    with (
+        _autocast(device, precision),
+        _without_safety_checker(pipeline),
+        swapped_scheduler(pipeline, scheduler),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-image-writer") as writer,
+    ):
+        pending = []
         for start in tqdm(range(0, len(todo), batch_size), desc="Generating class images", disable=process_index):
             indices = todo[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(mix_seed(seed, i, salt=3)) for i in indices]
@@ -100,8 +113,10 @@ def generate_class_images(
             ).images
             for index, image in zip(indices, images):
                 path = class_image_path(class_data_dir, index)
-                _save_atomically(image, path)
+                pending.append(writer.submit(_save_atomically, image, path))
                 written.append(path)
+        for future in pending:
+            future.result()  # re-raise a failed write here, naming nothing half-written
     return written
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -15,10 +17,26 @@ from .config import DreamBoothConfig
 
 logger = logging.getLogger(__name__)
 
-VALIDATION_SCHEDULERS = {
+#: Schedulers that class, validation and sample images can be drawn with, by class name; "pipeline" keeps its own.
+SAMPLING_SCHEDULERS = {
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
     "DDPMScheduler": DDPMScheduler,
+    "DDIMScheduler": DDIMScheduler,
 }
+
+
+@contextlib.contextmanager
+def swapped_scheduler(pipeline: DiffusionPipeline, name: str) -> Iterator[None]:
+    """Sample with the scheduler class `name` (from the pipeline's scheduler config) inside the block."""
+    if name == "pipeline":
+        yield
+        return
+    original = pipeline.scheduler
+    pipeline.scheduler = SAMPLING_SCHEDULERS[name].from_config(original.config)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
 
 
 @torch.no_grad()
@@ -39,15 +57,10 @@ def generate_validation_images(
     pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int, prompt: str | None = None
 ) -> list[Image.Image]:
     """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed."""
-    original_scheduler = pipeline.scheduler
-    scheduler_class = VALIDATION_SCHEDULERS[config.validation_scheduler]
-    pipeline.scheduler = scheduler_class.from_config(original_scheduler.config)
-    try:
+    with swapped_scheduler(pipeline, config.validation_scheduler):
         return generate_images(
             pipeline, config, [prompt or config.validation_prompt] * config.num_validation_images, seed
         )
-    finally:
-        pipeline.scheduler = original_scheduler
 
 
 def run_validation(

@@ -410,7 +410,7 @@ def test_training_order_covers_every_item_once_per_epoch():
     assert len(epochs) == 6
     assert all(sorted(epoch) == list(range(7)) for epoch in epochs)
     assert len({tuple(epoch) for epoch in epochs}) > 1
-    assert epochs[0] == order.epoch_permutation(0).tolist()
+    assert epochs[0] == order.epoch_permutation(0)
 
 
 def test_training_order_batch_straddling_an_epoch_boundary():
@@ -418,7 +418,7 @@ def test_training_order_batch_straddling_an_epoch_boundary():
 
     straddling = order.items(1, 3)  # items 3, 4, 5 of the stream: the last of epoch 0, two of epoch 1
 
-    assert straddling == order.epoch_permutation(0).tolist()[3:] + order.epoch_permutation(1).tolist()[:2]
+    assert straddling == order.epoch_permutation(0)[3:] + order.epoch_permutation(1)[:2]
 
 
 def test_training_order_batch_larger_than_an_epoch():

@@ -62,6 +62,7 @@ def toy_dreambooth_config(
         seed=0,
         report_to="none",
         prior_generation_steps=20,
+        prior_generation_scheduler="pipeline",  # DDIM, as the toy model is always sampled
         guidance_scale=4.0,
         num_validation_images=4,
         validation_inference_steps=20,
