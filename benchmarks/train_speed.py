@@ -415,9 +415,10 @@ class FloorStep:
     The inputs have the step's shapes (latents, timesteps, and text embeddings, or token ids through the text encoder
     when it is trained; twice the batch with prior preservation). The modules are those the trainer calls (LoRA
     adapters, gradient checkpointing, dtypes and accelerate's mixed-precision autocast as set up), stepped by the
-    trainer's own optimizer (the torch one inside accelerate's wrapper; its state is not allocated twice). Left out:
-    batch assembly, VAE encoding of random crops, noise and timestep sampling, gradient clipping, the learning-rate
-    schedule and fp16 loss scaling.
+    trainer's own optimizer (the torch one inside accelerate's wrapper; its state is not allocated twice), with the
+    run's gradient clipping when it clips (`torch.nn.utils.clip_grad_norm_`: asked-for work, not overhead). Left out:
+    batch assembly, VAE encoding of random crops, noise and timestep sampling, the learning-rate schedule and fp16
+    loss scaling.
     """
 
     def __init__(self, trainer: DreamBoothTrainer, seed: int) -> None:
@@ -426,6 +427,7 @@ class FloorStep:
         self.unet = trainer.prepared[family.denoiser_name]
         self.text_encoder = trainer.prepared.get(family.text_encoder_names[0])
         self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        self.max_grad_norm, self.parameters = config.max_grad_norm, trainer.trained_parameters
         self.batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
         size = config.resolution // family.vae_scale_factor
         self.latent_shape = (self.batch, family.vae.config.latent_channels, size, size)
@@ -459,6 +461,8 @@ class FloorStep:
             synchronize(self.device)
             forward = time.perf_counter() - start
         loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.device)
