@@ -134,6 +134,7 @@ NESTED = {"_validate": "validation", "_write_samples": "samples"}
 
 #: Options a `--matrix` run passes on to each setting's subprocess.
 PASSED_VALUES = (
+    "model_dir",
     "model",
     "cache_dir",
     "resolution",
@@ -314,7 +315,9 @@ def sd15_pipeline_dir(cache_dir: Path) -> Path:
 
 
 def model_dir(args: argparse.Namespace, work: Path) -> Path:
-    """The base pipeline folder of `--model`."""
+    """The base pipeline folder of `--model`, or `--model_dir` when given."""
+    if args.model_dir:
+        return Path(args.model_dir)
     if args.model == "sd15":
         return sd15_pipeline_dir(Path(args.cache_dir))
     if args.model == "toy":
@@ -887,6 +890,9 @@ def matrix_table(report: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "toy", "sd15"), default="tiny")
+    parser.add_argument(
+        "--model_dir", help="A pipeline folder to train instead of --model's (e.g. to time two versions of the code)."
+    )
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="Where the random SD 1.5 model is kept.")
     parser.add_argument("--adapter", choices=("full", "lora"), default="full")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")

@@ -74,10 +74,12 @@ class DreamBoothPipeline:
         """
         source = str(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)
+        # diffusers >= 0.42 names it `dtype` (and warns on `torch_dtype`); both are accepted here.
+        kwargs["dtype"] = kwargs.get("dtype") or torch_dtype
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
         metadata = SubjectMetadata.from_json_file(_subject_file(source, **hub))
         if metadata.adapter == "full":
-            pipeline = DiffusionPipeline.from_pretrained(source, torch_dtype=torch_dtype, **hub, **kwargs)
+            pipeline = DiffusionPipeline.from_pretrained(source, **hub, **kwargs)
             return cls(pipeline, metadata, source)
         base = base_model or metadata.base_model
         if not base:
@@ -86,7 +88,6 @@ class DreamBoothPipeline:
             )
         pipeline = DiffusionPipeline.from_pretrained(
             base,
-            torch_dtype=torch_dtype,
             revision=metadata.base_model_revision if base == metadata.base_model else None,
             variant=metadata.base_model_variant if base == metadata.base_model else None,
             token=token,

@@ -57,7 +57,7 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             revision=config.revision,
             variant=config.variant,
             cache_dir=config.cache_dir,
-            torch_dtype=torch.float32,
+            dtype=torch.float32,
             use_safetensors=use_safetensors,
             **overrides,
         )
