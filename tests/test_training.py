@@ -125,3 +125,20 @@ class TestStableDiffusionV(DreamBoothFamilyTester):
 
 class TestStableDiffusionXL(DreamBoothFamilyTester):
     family = "sdxl"
+
+
+def test_lora_optimizer_state_holds_only_the_adapters_and_the_base_stays_in_the_training_dtype(
+    pipeline_dirs, square_instance_dir, tmp_path
+):
+    config = tiny_config(
+        pipeline_dirs["sd"], square_instance_dir, tmp_path / "out", adapter="lora", rank=4, mixed_precision="bf16"
+    )
+    trainer = DreamBoothTrainer(config)
+    trainer.train()
+    trained = {id(p): name for name, p in trainer.family.denoiser.named_parameters() if p.requires_grad}
+    state = trainer.optimizer.optimizer.state
+    assert trained and {id(p) for p in state} == set(trained)
+    assert all("lora_" in name for name in trained.values())
+    assert {p.dtype for p in state} == {torch.float32}  # adapters train in float32 ...
+    frozen = {p.dtype for p in trainer.family.denoiser.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}  # ... on a frozen base held in the training dtype
