@@ -2,8 +2,8 @@
 
 Field names and meanings follow diffusers' `examples/dreambooth/train_dreambooth*.py`, so a command written for those
 scripts parses unchanged (`HfArgumentParser` turns the fields into flags). Those scripts' defaults differ by adapter
-and model family (learning rate 5e-6 for full fine-tuning, 5e-4 for SD LoRA, 1e-4 for SDXL LoRA, ...); such fields
-default to None here and take the matching diffusers script's value once the family is known (`with_defaults`).
+and model family (learning rate 5e-6 for full fine-tuning, 5e-4 for SD LoRA, 1e-4 for SDXL LoRA and SD3, ...); such
+fields default to None here and take the matching diffusers script's value once the family is known (`with_defaults`).
 Options that those scripts accept but this trainer does not implement are parsed, and rejected with a message naming
 them when set.
 """
@@ -39,6 +39,9 @@ LR_SCHEDULERS = (
 
 #: Scheduler class names for class, validation and sample images (`validation.SAMPLING_SCHEDULERS`), or `pipeline`.
 SamplingScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler", "DDIMScheduler", "pipeline"]
+
+#: Timestep densities and loss weightings of flow-matching training (`diffusers.training_utils`, SD3 paper Sec. 3.1).
+WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 
 def _option(default: Any, help: str, *, repr: bool = True, **kwargs: Any) -> Any:
@@ -123,12 +126,12 @@ class DreamBoothConfig:
 
     # Images
     resolution: int | None = _option(
-        None, "Training resolution; images are resized and cropped to it. Default: 512 (SD), 1024 (SDXL)."
+        None, "Training resolution; images are resized and cropped to it. Default: 512 (SD, SD3), 1024 (SDXL)."
     )
     center_crop: bool = _option(False, "Center-crop images instead of cropping at a random position.")
     random_flip: bool = _option(False, "Flip images horizontally at random.")
     image_interpolation_mode: Literal["bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"] | None = _option(
-        None, "Resampling filter used to resize images. Default: bilinear (full), lanczos (LoRA)."
+        None, "Resampling filter used to resize images. Default: bilinear (full, SD3), lanczos (SD/SDXL LoRA)."
     )
 
     # Training
@@ -148,7 +151,7 @@ class DreamBoothConfig:
     gradient_accumulation_steps: int = _option(1, "Micro-batches accumulated per optimizer step.")
     gradient_checkpointing: bool = _option(False, "Recompute activations in backward to save memory.")
     learning_rate: float | None = _option(
-        None, "Learning rate after warm-up. Default: 5e-6 (full), 5e-4 (SD LoRA), 1e-4 (SDXL LoRA)."
+        None, "Learning rate after warm-up. Default: 5e-6 (full), 5e-4 (SD LoRA), 1e-4 (SDXL LoRA, SD3)."
     )
     text_encoder_lr: float | None = _option(None, "Learning rate of the text encoder(s); default: learning_rate.")
     scale_lr: bool = _option(False, "Scale the learning rate by processes x batch size x gradient accumulation steps.")
@@ -161,7 +164,7 @@ class DreamBoothConfig:
     adam_beta1: float = _option(0.9, "Adam beta1.")
     adam_beta2: float = _option(0.999, "Adam beta2.")
     adam_weight_decay: float | None = _option(
-        None, "Weight decay of the denoiser's parameters. Default: 1e-2, 1e-4 for SDXL LoRA."
+        None, "Weight decay of the denoiser's parameters. Default: 1e-2, 1e-4 for SDXL LoRA and SD3."
     )
     adam_weight_decay_text_encoder: float = _option(1e-3, "Weight decay of the text encoder(s)' parameters.")
     adam_epsilon: float = _option(1e-8, "Adam epsilon.")
@@ -175,15 +178,28 @@ class DreamBoothConfig:
     )
     allow_tf32: bool = _option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     snr_gamma: float | None = _option(None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.")
+    weighting_scheme: WeightingScheme | None = _option(
+        None, "Flow matching (SD3): timestep density or loss weighting; default: logit_normal (diffusers SD3 scripts)."
+    )
+    logit_mean: float = _option(0.0, "Flow matching: mean of the `logit_normal` timestep density.")
+    logit_std: float = _option(1.0, "Flow matching: std of the `logit_normal` timestep density.")
+    mode_scale: float = _option(1.29, "Flow matching: scale of the `mode` timestep density.")
+    precondition_outputs: int | None = _option(
+        None, "Flow matching: 1 reads the prediction as a clean-latent estimate, regressed on the latents. Default: 1."
+    )
     offset_noise: bool = _option(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
     noise_offset: float = _option(0.1, "Scale of the offset noise when offset_noise is on.")
     pre_compute_text_embeddings: bool = _option(
         False, "Encode prompts once before training (always done when the text encoders are frozen)."
     )
     tokenizer_max_length: int | None = _option(None, "Tokenizer max length; default: the tokenizer's own.")
+    max_sequence_length: int | None = _option(None, "T5 tokens per prompt (SD3); default: 77, as in diffusers.")
     text_encoder_use_attention_mask: bool = _option(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = _option(True, "Free gradients with set_to_none (always on; kept for compatibility).")
     dataloader_num_workers: int = _option(0, "Accepted for compatibility; images are cached in memory instead.")
+    cache_latents: bool = _option(
+        False, "Accepted for compatibility; latents of images whose crop never changes are always cached."
+    )
     enable_xformers_memory_efficient_attention: bool = _option(
         False, "Use xFormers attention (needs xformers); PyTorch SDPA is used otherwise."
     )
@@ -196,10 +212,17 @@ class DreamBoothConfig:
     lora_target_modules: str | None = _option(
         None, "Comma-separated module names that get LoRA in the denoiser; default: the family's attention layers."
     )
+    lora_layers: str | None = _option(None, "Same as lora_target_modules (the name in diffusers' SD3 LoRA script).")
+    lora_blocks: str | None = _option(
+        None, "Comma-separated numbers of the transformer blocks that get LoRA (SD3), e.g. `12,30`; default: all."
+    )
     use_dora: bool = _option(False, "Train DoRA (weight-decomposed LoRA) instead of LoRA.")
 
     # Saving
     skip_save_text_encoder: bool = _option(False, "Do not save the trained text encoder in the final pipeline.")
+    upcast_before_saving: bool = _option(
+        False, "Accepted for compatibility; LoRA weights train, and are saved, in float32 whatever the precision."
+    )
 
     # Validation and logging
     validation_prompt: str | None = _option(None, "Prompt for validation images during training.")
@@ -340,6 +363,15 @@ class DreamBoothConfig:
             )
         if self.dataloader_num_workers:
             logger.warning("`--dataloader_num_workers` is ignored: images are decoded once and cached in memory.")
+        if self.cache_latents:
+            logger.warning(
+                "`--cache_latents` is ignored: latents are cached for images whose crop never changes (square images,"
+                " or `--center_crop` without `--random_flip`); random crops are encoded every step."
+            )
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"`--max_sequence_length` must be at least 1, got {self.max_sequence_length}.")
+        if self.logit_std <= 0:
+            raise ValueError(f"`--logit_std` must be positive, got {self.logit_std}.")
 
     def _check_mixed_precision(self) -> None:
         """Fail now, not after the model loads, when this machine's PyTorch cannot run the requested precision."""
@@ -373,6 +405,17 @@ class DreamBoothConfig:
             )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`--lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_layers:
+            if self.lora_target_modules not in (None, self.lora_layers):
+                raise ValueError(
+                    f"Got both `--lora_layers={self.lora_layers}` and"
+                    f" `--lora_target_modules={self.lora_target_modules}`; they name the same option, pass only one."
+                )
+            self.lora_target_modules = self.lora_layers
+        if self.lora_blocks and not all(block.strip().isdigit() for block in self.lora_blocks.split(",")):
+            raise ValueError(
+                f"`--lora_blocks` takes comma-separated block numbers such as `12,30`, got `{self.lora_blocks}`."
+            )
 
     def _check_unsupported(self) -> None:
         unsupported = {

@@ -20,6 +20,7 @@ from .config import CONFIG_NAME, DreamBoothConfig
 from .families import DreamBoothFamily
 from .model_card import is_hub_id
 from .subject import Subject, prompt_words
+from .validation import sampling_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     """
     check_output_dir(config)
     check_push_target(config, config.pretrained_model_name_or_path or family.pipeline.name_or_path)
+    check_sampling_schedulers(config, family)
     if not PartialState().is_main_process:
         return
     if config.instance_prompt and config.instance_prompt.strip():
@@ -53,6 +55,12 @@ def check_push_target(config: DreamBoothConfig, base_model: str | None) -> None:
             " load the pushed adapter. Push the base model to the Hub and train from its repo id, or leave out"
             " `--push_to_hub`."
         )
+
+
+def check_sampling_schedulers(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
+    """Raise before training if the class-image or validation scheduler cannot sample the model (DDPM on SD3)."""
+    for name in {config.prior_generation_scheduler, config.validation_scheduler} - {"pipeline"}:
+        sampling_scheduler(name, family.pipeline.scheduler)
 
 
 def check_output_dir(config: DreamBoothConfig) -> None:
@@ -147,8 +155,8 @@ def check_identifier_tokens(identifier: str, family: DreamBoothFamily) -> None:
 def check_prompt_lengths(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     """Warn about prompts longer than a tokenizer's maximum length (special tokens included): they are truncated.
 
-    Training prompts are cut to `--tokenizer_max_length` (default: the tokenizer's `model_max_length`); the
-    validation prompt goes through the pipeline, which cuts it to `model_max_length`.
+    Training prompts are cut to the family's `token_limits`: `--tokenizer_max_length` (default: the tokenizer's
+    `model_max_length`), `--max_sequence_length` for SD3's T5. The validation prompt goes through the pipeline.
     """
     prompts = {
         "instance_prompt": (config.instance_prompt, config.tokenizer_max_length),
@@ -159,8 +167,8 @@ def check_prompt_lengths(config: DreamBoothConfig, family: DreamBoothFamily) -> 
         if not prompt:
             continue
         too_long, dropped = [], None
-        for name, tokenizer in zip(family.tokenizer_names, family.tokenizers):
-            limit = max_length or tokenizer.model_max_length
+        limits = family.token_limits(max_length)
+        for name, tokenizer, limit in zip(family.tokenizer_names, family.tokenizers, limits):
             length = len(tokenizer(prompt)["input_ids"])
             if length > limit:
                 too_long.append(f"`{name}` counts {length} tokens and keeps {limit}")

@@ -103,6 +103,7 @@ class DreamBoothTrainer:
         self.pipeline.set_progress_bar_config(disable=True)
         self.family = family_for_pipeline(self.pipeline)
         self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
+        self.family.configure(config)
         self._check_resolution()
         check_inputs(config, self.family)
 
@@ -180,11 +181,12 @@ class DreamBoothTrainer:
         return seeds[0]
 
     def _check_resolution(self) -> None:
-        factor = self.family.vae_scale_factor
+        factor = self.family.resolution_multiple
         if self.config.resolution % factor:
             raise ValueError(
-                f"`--resolution={self.config.resolution}` must be a multiple of the VAE's downsampling factor"
-                f" {factor} for this model; try {self.config.resolution // factor * factor or factor}."
+                f"`--resolution={self.config.resolution}` must be a multiple of {factor} for this model (the VAE's"
+                " downsampling factor, times the patch size of a transformer denoiser);"
+                f" try {self.config.resolution // factor * factor or factor}."
             )
 
     def _load_images(self) -> None:
@@ -219,7 +221,8 @@ class DreamBoothTrainer:
                 module.requires_grad_(False)
         self.trained = {family.denoiser_name: family.denoiser}
         if config.train_text_encoder:
-            self.trained.update(zip(family.text_encoder_names, family.text_encoders))
+            names = family.trained_text_encoder_names(config.adapter)
+            self.trained.update((name, getattr(self.pipeline, name)) for name in names)
         if config.adapter == "lora":
             self._add_lora_adapters()
         else:
@@ -245,9 +248,7 @@ class DreamBoothTrainer:
     def _add_lora_adapters(self) -> None:
         """PEFT adapters in float32 on a frozen base kept in its own dtype, or in the mixed-precision dtype if set."""
         config, family = self.config, self.family
-        targets = family.denoiser_lora_target_modules
-        if config.lora_target_modules:
-            targets = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
+        targets = family.denoiser_lora_targets(config)
         cast_to = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
         for name, module in self.trained.items():
             is_denoiser = name == family.denoiser_name

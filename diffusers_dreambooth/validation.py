@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, SchedulerMixin
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -25,14 +25,40 @@ SAMPLING_SCHEDULERS = {
 }
 
 
+def is_flow_matching(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler` samples a flow-matching model (SD3's `FlowMatchEulerDiscreteScheduler`, ...)."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def sampling_scheduler(name: str, scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The scheduler class `name`, configured from the pipeline's `scheduler`.
+
+    A flow-matching model gets DPM-Solver++ in its flow mode, with the model's timestep shift; DDPM and DDIM cannot
+    sample it and raise.
+    """
+    if not is_flow_matching(scheduler):
+        return SAMPLING_SCHEDULERS[name].from_config(scheduler.config)
+    if name != "DPMSolverMultistepScheduler":
+        raise ValueError(
+            f"`{name}` cannot sample a flow-matching model (its scheduler is `{type(scheduler).__name__}`); pass"
+            " `DPMSolverMultistepScheduler` or `pipeline` as `--validation_scheduler`/`--prior_generation_scheduler`."
+        )
+    return DPMSolverMultistepScheduler.from_config(
+        scheduler.config,
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=scheduler.config.get("shift", 1.0),
+    )
+
+
 @contextlib.contextmanager
 def swapped_scheduler(pipeline: DiffusionPipeline, name: str) -> Iterator[None]:
-    """Sample with the scheduler class `name` (from the pipeline's scheduler config) inside the block."""
+    """Sample with the scheduler class `name` (`sampling_scheduler`, or the pipeline's own) inside the block."""
     if name == "pipeline":
         yield
         return
     original = pipeline.scheduler
-    pipeline.scheduler = SAMPLING_SCHEDULERS[name].from_config(original.config)
+    pipeline.scheduler = sampling_scheduler(name, original)
     try:
         yield
     finally:

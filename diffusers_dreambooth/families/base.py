@@ -7,14 +7,23 @@ encoded, how the noisy input and the regression target are built, and which modu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from peft.utils import get_peft_model_state_dict
 
 from ..losses import snr_loss_weights
+
+if TYPE_CHECKING:
+    from ..config import DreamBoothConfig
+
+logger = logging.getLogger(__name__)
+
+#: Options of flow-matching families (SD3) that DDPM families ignore; unset (None) unless given or defaulted.
+FLOW_MATCHING_OPTIONS = ("weighting_scheme", "precondition_outputs", "max_sequence_length")
 
 
 @dataclass
@@ -42,6 +51,8 @@ class DreamBoothFamily:
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     denoiser_lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder_lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: The training copy of the pipeline's scheduler, built from its config (the pipeline's own keeps sampling).
+    noise_scheduler_class: ClassVar[type[SchedulerMixin]] = DDPMScheduler
     #: Defaults of options left unset (None), per adapter: those of diffusers' script for this family and mode.
     option_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "full": {
@@ -60,7 +71,22 @@ class DreamBoothFamily:
 
     def __init__(self, pipeline: DiffusionPipeline) -> None:
         self.pipeline = pipeline
-        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.noise_scheduler = self.noise_scheduler_class.from_config(pipeline.scheduler.config)
+
+    def configure(self, config: DreamBoothConfig) -> None:
+        """Take the run's options that this family's objective depends on; raise on options it cannot train with.
+
+        The trainer calls it once the family's defaults are in `config`, before any image is generated or encoded.
+        """
+        if config.lora_blocks:
+            raise ValueError(
+                f"`--lora_blocks` numbers the transformer blocks of SD3-style models; {self.name} has a"
+                f" `{self.denoiser_name}`. Choose its layers with `--lora_target_modules` instead."
+            )
+        ignored = [f"`--{name}`" for name in FLOW_MATCHING_OPTIONS if getattr(config, name) is not None]
+        if ignored:
+            names = ", ".join(ignored)
+            logger.warning("%s ignored: flow-matching options (SD3) do not apply to %s.", names, self.name)
 
     # Components
 
@@ -85,22 +111,29 @@ class DreamBoothFamily:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def resolution_multiple(self) -> int:
+        """What the training resolution must be a multiple of: the pixel size of one latent (or one latent patch)."""
+        return self.vae_scale_factor
+
+    def trained_text_encoder_names(self, adapter: str) -> tuple[str, ...]:
+        """The text encoders that `--train_text_encoder` trains with this adapter (`full` or `lora`): all of them."""
+        return self.text_encoder_names
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
     # Prompts
 
+    def token_limits(self, max_length: int | None = None) -> list[int]:
+        """The length each tokenizer's ids are padded and truncated to: `max_length`, or the tokenizer's own."""
+        return [max_length or tokenizer.model_max_length for tokenizer in self.tokenizers]
+
     def tokenize(self, prompts: list[str], max_length: int | None = None) -> list[torch.Tensor]:
-        """Token ids of `prompts` for each tokenizer, padded to the tokenizer's (or the given) max length."""
+        """Token ids of `prompts` for each tokenizer, padded to its `token_limits`."""
         return [
-            tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=max_length or tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            for tokenizer in self.tokenizers
+            tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+            for tokenizer, limit in zip(self.tokenizers, self.token_limits(max_length))
         ]
 
     def encode_prompt(self, token_ids: list[torch.Tensor], text_encoders: list[torch.nn.Module]) -> dict:
@@ -162,13 +195,20 @@ class DreamBoothFamily:
 
     # LoRA
 
+    def denoiser_lora_targets(self, config: DreamBoothConfig) -> list[str]:
+        """Module names that get LoRA in the denoiser: `--lora_target_modules`, else the family's attention layers."""
+        if config.lora_target_modules:
+            return [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+        return list(self.denoiser_lora_target_modules)
+
     def save_lora_weights(self, directory: str, modules: dict[str, torch.nn.Module]) -> None:
         """Write `pytorch_lora_weights.safetensors` with diffusers' `save_lora_weights`, for `load_lora_weights`.
 
         Keys keep PEFT's names (`unet.<module>.lora_A.weight`), as diffusers' SD3 and Flux scripts save them; every
         diffusers LoRA loader reads them, and resuming loads them back without conversion.
 
-        `modules` maps pipeline attribute names (`unet`, `text_encoder`, ...) to the modules holding PEFT adapters.
+        `modules` maps pipeline attribute names (`unet` or `transformer`, `text_encoder`, ...) to the modules holding
+        PEFT adapters; each becomes the `{name}_lora_layers` argument of the pipeline's `save_lora_weights`.
         """
         kwargs = {}
         for name, module in modules.items():
