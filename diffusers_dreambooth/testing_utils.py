@@ -1,12 +1,14 @@
-"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL) pipelines for tests.
+"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL / 3) pipelines for tests.
 
 Everything is built from configs with random weights under fixed seeds; nothing is downloaded. The CLIP tokenizer is a
-byte-level BPE learnt locally on a small corpus of prompt-like sentences.
+byte-level BPE learnt locally on a small corpus of prompt-like sentences; SD3's T5 tokenizer is a Unigram model whose
+pieces are that corpus's words.
 """
 
 import contextlib
 import itertools
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -19,12 +21,23 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from tokenizers import Regex, normalizers, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 __all__ = [
     "BOS_TOKEN",
@@ -34,13 +47,15 @@ __all__ = [
     "EOS_TOKEN",
     "PipelineFamily",
     "build_clip_tokenizer",
+    "build_t5_tokenizer",
     "get_dummy_pipeline",
+    "get_dummy_sd3_components",
     "get_dummy_sd_components",
     "get_dummy_sdxl_components",
     "save_dummy_pipeline",
 ]
 
-PipelineFamily = Literal["sd", "sd2", "sdxl"]
+PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3"]
 _FAMILIES: tuple[str, ...] = get_args(PipelineFamily)
 
 BOS_TOKEN = "<|startoftext|>"
@@ -57,6 +72,16 @@ _TEXT_PROJECTION_DIM = 32
 _ADDITION_TIME_EMBED_DIM = 8
 _NUM_TIME_IDS = 6
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# SD3: two CLIP encoders of different widths (as CLIP-L and CLIP-G) whose concatenation (80) is zero-padded to T5's
+# width (96), 16 latent channels, and 2x2 patches.
+_SD3_CLIP_HIDDEN_SIZES = (32, 48)
+_SD3_T5_HIDDEN_SIZE = 96
+_SD3_LATENT_CHANNELS = 16
+_SD3_PATCH_SIZE = 2
+_T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+# Characters every prompt may use beyond the corpus's own: single-character pieces, so no text maps to <unk>.
+_T5_FALLBACK_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/{}<>"
 
 # Same normalisation and pre-tokenisation as transformers' CLIP tokenizer.
 _CLIP_SPLIT_PATTERN = (
@@ -244,6 +269,27 @@ def build_clip_tokenizer(
     return CLIPTokenizer.from_pretrained(save_directory)
 
 
+def build_t5_tokenizer(
+    save_directory: str | os.PathLike, corpus: Iterable[str] | None = None, model_max_length: int = 77
+) -> T5TokenizerFast:
+    """Build a T5 (SentencePiece Unigram) tokenizer on `corpus`, save it and load it back.
+
+    Each word of the corpus is one piece `▁word`, scored by its log frequency; single characters are costly fallback
+    pieces, so any text tokenizes. Ids follow T5's layout: `<pad>` 0, `</s>` 1, `<unk>` 2, and no sentinel tokens.
+    """
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    counts = Counter(word for text in (DEFAULT_CORPUS if corpus is None else corpus) for word in text.split())
+    total = sum(counts.values())
+    characters = sorted(set("".join(counts)) | set(_T5_FALLBACK_CHARACTERS))
+    vocab = [(token, 0.0) for token in _T5_SPECIAL_TOKENS]
+    vocab += [(f"▁{word}", math.log(count / total)) for word, count in sorted(counts.items())]
+    vocab += [(piece, -20.0) for piece in ("▁", *characters)]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(save_directory)
+    return T5TokenizerFast.from_pretrained(save_directory)
+
+
 def _load_or_build_tokenizer(tokenizer_dir: str | os.PathLike) -> CLIPTokenizer:
     """Load the tokenizer saved in `tokenizer_dir`, building the default one there first if it is missing."""
     if any((Path(tokenizer_dir) / name).is_file() for name in _SAVED_TOKENIZER_MARKERS):
@@ -278,8 +324,8 @@ def _clip_text_config(tokenizer: CLIPTokenizer, hidden_act: str) -> CLIPTextConf
     )
 
 
-def _dummy_vae(seed: int, scaling_factor: float) -> AutoencoderKL:
-    """Return a two-block AutoencoderKL (4 latent channels, 2x downsampling) initialised under `seed`."""
+def _dummy_vae(seed: int, scaling_factor: float, latent_channels: int = 4, **options: Any) -> AutoencoderKL:
+    """Return a two-block AutoencoderKL (2x downsampling) initialised under `seed`; `options` go to its config."""
     with _seeded(seed):
         return AutoencoderKL(
             block_out_channels=(8, 16),
@@ -287,10 +333,11 @@ def _dummy_vae(seed: int, scaling_factor: float) -> AutoencoderKL:
             out_channels=3,
             down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
+            latent_channels=latent_channels,
             norm_num_groups=4,
             sample_size=DUMMY_IMAGE_SIZE,
             scaling_factor=scaling_factor,
+            **options,
         ).eval()
 
 
@@ -393,18 +440,100 @@ def get_dummy_sdxl_components(tokenizer_dir: str | os.PathLike, seed: int = 0) -
     }
 
 
+def get_dummy_sd3_components(
+    tokenizer_dir: str | os.PathLike, t5_tokenizer_dir: str | os.PathLike, seed: int = 0
+) -> dict[str, Any]:
+    """Return tiny `StableDiffusion3Pipeline` components: a two-block 2x2-patch transformer, two CLIP encoders of
+    different widths sharing one local tokenizer, a T5 encoder with a local tokenizer, and a 16-channel VAE."""
+    tokenizer = _load_or_build_tokenizer(tokenizer_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if any((Path(t5_tokenizer_dir) / name).is_file() for name in _SAVED_TOKENIZER_MARKERS):
+        tokenizer_3 = T5TokenizerFast.from_pretrained(t5_tokenizer_dir)
+    else:
+        tokenizer_3 = build_t5_tokenizer(t5_tokenizer_dir)
+
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=DUMMY_LATENT_SIZE,
+            patch_size=_SD3_PATCH_SIZE,
+            in_channels=_SD3_LATENT_CHANNELS,
+            out_channels=_SD3_LATENT_CHANNELS,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=_SD3_T5_HIDDEN_SIZE,
+            caption_projection_dim=32,
+            pooled_projection_dim=sum(_SD3_CLIP_HIDDEN_SIZES),
+            pos_embed_max_size=DUMMY_LATENT_SIZE // _SD3_PATCH_SIZE,
+        ).eval()
+    text_encoders = []
+    for hidden_size in _SD3_CLIP_HIDDEN_SIZES:
+        config = clip_text_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_act="gelu",
+            layer_norm_eps=1e-05,
+            projection_dim=hidden_size,
+        )
+        with _seeded(seed):
+            text_encoders.append(CLIPTextModelWithProjection(config).eval())
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_3),
+        d_model=_SD3_T5_HIDDEN_SIZE,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer_3.pad_token_id,
+        eos_token_id=tokenizer_3.eos_token_id,
+        decoder_start_token_id=tokenizer_3.pad_token_id,
+    )
+    with _seeded(seed):
+        text_encoder_3 = T5EncoderModel(t5_config).eval()
+    vae = _dummy_vae(
+        seed,
+        scaling_factor=1.5035,
+        latent_channels=_SD3_LATENT_CHANNELS,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "vae": vae,
+        "text_encoder": text_encoders[0],
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoders[1],
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": text_encoder_3,
+        "tokenizer_3": tokenizer_3,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def get_dummy_pipeline(
     family: PipelineFamily,
     tmp_dir: str | os.PathLike,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build the tokenizer under `tmp_dir/"tokenizer"` and return a tiny pipeline of the given family."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+    """Build the tokenizer(s) under `tmp_dir` and return a tiny pipeline of the given family."""
     if family not in _FAMILIES:
         raise ValueError(f"Unknown pipeline family {family!r}; expected one of {_FAMILIES}.")
     tokenizer_dir = Path(tmp_dir) / "tokenizer"
     build_clip_tokenizer(tokenizer_dir)
-    if family == "sdxl":
+    if family == "sd3":
+        t5_tokenizer_dir = Path(tmp_dir) / "tokenizer_3"
+        build_t5_tokenizer(t5_tokenizer_dir)
+        pipe = StableDiffusion3Pipeline(**get_dummy_sd3_components(tokenizer_dir, t5_tokenizer_dir, seed=seed))
+    elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**get_dummy_sdxl_components(tokenizer_dir, seed=seed), add_watermarker=False)
     else:
         prediction_type = "v_prediction" if family == "sd2" else "epsilon"

@@ -1,4 +1,4 @@
-"""Write a tiny randomly initialised pipeline (SD 1.x, SD 2.x v-prediction or SDXL) to try the trainer offline.
+"""Write a tiny randomly initialised pipeline (SD 1.x, SD 2.x v-prediction, SDXL or SD3) to try the trainer offline.
 
 `python examples/make_tiny_pipeline.py --family sd --output tiny-sd` writes a `save_pretrained` folder of a few hundred
 kilobytes, built from configs with a locally trained tokenizer: nothing is downloaded. Its images are noise (the
@@ -6,13 +6,14 @@ weights are random); it exercises every code path at 32x32 pixels in seconds.
 """
 
 import argparse
+from typing import get_args
 
-from diffusers_dreambooth.testing_utils import save_dummy_pipeline
+from diffusers_dreambooth.testing_utils import PipelineFamily, save_dummy_pipeline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["sd", "sd2", "sdxl"], default="sd", help="Pipeline layout to build.")
+    parser.add_argument("--family", choices=get_args(PipelineFamily), default="sd", help="Pipeline layout to build.")
     parser.add_argument("--output", required=True, help="Folder to write the pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     args = parser.parse_args()

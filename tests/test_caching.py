@@ -16,9 +16,10 @@ def count_forward_calls(modules: dict) -> dict[str, list]:
 
 def train_counting(pipeline_dirs, family, images, tmp_path, **options):
     pipe = DiffusionPipeline.from_pretrained(pipeline_dirs[family])
-    watched = {"vae_encoder": pipe.vae.encoder, "text_encoder": pipe.text_encoder}
-    if family == "sdxl":
-        watched["text_encoder_2"] = pipe.text_encoder_2
+    watched = {"vae_encoder": pipe.vae.encoder}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            watched[name] = getattr(pipe, name)
     calls = count_forward_calls(watched)
     train_dreambooth(
         pipe,
@@ -37,12 +38,12 @@ def train_counting(pipeline_dirs, family, images, tmp_path, **options):
     return {name: len(hits) for name, hits in calls.items()}
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_fixed_crops_and_frozen_text_encoders_are_encoded_once(pipeline_dirs, square_instance_dir, tmp_path, family):
     calls = train_counting(pipeline_dirs, family, square_instance_dir, tmp_path)
-    # Four images in one VAE batch; one text-encoder call for the one prompt.
+    # Four images in one VAE batch; one call of each text encoder for the one prompt.
     assert calls.pop("vae_encoder") == 1
-    assert set(calls.values()) == {1}
+    assert calls == {name: 1 for name in calls} and len(calls) == {"sd": 1, "sdxl": 2, "sd3": 3}[family]
 
 
 def test_random_crops_are_encoded_every_step(pipeline_dirs, instance_dir, tmp_path):

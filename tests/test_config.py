@@ -7,6 +7,7 @@ import pytest
 from diffusers_dreambooth import DreamBoothConfig
 from diffusers_dreambooth.cli import build_parser, parse_config
 from diffusers_dreambooth.families.stable_diffusion import StableDiffusionFamily
+from diffusers_dreambooth.families.stable_diffusion_3 import StableDiffusion3Family
 from diffusers_dreambooth.families.stable_diffusion_xl import StableDiffusionXLFamily
 
 # Every flag of diffusers' train_dreambooth.py, train_dreambooth_lora.py and train_dreambooth_lora_sdxl.py
@@ -27,6 +28,41 @@ caption_column repeats do_edm_style_training output_kohya_format random_flip tex
 prodigy_beta3 prodigy_decouple adam_weight_decay_text_encoder prodigy_use_bias_correction prodigy_safeguard_warmup
 use_dora
 """.split()
+
+# The flags diffusers' train_dreambooth_sd3.py and train_dreambooth_lora_sd3.py add to those above.
+DIFFUSERS_SD3_FLAGS = """
+max_sequence_length weighting_scheme logit_mean logit_std mode_scale precondition_outputs lora_layers lora_blocks
+cache_latents upcast_before_saving
+""".split()
+
+# The LoRA command of diffusers' README_sd3.md (minus --push_to_hub and --report_to, bf16 for fp16), with
+# --adapter lora and the SD3 scripts' own flags at values other than their defaults.
+SD3_README_COMMAND = [
+    "--adapter=lora",
+    "--pretrained_model_name_or_path=stabilityai/stable-diffusion-3-medium-diffusers",
+    "--instance_data_dir=dog",
+    "--output_dir=trained-sd3-lora",
+    "--mixed_precision=bf16",
+    "--instance_prompt=a photo of sks dog",
+    "--resolution=512",
+    "--train_batch_size=1",
+    "--gradient_accumulation_steps=4",
+    "--learning_rate=4e-4",
+    "--lr_scheduler=constant",
+    "--lr_warmup_steps=0",
+    "--max_train_steps=500",
+    "--validation_prompt=A photo of sks dog in a bucket",
+    "--validation_epochs=25",
+    "--seed=0",
+    "--weighting_scheme=mode",
+    "--mode_scale=1.1",
+    "--precondition_outputs=0",
+    "--max_sequence_length=128",
+    "--cache_latents",
+    "--upcast_before_saving",
+    "--lora_layers=attn.to_k,attn.to_q,attn.to_v,attn.to_out.0",
+    "--lora_blocks=0,12",
+]
 
 # The command from diffusers' DreamBooth README ("Training with prior-preservation loss"), minus --push_to_hub.
 README_COMMAND = [
@@ -53,8 +89,27 @@ MINIMAL = ["--instance_data_dir", "dog", "--instance_prompt", "a photo of sks do
 
 def test_every_diffusers_flag_is_an_option():
     known = {option for action in build_parser()._actions for option in action.option_strings}
-    missing = [flag for flag in DIFFUSERS_FLAGS if f"--{flag}" not in known]
+    missing = [flag for flag in DIFFUSERS_FLAGS + DIFFUSERS_SD3_FLAGS if f"--{flag}" not in known]
     assert not missing
+
+
+def test_sd3_readme_command_parses_unchanged():
+    config = parse_config(SD3_README_COMMAND)
+    assert (config.weighting_scheme, config.mode_scale, config.precondition_outputs) == ("mode", 1.1, 0)
+    assert config.max_sequence_length == 128 and config.cache_latents and config.upcast_before_saving
+    assert config.lora_target_modules == "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0"
+    assert (config.lora_blocks, config.learning_rate) == ("0,12", 4e-4)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_sd3_defaults_follow_diffusers_sd3_scripts(adapter):
+    config = parse_config(MINIMAL + ["--adapter", adapter])
+    assert (config.weighting_scheme, config.precondition_outputs, config.max_sequence_length) == (None, None, None)
+    sd3 = config.with_defaults(StableDiffusion3Family.option_defaults[adapter])
+    assert (sd3.learning_rate, sd3.text_encoder_lr, sd3.adam_weight_decay) == (1e-4, 5e-6, 1e-4)
+    assert (sd3.resolution, sd3.image_interpolation_mode) == (512, "bilinear")
+    assert (sd3.weighting_scheme, sd3.precondition_outputs, sd3.max_sequence_length) == ("logit_normal", 1, 77)
+    assert (sd3.logit_mean, sd3.logit_std, sd3.mode_scale) == (0.0, 1.0, 1.29)
 
 
 def test_diffusers_readme_command_parses_unchanged():
@@ -115,6 +170,10 @@ def test_unknown_flag_exits_naming_it(capsys):
         (["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
         (["--do_edm_style_training"], "--do_edm_style_training"),
         (["--dataset_name", "some/dataset"], "--dataset_name"),
+        (["--adapter", "lora", "--lora_layers", "to_q", "--lora_target_modules", "to_k"], "--lora_layers"),
+        (["--adapter", "lora", "--lora_blocks", "12;30"], "--lora_blocks"),
+        (["--weighting_scheme", "uniform"], "--weighting_scheme"),
+        (["--max_sequence_length", "0"], "--max_sequence_length"),
     ],
 )
 def test_conflicting_options_fail_with_their_names(flags, message, capsys):

@@ -1,4 +1,4 @@
-"""End-to-end training on tiny SD 1.x, SD 2.x (v-prediction) and SDXL pipelines, full and LoRA.
+"""End-to-end training on tiny SD 1.x, SD 2.x (v-prediction), SDXL and SD3 pipelines, full and LoRA.
 
 One tester class holds the assertions; a subclass per family sets only attributes (as diffusers' pipeline tests do).
 """
@@ -9,10 +9,12 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_config
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.checkpoints import list_checkpoints
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -22,6 +24,15 @@ def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict, after: dict, keys=None) -> set[str]:
     keys = before.keys() if keys is None else keys
     return {k for k in keys if not torch.equal(before[k].float(), after[k].float())}
+
+
+def denoiser_name(pipeline) -> str:
+    return family_for_pipeline(pipeline).denoiser_name
+
+
+def text_encoders(pipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders by attribute name (SD3's T5 only when the pipeline has one)."""
+    return {name: getattr(pipeline, name) for name in TEXT_ENCODER_NAMES if getattr(pipeline, name, None) is not None}
 
 
 def generate(pipeline, prompt: str = "a photo of sks dog") -> torch.Tensor:
@@ -35,6 +46,8 @@ class DreamBoothFamilyTester:
     """Assertions every family must pass; subclasses set `family`."""
 
     family: str
+    #: Denoiser modules whose LoRA gets no gradient by the model's design, so whose `lora_B` stays zero.
+    lora_modules_without_gradient: tuple[str, ...] = ()
 
     def config(self, pipeline_dirs, instance_dir, tmp_path, **overrides) -> DreamBoothConfig:
         options = {"train_batch_size": 2, "max_train_steps": 4, "checkpointing_steps": 2, **overrides}
@@ -52,10 +65,13 @@ class DreamBoothFamilyTester:
         )
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
+        name = denoiser_name(base)
+        denoiser = getattr(pipeline, name)
 
-        assert len(changed(state_of(base.unet), state_of(pipeline.unet))) > 0.9 * len(base.unet.state_dict())
+        assert len(changed(state_of(getattr(base, name)), state_of(denoiser))) > 0.9 * len(denoiser.state_dict())
         assert not changed(state_of(base.vae), state_of(pipeline.vae))
-        assert not changed(state_of(base.text_encoder), state_of(pipeline.text_encoder))
+        for encoder_name, encoder in text_encoders(base).items():
+            assert not changed(state_of(encoder), state_of(getattr(pipeline, encoder_name))), encoder_name
         # The output is a plain diffusers pipeline folder that reproduces the trained pipeline's images.
         model_index = json.loads((tmp_path / "out" / "model_index.json").read_text())
         assert model_index["_class_name"] == type(base).__name__
@@ -64,35 +80,37 @@ class DreamBoothFamilyTester:
         assert not torch.allclose(generate(base), generate(pipeline), atol=1e-4)
         saved_config = json.loads((tmp_path / "out" / "dreambooth_config.json").read_text())
         assert saved_config["instance_prompt"] == "a photo of sks dog"
-        # diffusers' README: a checkpoint's unet folder loads for inference.
-        unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "checkpoint-4" / "unet")
-        assert not changed(state_of(unet), state_of(pipeline.unet))
+        # diffusers' README: a checkpoint's unet (transformer) folder loads for inference.
+        checkpointed = type(denoiser).from_pretrained(tmp_path / "out" / "checkpoint-4" / name)
+        assert not changed(state_of(checkpointed), state_of(denoiser))
 
     def test_train_text_encoder_updates_every_text_encoder(self, pipeline_dirs, instance_dir, tmp_path):
         config = self.config(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, max_train_steps=2)
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
-        for name in ("text_encoder", "text_encoder_2"):
-            if hasattr(base, name) and getattr(base, name) is not None:
-                assert changed(state_of(getattr(base, name)), state_of(getattr(pipeline, name))), name
+        for name, encoder in text_encoders(base).items():
+            assert changed(state_of(encoder), state_of(getattr(pipeline, name))), name
         assert not changed(state_of(base.vae), state_of(pipeline.vae))
 
     def test_lora_trains_adapters_and_loads_in_plain_diffusers(self, pipeline_dirs, instance_dir, tmp_path):
         config = self.config(pipeline_dirs, instance_dir, tmp_path, adapter="lora", rank=4, train_text_encoder=True)
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
+        name = denoiser_name(base)
 
-        trained_unet = state_of(pipeline.unet)
-        base_keys = [k for k in trained_unet if "lora_" not in k]
-        lora_keys = [k for k in trained_unet if "lora_B" in k]
+        trained_denoiser = state_of(getattr(pipeline, name))
+        base_keys = [k for k in trained_denoiser if "lora_" not in k]
+        lora_keys = [k for k in trained_denoiser if "lora_B" in k]
         assert lora_keys
         # PEFT wraps base layers (`to_q.weight` -> `to_q.base_layer.weight`): compare by original name.
-        original = state_of(base.unet)
-        assert all(torch.equal(original[k.replace(".base_layer", "")], trained_unet[k]) for k in base_keys)
-        assert all(trained_unet[k].abs().sum() > 0 for k in lora_keys)  # lora_B starts at zero
+        original = state_of(getattr(base, name))
+        assert all(torch.equal(original[k.replace(".base_layer", "")], trained_denoiser[k]) for k in base_keys)
+        # lora_B starts at zero, so it moved wherever the loss reaches it.
+        unchanged = {k.split(".lora_B")[0] for k in lora_keys if not trained_denoiser[k].abs().sum() > 0}
+        assert unchanged == set(self.lora_modules_without_gradient)
 
         assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
-        assert not (tmp_path / "out" / "unet").exists()
+        assert not (tmp_path / "out" / name).exists()
         plain = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         plain.load_lora_weights(tmp_path / "out")
         torch.testing.assert_close(generate(plain), generate(pipeline), atol=1e-5, rtol=0)
@@ -102,7 +120,8 @@ class DreamBoothFamilyTester:
     def test_resumed_run_matches_an_unbroken_one(self, pipeline_dirs, instance_dir, tmp_path, adapter):
         options = dict(adapter=adapter, max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear")
         unbroken = DreamBoothTrainer(self.config(pipeline_dirs, instance_dir, tmp_path, **options)).train()
-        expected = state_of(unbroken.unet)
+        name = denoiser_name(unbroken)
+        expected = state_of(getattr(unbroken, name))
 
         # Simulate a run that died after its step-2 checkpoint: only checkpoint-2 is left.
         out = tmp_path / "out"
@@ -111,7 +130,7 @@ class DreamBoothFamilyTester:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         config = self.config(pipeline_dirs, instance_dir, tmp_path, resume_from_checkpoint="latest", **options)
         resumed = DreamBoothTrainer(config).train()
-        assert not changed(expected, state_of(resumed.unet))
+        assert not changed(expected, state_of(getattr(resumed, name)))
         assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -125,6 +144,12 @@ class TestStableDiffusionV(DreamBoothFamilyTester):
 
 class TestStableDiffusionXL(DreamBoothFamilyTester):
     family = "sdxl"
+
+
+class TestStableDiffusion3(DreamBoothFamilyTester):
+    family = "sd3"
+    # The last block's text-stream output is discarded (`context_pre_only`), so its text queries get no gradient.
+    lora_modules_without_gradient = ("transformer_blocks.1.attn.add_q_proj",)
 
 
 def test_lora_optimizer_state_holds_only_the_adapters_and_the_base_stays_in_the_training_dtype(

@@ -4,10 +4,11 @@ from diffusers import DiffusionPipeline
 
 from .base import DreamBoothFamily, ImageConditioning
 from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
 
 #: Supported families, in lookup order.
-FAMILIES: tuple[type[DreamBoothFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily)
+FAMILIES: tuple[type[DreamBoothFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
 
 
 def family_for_pipeline(pipeline: DiffusionPipeline) -> DreamBoothFamily:
