@@ -12,7 +12,12 @@ from .subject import SubjectMetadata
 
 TEMPLATE_NAME = "dreambooth.md"
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
-FAMILY_TAGS = {"stable-diffusion": "stable-diffusion", "stable-diffusion-xl": "stable-diffusion-xl"}
+#: Hub tags of each family's cards (SD3's as diffusers' SD3 scripts tag them).
+FAMILY_TAGS = {
+    "stable-diffusion": ("stable-diffusion",),
+    "stable-diffusion-xl": ("stable-diffusion-xl",),
+    "stable-diffusion-3": ("sd3", "sd3-diffusers"),
+}
 TRAINING_LABELS = {
     "max_train_steps": "steps",
     "learning_rate": "learning rate",
@@ -59,7 +64,7 @@ def render_model_card(
     base_model = metadata.base_model if is_hub_id(metadata.base_model) else None
     sample_images = sample_images or []
     sample_prompt = sample_prompt or subject.instance_prompt
-    tags = ["text-to-image", "diffusers", "dreambooth", FAMILY_TAGS.get(metadata.family, metadata.family)]
+    tags = ["text-to-image", "diffusers", "dreambooth", *FAMILY_TAGS.get(metadata.family, (metadata.family,))]
     if metadata.adapter == "lora":
         tags.append("lora")
     card_data = ModelCardData(
@@ -84,6 +89,7 @@ def render_model_card(
         base_model_md=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local base model",
         base_model_or_placeholder=base_model or "<base model>",
         mode_md=mode,
+        pipeline_class=metadata.pipeline_class,
         instance_prompt=subject.instance_prompt,
         sample_images=sample_images,
         sample_prompt=sample_prompt,

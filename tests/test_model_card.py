@@ -1,5 +1,6 @@
 """Model cards: golden renderings, Hub metadata, and no local path or token in what a run writes."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,19 @@ def test_card_metadata_is_what_the_hub_expects():
     assert {"dreambooth", "lora", "stable-diffusion-xl"} <= set(data["tags"])
     assert data["instance_prompt"] == "a photo of sks dog"
     assert [w["output"]["url"] for w in data["widget"]] == LORA_SDXL.sample_images
+
+
+def test_sd3_card_has_diffusers_sd3_tags_and_loads_with_its_pipeline_class():
+    metadata = dataclasses.replace(
+        LORA_SDXL,
+        family="stable-diffusion-3",
+        pipeline_class="StableDiffusion3Pipeline",
+        base_model="stabilityai/stable-diffusion-3-medium-diffusers",
+    )
+    card = str(render_model_card(metadata, "user/sks-dog"))
+    assert {"sd3", "sd3-diffusers", "lora"} <= set(ModelCard(card).data.to_dict()["tags"])
+    assert "from diffusers import StableDiffusion3Pipeline\n" in card
+    assert 'StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")' in card
 
 
 def test_a_local_base_model_path_never_reaches_the_card():
