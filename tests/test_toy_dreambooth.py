@@ -10,14 +10,21 @@ import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from diffusers_dreambooth import DreamBoothPipeline
+from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer
 from diffusers_dreambooth.toy import BASE_MODEL_DIR, CHECKER_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
 from diffusers_dreambooth.toy.checker import ToyChecker
-from diffusers_dreambooth.toy.metrics import generate, prior_accuracy
+from diffusers_dreambooth.toy.metrics import generate, prior_accuracy, subject_share
 from diffusers_dreambooth.toy.world import CLASS_PROMPT, SUBJECT_PROMPT
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 NUM_JUDGED = 32
+#: Bounds of the fast binding/drift check, below what the shipped model reaches on these seeds (RESULTS.md: binding
+#: 0.81, drift 0, class images still stars 0.78; without the prior loss drift is far above 0.5). A broken identifier
+#: binding gives 0, a broken prior loss the no-prior drift.
+BINDING_AT_LEAST = 0.6
+DRIFT_AT_MOST = 0.1
+NO_PRIOR_DRIFT_AT_LEAST = 0.5
+CLASS_STARS_AT_LEAST = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,10 @@ def test_toy_recipe_points_at_bundled_files():
 
 @pytest.mark.slow
 def test_base_model_draws_what_full_prompts_ask(checker):
-    """A regression guard at what the shipped model reaches (0.82; the toy-world issue's target is 0.95)."""
+    """Shape, colour and background all right on the 144 full prompts: 0.97 for the shipped model (target 0.95)."""
     base = DiffusionPipeline.from_pretrained(BASE_MODEL_DIR)
     base.set_progress_bar_config(disable=True)
-    assert prior_accuracy(base, checker) >= 0.8
+    assert prior_accuracy(base, checker) >= 0.95
 
 
 @pytest.mark.slow
@@ -58,9 +65,24 @@ def test_main_job_trains_the_bundled_subject_and_keeps_the_class(tmp_path, check
 
     trained = DreamBoothPipeline.from_pretrained(output_dir).pipeline
     trained.set_progress_bar_config(disable=True)
-    judgements = checker.judge(generate(trained, [CLASS_PROMPT] * NUM_JUDGED, seed=2))
-    assert sum(j.shape == "star" for j in judgements) / NUM_JUDGED >= 0.3  # the base model's own share is 0.34
-    # Training bound "sks star" to the photos' shape (0.75 of images are stars, the untrained model's 0.28); their
-    # 3 px stripes are finer than the toy VAE can encode, so the checker's is-subject share stays 0 (see RESULTS.md).
-    subject_images = generate(trained, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1)
-    assert sum(j.shape == "star" for j in checker.judge(subject_images)) / NUM_JUDGED >= 0.6
+    # Identifier binding and language drift, the paper's prior-preservation ablation in small (RESULTS.md).
+    assert subject_share(checker, generate(trained, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1)) >= BINDING_AT_LEAST
+    class_images = generate(trained, [CLASS_PROMPT] * NUM_JUDGED, seed=2)
+    assert subject_share(checker, class_images) <= DRIFT_AT_MOST
+    assert sum(j.shape == "star" for j in checker.judge(class_images)) / NUM_JUDGED >= CLASS_STARS_AT_LEAST
+
+
+@pytest.mark.slow
+def test_without_the_prior_loss_the_class_drifts_to_the_subject(tmp_path, checker):
+    """The control for the main job's drift bound: the same run without prior preservation draws the subject for
+    "a photo of a star", so the bound fails if the prior loss stops working."""
+    config = toy_dreambooth_config(
+        tmp_path / "no-prior",
+        with_prior_preservation=False,
+        evaluate=False,
+        num_validation_images=0,
+        sample_prompts=None,
+    )
+    trained = DreamBoothTrainer(config).train()
+    assert subject_share(checker, generate(trained, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1)) >= BINDING_AT_LEAST
+    assert subject_share(checker, generate(trained, [CLASS_PROMPT] * NUM_JUDGED, seed=2)) >= NO_PRIOR_DRIFT_AT_LEAST

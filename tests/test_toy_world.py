@@ -13,6 +13,7 @@ from diffusers_dreambooth.toy import (
     COLORS,
     IMAGE_SIZE,
     SHAPES,
+    SIZE_RANGE,
     SUBJECT,
     SUBJECT_CLASS,
     SUBJECT_IDENTIFIER,
@@ -78,7 +79,8 @@ def test_every_value_appears_and_sampling_is_roughly_uniform():
         assert all(low <= count <= high for count in counts.values()), (field, counts)
     assert all(s.pattern is None for s in scenes)
     sizes = np.array([s.size for s in scenes if s.shape != "square"])
-    assert 7.0 <= sizes.min() < 7.5 and 12.5 < sizes.max() <= 13.0
+    low, high = SIZE_RANGE
+    assert low <= sizes.min() < low + 0.5 and high - 0.5 < sizes.max() <= high
 
 
 def test_pattern_probability_and_no_subject_in_the_world():

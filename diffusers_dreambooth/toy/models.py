@@ -21,6 +21,10 @@ from .world import BACKGROUNDS, CLASS_PROMPT, COLORS, SHAPES, SUBJECT_PROMPT, Sc
 TEXT_HIDDEN_SIZE = 64
 LATENT_SIZE = 8
 
+#: Token context of the world's tokenizer and text encoder: the longest world prompt is 18 tokens, and a context of
+#: 24 instead of CLIP's 77 makes a pretraining step about 25% cheaper (text encoder and cross-attention keys).
+TEXT_CONTEXT_LENGTH = 24
+
 
 def world_prompts() -> list[str]:
     """Every full caption of the world (plain and two-colour striped), its partial forms, and the subject's prompts."""
@@ -38,7 +42,9 @@ def world_prompts() -> list[str]:
 
 def build_world_tokenizer(save_directory: str | os.PathLike) -> CLIPTokenizer:
     """A CLIP BPE learnt on `world_prompts()`, so every word of the world is one token ("sks" included)."""
-    return build_clip_tokenizer(save_directory, corpus=world_prompts(), vocab_size=1000)
+    return build_clip_tokenizer(
+        save_directory, corpus=world_prompts(), vocab_size=1000, model_max_length=TEXT_CONTEXT_LENGTH
+    )
 
 
 def build_untrained_pipeline(tokenizer: CLIPTokenizer, seed: int = 0) -> StableDiffusionPipeline:

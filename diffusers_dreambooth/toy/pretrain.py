@@ -39,7 +39,7 @@ class PretrainConfig:
     vae_learning_rate: float = 2e-3
     vae_final_learning_rate: float = 4e-4  # for the last third of the VAE steps
     vae_kl_weight: float = 1e-6
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-2

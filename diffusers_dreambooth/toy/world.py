@@ -46,11 +46,14 @@ BACKGROUNDS: dict[str, RGB] = {
 
 IMAGE_SIZE = 32
 
-#: Range of `Scene.size` that `sample_scene` draws from: big enough that the star's points show at 32 px.
-SIZE_RANGE: tuple[float, float] = (7.0, 13.0)
+#: Range of `Scene.size` that `sample_scene` draws from: big enough that a triangle's and a star's points show at
+#: 32 px (a model trained on sizes from 7 px drew the smallest ones misshapen).
+SIZE_RANGE: tuple[float, float] = (8.0, 13.0)
 
-#: Range of `Scene.stripe_width` for sampled patterns: over 1.5 px, so every stripe has some pure pixels.
-STRIPE_WIDTH_RANGE: tuple[float, float] = (2.5, 4.0)
+#: Range of `Scene.stripe_width` for sampled patterns. The toy VAE keeps one latent pixel per 4x4 pixels, so a
+#: pattern survives encoding only if its period along x and y (2 * sqrt(2) * width for diagonal stripes) is well
+#: above the latent grid's 8 px Nyquist limit: 3 px stripes (8.5 px) came back as a plain colour, 4.5 px give 12.7.
+STRIPE_WIDTH_RANGE: tuple[float, float] = (4.5, 6.0)
 
 #: Pixels kept free between a sampled shape and the image border.
 BORDER_MARGIN = 1.0
@@ -80,7 +83,7 @@ class Scene:
     size: float = 10.0
     rotation: float = 0.0
     pattern: tuple[str, str] | None = None
-    stripe_width: float = 3.0
+    stripe_width: float = 5.0
 
     def __post_init__(self) -> None:
         _check_name("shape", self.shape, SHAPES)
@@ -270,8 +273,8 @@ def sample_scene(
 SUBJECT_IDENTIFIER = "sks"
 SUBJECT_CLASS = "star"
 
-#: The DreamBooth subject: a star with red and yellow stripes 3 px wide, which the sampled world never shows.
-SUBJECT = Scene(shape="star", color="red", background="white", size=12.0, pattern=("red", "yellow"), stripe_width=3.0)
+#: The DreamBooth subject: a star with red and yellow stripes 5 px wide, which the sampled world never shows.
+SUBJECT = Scene(shape="star", color="red", background="white", size=12.0, pattern=("red", "yellow"), stripe_width=5.0)
 
 #: Prompts for fine-tuning on the subject and for its class prior.
 SUBJECT_PROMPT = f"a photo of {SUBJECT_IDENTIFIER} {SUBJECT_CLASS}"
