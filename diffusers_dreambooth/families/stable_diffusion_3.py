@@ -1,10 +1,8 @@
 """Stable Diffusion 3: an MMDiT transformer trained by rectified flow (Esser et al., 2024), conditioned on two CLIP
 text encoders and an optional T5.
 
-The objective is that of diffusers' `train_dreambooth_sd3.py` and `train_dreambooth_lora_sd3.py`: timesteps drawn
-from the `--weighting_scheme` density, the noisy input `(1 - sigma) * x + sigma * noise`, the velocity target
-`noise - x`, or with `--precondition_outputs` the clean latents `x`, the prediction then read as `x_t - sigma * v`
-(EDM, Karras et al., 2022, Sec. 5), and the scheme's loss weights.
+The objective is that of diffusers' `train_dreambooth_sd3.py` and `train_dreambooth_lora_sd3.py`
+(`FlowMatchingFamily`), with their defaults: `logit_normal` timesteps and preconditioned outputs.
 """
 
 from __future__ import annotations
@@ -12,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers import DiffusionPipeline
 
-from .base import DreamBoothFamily, ImageConditioning
+from .base import ImageConditioning
+from .flow_matching import FlowMatchingFamily
 
 if TYPE_CHECKING:
     from ..config import DreamBoothConfig
@@ -23,7 +21,7 @@ if TYPE_CHECKING:
 CLIP_TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
-class StableDiffusion3Family(DreamBoothFamily):
+class StableDiffusion3Family(FlowMatchingFamily):
     name = "stable-diffusion-3"
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     denoiser_name = "transformer"
@@ -40,7 +38,6 @@ class StableDiffusion3Family(DreamBoothFamily):
         "attn.to_q",
         "attn.to_v",
     )
-    noise_scheduler_class = FlowMatchEulerDiscreteScheduler
     option_defaults = {
         adapter: {
             "learning_rate": 1e-4,
@@ -57,9 +54,6 @@ class StableDiffusion3Family(DreamBoothFamily):
 
     # The objective's options as diffusers' SD3 scripts default them, until `configure` reads the run's.
     weighting_scheme = "logit_normal"
-    logit_mean = 0.0
-    logit_std = 1.0
-    mode_scale = 1.29
     precondition_outputs = True
     max_sequence_length = 77
 
@@ -71,14 +65,8 @@ class StableDiffusion3Family(DreamBoothFamily):
             self.tokenizer_names = ("tokenizer", "tokenizer_2")
 
     def configure(self, config: DreamBoothConfig) -> None:
-        """Take the flow-matching options; reject the DDPM-only `--snr_gamma` and UNet-only `--output_kohya_format`."""
-        if config.snr_gamma is not None:
-            raise ValueError(
-                "`--snr_gamma` (min-SNR weighting) applies to DDPM models; SD3 trains by flow matching, weighted by"
-                " `--weighting_scheme` (`sigma_sqrt` or `cosmap` weight the loss). Remove `--snr_gamma`."
-            )
-        if config.output_kohya_format:
-            raise ValueError("`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not SD3 ones.")
+        """The flow-matching options, and `--lora_blocks` checked against the transformer's blocks."""
+        super().configure(config)
         if config.lora_blocks:
             blocks = [int(block) for block in config.lora_blocks.split(",")]
             num_layers = self.denoiser.config.num_layers
@@ -87,10 +75,6 @@ class StableDiffusion3Family(DreamBoothFamily):
                     f"`--lora_blocks={config.lora_blocks}` names a block the transformer does not have: it has"
                     f" {num_layers}, numbered 0 to {num_layers - 1}."
                 )
-        self.weighting_scheme = config.weighting_scheme
-        self.logit_mean, self.logit_std, self.mode_scale = config.logit_mean, config.logit_std, config.mode_scale
-        self.precondition_outputs = bool(config.precondition_outputs)
-        self.max_sequence_length = config.max_sequence_length
 
     # Components
 
@@ -129,44 +113,6 @@ class StableDiffusion3Family(DreamBoothFamily):
 
     # Objective
 
-    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Timesteps of the training schedule at `u * num_train_timesteps`, u drawn from the `--weighting_scheme`
-        density (`logit_normal`, `mode`; uniform otherwise)."""
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=self.weighting_scheme,
-            batch_size=batch_size,
-            logit_mean=self.logit_mean,
-            logit_std=self.logit_std,
-            mode_scale=self.mode_scale,
-            device=generator.device,
-            generator=generator,
-        )
-        steps = self.noise_scheduler.config.num_train_timesteps
-        # u = 1 (a sigmoid that rounds up, `mode` at 0) would index past the schedule's end.
-        indices = (u * steps).long().clamp(max=steps - 1)
-        return self.noise_scheduler.timesteps.to(generator.device)[indices]
-
-    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The noise level sigma of each training timestep, shaped `(batch, 1, 1, 1)` to scale latents."""
-        schedule = self.noise_scheduler.timesteps.to(timesteps.device)
-        indices = (schedule[None, :] == timesteps[:, None]).int().argmax(dim=1)
-        return self.noise_scheduler.sigmas.to(timesteps.device)[indices].view(-1, 1, 1, 1)
-
-    def noisy_input_and_target(
-        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(1 - sigma) * latents + sigma * noise`, and the velocity `noise - latents` (the latents when
-        preconditioned)."""
-        sigmas = self.sigmas(timesteps)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        return noisy, latents if self.precondition_outputs else noise - latents
-
-    def loss_weights(self, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
-        """`compute_loss_weighting_for_sd3`'s weights for `sigma_sqrt` and `cosmap`; None (uniform) otherwise."""
-        if self.weighting_scheme not in ("sigma_sqrt", "cosmap"):
-            return None
-        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigmas(timesteps)).flatten()
-
     def denoiser_kwargs(self, prompt_embeds: dict, image_conditioning: ImageConditioning) -> dict:
         return {
             "encoder_hidden_states": prompt_embeds["prompt_embeds"],
@@ -184,9 +130,7 @@ class StableDiffusion3Family(DreamBoothFamily):
         """The transformer's velocity, or with `--precondition_outputs` the clean latents it implies."""
         kwargs = self.denoiser_kwargs(prompt_embeds, image_conditioning)
         velocity = denoiser(hidden_states=noisy, timestep=timesteps, return_dict=False, **kwargs)[0]
-        if not self.precondition_outputs:
-            return velocity
-        return noisy - self.sigmas(timesteps).to(velocity.dtype) * velocity
+        return self.preconditioned(velocity, noisy, timesteps)
 
     # LoRA
 
