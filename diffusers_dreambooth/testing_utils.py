@@ -1,8 +1,8 @@
-"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL / 3) pipelines for tests.
+"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL / 3) and Flux pipelines for tests.
 
 Everything is built from configs with random weights under fixed seeds; nothing is downloaded. The CLIP tokenizer is a
 byte-level BPE learnt locally on a small corpus of prompt-like sentences; SD3's T5 tokenizer is a Unigram model whose
-pieces are that corpus's words.
+pieces are that corpus's words; Flux reuses both.
 """
 
 import contextlib
@@ -22,6 +22,8 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -48,6 +50,7 @@ __all__ = [
     "PipelineFamily",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
+    "get_dummy_flux_components",
     "get_dummy_pipeline",
     "get_dummy_sd3_components",
     "get_dummy_sd_components",
@@ -55,7 +58,7 @@ __all__ = [
     "save_dummy_pipeline",
 ]
 
-PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3"]
+PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3", "flux"]
 _FAMILIES: tuple[str, ...] = get_args(PipelineFamily)
 
 BOS_TOKEN = "<|startoftext|>"
@@ -79,6 +82,10 @@ _SD3_CLIP_HIDDEN_SIZES = (32, 48)
 _SD3_T5_HIDDEN_SIZE = 96
 _SD3_LATENT_CHANNELS = 16
 _SD3_PATCH_SIZE = 2
+# Flux: 16 latent channels packed into 2x2 patches (64 values a token), one double- and one single-stream block whose
+# rotary axes (4 + 4 + 8) span the 16-wide heads, and guidance embedding as FLUX.1-dev.
+_FLUX_LATENT_CHANNELS = 16
+_FLUX_T5_HIDDEN_SIZE = 32
 _T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 # Characters every prompt may use beyond the corpus's own: single-character pieces, so no text maps to <unk>.
 _T5_FALLBACK_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/{}<>"
@@ -297,6 +304,31 @@ def _load_or_build_tokenizer(tokenizer_dir: str | os.PathLike) -> CLIPTokenizer:
     return build_clip_tokenizer(tokenizer_dir)
 
 
+def _load_or_build_t5_tokenizer(tokenizer_dir: str | os.PathLike) -> T5TokenizerFast:
+    """Load the T5 tokenizer saved in `tokenizer_dir`, building the default one there first if it is missing."""
+    if any((Path(tokenizer_dir) / name).is_file() for name in _SAVED_TOKENIZER_MARKERS):
+        return T5TokenizerFast.from_pretrained(tokenizer_dir)
+    return build_t5_tokenizer(tokenizer_dir)
+
+
+def _dummy_t5_encoder(tokenizer: T5TokenizerFast, hidden_size: int, seed: int) -> T5EncoderModel:
+    """A one-layer T5 encoder `hidden_size` wide whose vocabulary and special ids match `tokenizer`."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=hidden_size,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return T5EncoderModel(config).eval()
+
+
 def clip_text_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
     """A CLIP text config whose vocabulary, context length and special token ids match `tokenizer`; `sizes` (hidden
     size, layers, ...) set the rest."""
@@ -447,10 +479,7 @@ def get_dummy_sd3_components(
     different widths sharing one local tokenizer, a T5 encoder with a local tokenizer, and a 16-channel VAE."""
     tokenizer = _load_or_build_tokenizer(tokenizer_dir)
     tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    if any((Path(t5_tokenizer_dir) / name).is_file() for name in _SAVED_TOKENIZER_MARKERS):
-        tokenizer_3 = T5TokenizerFast.from_pretrained(t5_tokenizer_dir)
-    else:
-        tokenizer_3 = build_t5_tokenizer(t5_tokenizer_dir)
+    tokenizer_3 = _load_or_build_t5_tokenizer(t5_tokenizer_dir)
 
     with _seeded(seed):
         transformer = SD3Transformer2DModel(
@@ -480,20 +509,7 @@ def get_dummy_sd3_components(
         )
         with _seeded(seed):
             text_encoders.append(CLIPTextModelWithProjection(config).eval())
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_3),
-        d_model=_SD3_T5_HIDDEN_SIZE,
-        d_kv=8,
-        d_ff=37,
-        num_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer_3.pad_token_id,
-        eos_token_id=tokenizer_3.eos_token_id,
-        decoder_start_token_id=tokenizer_3.pad_token_id,
-    )
-    with _seeded(seed):
-        text_encoder_3 = T5EncoderModel(t5_config).eval()
+    text_encoder_3 = _dummy_t5_encoder(tokenizer_3, _SD3_T5_HIDDEN_SIZE, seed)
     vae = _dummy_vae(
         seed,
         scaling_factor=1.5035,
@@ -518,12 +534,65 @@ def get_dummy_sd3_components(
     }
 
 
+def get_dummy_flux_components(
+    tokenizer_dir: str | os.PathLike, t5_tokenizer_dir: str | os.PathLike, seed: int = 0
+) -> dict[str, Any]:
+    """Return tiny `FluxPipeline` components: a guidance-embedding transformer with one double- and one
+    single-stream block, a CLIP encoder (pooled output) and a T5 encoder with local tokenizers, a 16-channel VAE, and
+    FLUX.1-dev's scheduler (resolution-dependent shift)."""
+    tokenizer = _load_or_build_tokenizer(tokenizer_dir)
+    tokenizer_2 = _load_or_build_t5_tokenizer(t5_tokenizer_dir)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * _FLUX_LATENT_CHANNELS,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_FLUX_T5_HIDDEN_SIZE,
+            pooled_projection_dim=_TEXT_HIDDEN_SIZE,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ).eval()
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, "quick_gelu")).eval()
+    text_encoder_2 = _dummy_t5_encoder(tokenizer_2, _FLUX_T5_HIDDEN_SIZE, seed)
+    vae = _dummy_vae(
+        seed,
+        scaling_factor=0.3611,
+        latent_channels=_FLUX_LATENT_CHANNELS,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def get_dummy_pipeline(
     family: PipelineFamily,
     tmp_dir: str | os.PathLike,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline:
     """Build the tokenizer(s) under `tmp_dir` and return a tiny pipeline of the given family."""
     if family not in _FAMILIES:
         raise ValueError(f"Unknown pipeline family {family!r}; expected one of {_FAMILIES}.")
@@ -533,6 +602,10 @@ def get_dummy_pipeline(
         t5_tokenizer_dir = Path(tmp_dir) / "tokenizer_3"
         build_t5_tokenizer(t5_tokenizer_dir)
         pipe = StableDiffusion3Pipeline(**get_dummy_sd3_components(tokenizer_dir, t5_tokenizer_dir, seed=seed))
+    elif family == "flux":
+        t5_tokenizer_dir = Path(tmp_dir) / "tokenizer_2"
+        build_t5_tokenizer(t5_tokenizer_dir)
+        pipe = FluxPipeline(**get_dummy_flux_components(tokenizer_dir, t5_tokenizer_dir, seed=seed))
     elif family == "sdxl":
         pipe = StableDiffusionXLPipeline(**get_dummy_sdxl_components(tokenizer_dir, seed=seed), add_watermarker=False)
     else:
