@@ -179,13 +179,17 @@ class DreamBoothConfig:
     allow_tf32: bool = _option(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     snr_gamma: float | None = _option(None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.")
     weighting_scheme: WeightingScheme | None = _option(
-        None, "Flow matching (SD3): timestep density or loss weighting; default: logit_normal (diffusers SD3 scripts)."
+        None,
+        "Flow matching (SD3, Flux): timestep density or loss weighting; default: as diffusers' scripts, logit_normal"
+        " for SD3, none (uniform) for Flux.",
     )
     logit_mean: float = _option(0.0, "Flow matching: mean of the `logit_normal` timestep density.")
     logit_std: float = _option(1.0, "Flow matching: std of the `logit_normal` timestep density.")
     mode_scale: float = _option(1.29, "Flow matching: scale of the `mode` timestep density.")
     precondition_outputs: int | None = _option(
-        None, "Flow matching: 1 reads the prediction as a clean-latent estimate, regressed on the latents. Default: 1."
+        None,
+        "Flow matching: 1 reads the prediction as a clean-latent estimate, regressed on the latents. Default: as"
+        " diffusers' scripts, 1 for SD3, 0 for Flux.",
     )
     offset_noise: bool = _option(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
     noise_offset: float = _option(0.1, "Scale of the offset noise when offset_noise is on.")
@@ -193,7 +197,9 @@ class DreamBoothConfig:
         False, "Encode prompts once before training (always done when the text encoders are frozen)."
     )
     tokenizer_max_length: int | None = _option(None, "Tokenizer max length; default: the tokenizer's own.")
-    max_sequence_length: int | None = _option(None, "T5 tokens per prompt (SD3); default: 77, as in diffusers.")
+    max_sequence_length: int | None = _option(
+        None, "T5 tokens per prompt (SD3, Flux); default: as diffusers' scripts, 77 (Flux LoRA: 512)."
+    )
     text_encoder_use_attention_mask: bool = _option(False, "Pass the attention mask to the text encoder.")
     set_grads_to_none: bool = _option(True, "Free gradients with set_to_none (always on; kept for compatibility).")
     dataloader_num_workers: int = _option(0, "Accepted for compatibility; images are cached in memory instead.")
@@ -238,7 +244,9 @@ class DreamBoothConfig:
         "DPMSolverMultistepScheduler", "Scheduler of validation and sample images; `pipeline`: the pipeline's own."
     )
     guidance_scale: float | None = _option(
-        None, "Classifier-free guidance of class, validation, sample and evaluation images; default: the pipeline's."
+        None,
+        "Classifier-free guidance of class, validation, sample and evaluation images; default: the pipeline's. Flux:"
+        " the distilled guidance it samples and trains with (default 3.5, as diffusers' Flux scripts).",
     )
     sample_prompts: list[str] | None = _option(
         None,

@@ -34,7 +34,8 @@ def sampling_scheduler(name: str, scheduler: SchedulerMixin) -> SchedulerMixin:
     """The scheduler class `name`, configured from the pipeline's `scheduler`.
 
     A flow-matching model gets DPM-Solver++ in its flow mode, with the model's timestep shift; DDPM and DDIM cannot
-    sample it and raise.
+    sample it and raise. A scheduler with `use_dynamic_shifting` (Flux) passes it on: the pipeline's `mu` for the
+    image size then sets DPM-Solver++'s shift, as it sets the model's own scheduler's.
     """
     if not is_flow_matching(scheduler):
         return SAMPLING_SCHEDULERS[name].from_config(scheduler.config)

@@ -82,6 +82,16 @@ def test_sd3_card_has_diffusers_sd3_tags_and_loads_with_its_pipeline_class():
     assert 'StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")' in card
 
 
+def test_flux_card_has_diffusers_flux_tags_and_loads_with_its_pipeline_class():
+    metadata = dataclasses.replace(
+        LORA_SDXL, family="flux", pipeline_class="FluxPipeline", base_model="black-forest-labs/FLUX.1-dev"
+    )
+    card = str(render_model_card(metadata, "user/sks-dog"))
+    assert {"flux", "flux-diffusers", "lora"} <= set(ModelCard(card).data.to_dict()["tags"])
+    assert "from diffusers import FluxPipeline\n" in card
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")' in card
+
+
 def test_a_local_base_model_path_never_reaches_the_card():
     card = str(render_model_card(FULL_LOCAL_BASE, "user/zwx-backpack"))
     assert "/home/someone" not in card and "base_model" not in card.split("---")[1]

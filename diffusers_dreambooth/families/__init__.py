@@ -3,12 +3,18 @@
 from diffusers import DiffusionPipeline
 
 from .base import DreamBoothFamily, ImageConditioning
+from .flux import FluxFamily
 from .stable_diffusion import StableDiffusionFamily
 from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
 
 #: Supported families, in lookup order.
-FAMILIES: tuple[type[DreamBoothFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, StableDiffusion3Family)
+FAMILIES: tuple[type[DreamBoothFamily], ...] = (
+    StableDiffusionFamily,
+    StableDiffusionXLFamily,
+    StableDiffusion3Family,
+    FluxFamily,
+)
 
 
 def family_for_pipeline(pipeline: DiffusionPipeline) -> DreamBoothFamily:
