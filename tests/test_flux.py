@@ -22,6 +22,12 @@ def pipeline(pipeline_dirs):
     return pipe
 
 
+def flux_config(pipeline_dirs, instance_dir, output_dir, **options) -> DreamBoothConfig:
+    """`tiny_config` on the tiny Flux, without card samples unless asked: FluxPipeline samples 128x128 latents whatever
+    the model, 3.5 s a run here."""
+    return tiny_config(pipeline_dirs["flux"], instance_dir, output_dir, **{"num_validation_images": 0, **options})
+
+
 def configured(pipeline, adapter: str = "full", **options):
     """The Flux family of `pipeline`, configured with `options` on top of its defaults for `adapter`."""
     family = family_for_pipeline(pipeline)
@@ -168,7 +174,7 @@ def test_defaults_are_those_of_diffusers_flux_scripts(pipeline, adapter):
 
 def test_lora_text_encoder_training_adapts_clip_and_keeps_t5_frozen(pipeline_dirs, instance_dir, tmp_path):
     options = {"adapter": "lora", "train_text_encoder": True}
-    config = tiny_config(pipeline_dirs["flux"], instance_dir, tmp_path / "out", **options)
+    config = flux_config(pipeline_dirs, instance_dir, tmp_path / "out", **options)
     trainer = DreamBoothTrainer(config)
     pipe = trainer.train()
     assert sorted(trainer.trained) == ["text_encoder", "transformer"]
@@ -192,16 +198,44 @@ def test_lora_text_encoder_training_adapts_clip_and_keeps_t5_frozen(pipeline_dir
     ],
 )
 def test_options_flux_cannot_use_fail_before_training(pipeline_dirs, instance_dir, tmp_path, options, message):
-    config = tiny_config(pipeline_dirs["flux"], instance_dir, tmp_path / "out", **options)
+    config = flux_config(pipeline_dirs, instance_dir, tmp_path / "out", **options)
     trainer = DreamBoothTrainer(config)
     with pytest.raises(ValueError, match=message):
         trainer.train()
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weighting_scheme": "logit_normal"},
+        {"weighting_scheme": "cosmap", "precondition_outputs": 1},
+        {"gradient_accumulation_steps": 2, "max_sequence_length": 16, "offset_noise": True},
+        {"gradient_checkpointing": True, "train_text_encoder": True},
+        {"adapter": "lora", "mixed_precision": "bf16", "train_text_encoder": True},
+        {"validation_prompt": PROMPT, "validation_steps": 1, "num_validation_images": 1},  # and card samples
+    ],
+    ids=lambda options: ",".join(options),
+)
+def test_option_trains(pipeline_dirs, instance_dir, tmp_path, options):
+    base = DiffusionPipeline.from_pretrained(pipeline_dirs["flux"])
+    config = flux_config(pipeline_dirs, instance_dir, tmp_path / "out", train_batch_size=2, **options)
+    trainer = DreamBoothTrainer(config)
+    pipe = trainer.train()
+    assert trainer.global_step == 2
+    if config.adapter == "lora":
+        assert all(p.abs().sum() > 0 for n, p in pipe.transformer.named_parameters() if "to_q.lora_B" in n)
+    else:
+        assert not torch.equal(base.transformer.x_embedder.weight, pipe.transformer.x_embedder.weight)
+    assert all(torch.isfinite(p).all() for p in pipe.transformer.parameters())
+    if config.num_validation_images:
+        assert (tmp_path / "out" / "validation" / "step-1" / "0.png").is_file()
+        assert (tmp_path / "out" / "samples" / "sample_0.png").is_file()
+
+
 def test_training_guidance_changes_the_update(pipeline_dirs, instance_dir, tmp_path):
     def trained_weight(name: str, **options) -> torch.Tensor:
-        config = tiny_config(pipeline_dirs["flux"], instance_dir, tmp_path / name, num_validation_images=0, **options)
+        config = flux_config(pipeline_dirs, instance_dir, tmp_path / name, **options)
         return DreamBoothTrainer(config).train().transformer.proj_out.weight
 
     default = trained_weight("default")
