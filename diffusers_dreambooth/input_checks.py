@@ -58,7 +58,7 @@ def check_push_target(config: DreamBoothConfig, base_model: str | None) -> None:
 
 
 def check_sampling_schedulers(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
-    """Raise before training if the class-image or validation scheduler cannot sample the model (DDPM on SD3)."""
+    """Raise before training if the class-image or validation scheduler cannot sample the model (DDPM on SD3, Flux)."""
     for name in {config.prior_generation_scheduler, config.validation_scheduler} - {"pipeline"}:
         sampling_scheduler(name, family.pipeline.scheduler)
 
@@ -156,7 +156,8 @@ def check_prompt_lengths(config: DreamBoothConfig, family: DreamBoothFamily) -> 
     """Warn about prompts longer than a tokenizer's maximum length (special tokens included): they are truncated.
 
     Training prompts are cut to the family's `token_limits`: `--tokenizer_max_length` (default: the tokenizer's
-    `model_max_length`), `--max_sequence_length` for SD3's T5. The validation prompt goes through the pipeline.
+    `model_max_length`), `--max_sequence_length` for SD3's and Flux's T5. The validation prompt goes through
+    the pipeline.
     """
     prompts = {
         "instance_prompt": (config.instance_prompt, config.tokenizer_max_length),

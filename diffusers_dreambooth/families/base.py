@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Options of flow-matching families (SD3) that DDPM families ignore; unset (None) unless given or defaulted.
+#: Options of flow-matching families (SD3, Flux) that DDPM families ignore; unset (None) unless given or defaulted.
 FLOW_MATCHING_OPTIONS = ("weighting_scheme", "precondition_outputs", "max_sequence_length")
 
 
@@ -86,7 +86,7 @@ class DreamBoothFamily:
         ignored = [f"`--{name}`" for name in FLOW_MATCHING_OPTIONS if getattr(config, name) is not None]
         if ignored:
             names = ", ".join(ignored)
-            logger.warning("%s ignored: flow-matching options (SD3) do not apply to %s.", names, self.name)
+            logger.warning("%s ignored: flow-matching options (SD3, Flux) do not apply to %s.", names, self.name)
 
     # Components
 
