@@ -34,7 +34,8 @@ class FluxFamily(FlowMatchingFamily):
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    # diffusers' Flux LoRA scripts (`--lora_layers` default): attention and feed-forward layers of both streams.
+    # diffusers' Flux LoRA script's `--lora_layers` default: attention and feed-forward layers of both streams of the
+    # double-stream blocks, and the MLP input projection of the single-stream blocks.
     denoiser_lora_target_modules = (
         "attn.to_k",
         "attn.to_q",
@@ -48,6 +49,7 @@ class FluxFamily(FlowMatchingFamily):
         "ff.net.2",
         "ff_context.net.0.proj",
         "ff_context.net.2",
+        "proj_mlp",
     )
     option_defaults = {
         adapter: {
