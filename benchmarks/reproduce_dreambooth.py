@@ -264,7 +264,7 @@ def main() -> None:
         metavar="RUN",
         help="Default: the first 8 of RUNS (the others are extra ablations).",
     )
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--output_dir", default="benchmarks/results")

@@ -57,7 +57,7 @@ def test_main_job_trains_the_bundled_subject_and_keeps_the_class(tmp_path, check
     output_dir = tmp_path / "toy-sks-star"
     metadata = json.loads((output_dir / "dreambooth.json").read_text())
     assert set(metadata["evaluation"]) >= {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"}
-    assert metadata["training"]["with_prior_preservation"] and metadata["training"]["max_train_steps"] == 600
+    assert metadata["training"]["with_prior_preservation"] and metadata["training"]["max_train_steps"] == 1000
     assert Image.open(output_dir / "samples" / "grid.png").size == (4 * 128, 5 * 128)
     card = (output_dir / "README.md").read_text()
     assert "![sample grid](samples/grid.png)" in card and "| DINO |" in card
@@ -74,10 +74,12 @@ def test_main_job_trains_the_bundled_subject_and_keeps_the_class(tmp_path, check
 
 @pytest.mark.slow
 def test_without_the_prior_loss_the_class_drifts_to_the_subject(tmp_path, checker):
-    """The control for the main job's drift bound: the same run without prior preservation draws the subject for
-    "a photo of a star", so the bound fails if the prior loss stops working."""
+    """The control for the main job's drift bound: the same run without prior preservation (500 steps, where the
+    benchmark measured drift 0.88) draws the subject for "a photo of a star", so the bound fails if the prior loss
+    stops working."""
     config = toy_dreambooth_config(
         tmp_path / "no-prior",
+        max_train_steps=500,
         with_prior_preservation=False,
         evaluate=False,
         num_validation_images=0,

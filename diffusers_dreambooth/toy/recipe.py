@@ -38,7 +38,7 @@ def toy_dreambooth_config(
     **overrides: Any,
 ) -> DreamBoothConfig:
     """DreamBooth of the bundled subject on the bundled toy base model, with prior preservation and text-encoder
-    training: about 600 steps of batch 4 (plus 4 class images), 100 class images, sampling as the world needs
+    training: 1,000 steps of batch 4 (plus 4 class images), 100 class images, sampling as the world needs
     (20 steps, guidance 4). Class images go to `output_dir/class_images`. `overrides` set any other option."""
     output_dir = Path(output_dir)
     options: dict[str, Any] = dict(
@@ -53,7 +53,7 @@ def toy_dreambooth_config(
         resolution=32,
         train_batch_size=4,
         sample_batch_size=50,
-        max_train_steps=600,
+        max_train_steps=1000,
         learning_rate=1e-4,
         lr_scheduler="constant",
         lr_warmup_steps=0,
