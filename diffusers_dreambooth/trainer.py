@@ -88,6 +88,8 @@ class DreamBoothTrainer:
         self.config = config
         self.pipeline = pipeline
         self.global_step = 0
+        self.last_checkpoint: Path | None = None  # and the step it holds, so a stop does not save the same step twice
+        self.last_checkpoint_step: int | None = None
 
     # Set-up
 
@@ -448,11 +450,7 @@ class DreamBoothTrainer:
 
     def _stop(self, stop: StopRequest) -> None:
         """Save a checkpoint of the finished step (unless one was just saved), then raise `TrainingInterrupted`."""
-        if self.global_step % self.config.checkpointing_steps == 0:
-            saved = checkpoints.list_checkpoints(self.config.output_dir)[-1:] or [None]
-            checkpoint = saved[0]
-        else:
-            checkpoint = self.save_checkpoint()
+        checkpoint = self.last_checkpoint if self.last_checkpoint_step == self.global_step else self.save_checkpoint()
         self.accelerator.end_training()
         raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.global_step, checkpoint)
 
@@ -582,6 +580,7 @@ class DreamBoothTrainer:
             saved = checkpoints.publish_checkpoint(temporary, self.global_step, state)
             logger.info("Saved %s", saved)
         accelerator.wait_for_everyone()
+        self.last_checkpoint, self.last_checkpoint_step = saved, self.global_step
         return saved
 
     def _checkpoint_bytes(self) -> int:
