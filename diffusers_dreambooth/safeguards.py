@@ -38,6 +38,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; nothing of that step was applied and nothing after it is saved."""
 
 
+class DiskSpaceError(OSError):
+    """A folder's disk has too little free space for what the run is about to write; nothing was written."""
+
+
 class StopRequest:
     """Records the first stop signal received; a second one raises `KeyboardInterrupt` to stop immediately."""
 
@@ -77,17 +81,20 @@ def stop_requests(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopReque
 
 
 def check_free_space(directory: str | Path, needed_bytes: int, purpose: str) -> None:
-    """Raise `OSError` before writing `purpose` to `directory` if its disk has less than `needed_bytes` free."""
+    """Raise `DiskSpaceError` before writing `purpose` to `directory` if its disk has less than `needed_bytes` free."""
     directory = Path(directory)
     existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(existing).free
     if free < needed_bytes:
-        raise OSError(
-            f"Not enough free disk space for {purpose} in `{directory}`: {_gigabytes(free)} free, about"
-            f" {_gigabytes(needed_bytes)} needed. Free some space (or remove old checkpoints), or choose another"
+        raise DiskSpaceError(
+            f"Not enough free disk space for {purpose} in `{directory}`: {_readable_size(free)} free, about"
+            f" {_readable_size(needed_bytes)} needed. Free some space (or remove old checkpoints), or choose another"
             " `--output_dir` / `--class_data_dir`."
         )
 
 
-def _gigabytes(num_bytes: int) -> str:
-    return f"{num_bytes / 1e9:.2f} GB"
+def _readable_size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 1e3:.0f} kB"

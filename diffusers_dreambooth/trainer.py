@@ -584,11 +584,12 @@ class DreamBoothTrainer:
         return saved
 
     def _checkpoint_bytes(self) -> int:
-        """A generous estimate of one checkpoint's size: trained weights plus two optimizer moments, plus 10%."""
+        """A generous estimate of one checkpoint's size: trained weights and two optimizer moments, plus 10%, plus 1 MB
+        for the random states, the scheduler and the pickles' own overhead (which dominate on tiny models)."""
         weights = sum(p.numel() * p.element_size() for p in self.trained_parameters)
         if self.config.adapter == "full":
             weights = sum(p.numel() * p.element_size() for m in self.trained.values() for p in m.parameters())
-        return int(weights * 3 * 1.1)
+        return int(weights * 3 * 1.1) + 10**6
 
     def _final_bytes(self) -> int:
         """The final save's size: the adapter weights for LoRA, every pipeline module for a full fine-tune."""

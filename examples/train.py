@@ -10,7 +10,7 @@ import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import parse_config
-from diffusers_dreambooth.safeguards import TrainingInterrupted
+from diffusers_dreambooth.safeguards import DiskSpaceError, NonFiniteLossError, TrainingInterrupted
 from diffusers_dreambooth.toy import toy_dreambooth_config
 
 
@@ -26,6 +26,9 @@ def main() -> None:
     except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint is saved; exit as the signal would
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)
+    except (DiskSpaceError, NonFiniteLossError) as error:  # the run stopped before harm: earlier checkpoints are whole
+        logging.error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

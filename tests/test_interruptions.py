@@ -5,6 +5,8 @@ checkpoint (or some class images), run the same command again, and compare with 
 """
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +22,13 @@ from safetensors.torch import load_file
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.checkpoints import list_checkpoints
-from diffusers_dreambooth.safeguards import NonFiniteLossError, StopRequest, check_free_space, stop_requests
+from diffusers_dreambooth.safeguards import (
+    DiskSpaceError,
+    NonFiniteLossError,
+    StopRequest,
+    check_free_space,
+    stop_requests,
+)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -175,5 +183,79 @@ def test_stop_requests_catch_the_first_signal_and_stop_at_once_on_the_second():
 
 def test_free_space_check_names_the_folder_and_the_sizes(tmp_path):
     check_free_space(tmp_path, 1, "a checkpoint")
-    with pytest.raises(OSError, match=r"Not enough free disk space for a checkpoint in `.*missing`: .* GB free"):
+    with pytest.raises(DiskSpaceError, match=r"Not enough free disk space for a checkpoint in `.*missing`: .* free"):
         check_free_space(tmp_path / "missing", 10**18, "a checkpoint")
+
+
+def small_disks_available() -> bool:
+    """Whether this machine lets an unprivileged test mount a tmpfs in a private mount namespace (`unshare`)."""
+    probe = ["unshare", "--mount", "--map-root-user", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def run_on_a_small_disk(size: str, folder: Path, snapshot: Path, flags: list[str]) -> subprocess.CompletedProcess:
+    """Run the training script with a fresh tmpfs of `size` mounted at `folder`; copy what it wrote to `snapshot`.
+
+    The tmpfs lives in a private mount namespace and disappears with the run, hence the copy.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    train = shlex.join([sys.executable, str(TRAIN_SCRIPT), *flags])
+    script = f"""mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(folder))} || exit 90
+{train}
+status=$?
+cp -a {shlex.quote(str(folder))}/. {shlex.quote(str(snapshot))}
+exit $status"""
+    command = ["unshare", "--mount", "--map-root-user", "bash", "-c", script]
+    return subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=600)
+
+
+needs_small_disks = pytest.mark.skipif(
+    not small_disks_available(), reason="needs `unshare` to mount a small tmpfs (user or root mount namespaces)"
+)
+
+
+@needs_small_disks
+def test_a_full_disk_stops_the_run_before_a_checkpoint_and_the_last_one_resumes(pipeline_dirs, instance_dir, tmp_path):
+    # A 3 MB disk holds two checkpoints of the tiny UNet (about 1 MB each) but not the third's generous estimate.
+    steps = ["--max_train_steps=5", "--checkpointing_steps=1"]
+    output_dir, snapshot = tmp_path / "out", tmp_path / "what_the_full_disk_held"
+    result = run_on_a_small_disk(
+        "3m", output_dir, snapshot, train_flags(pipeline_dirs["sd"], instance_dir, output_dir, *steps)
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    stop = re.search(r"Not enough free disk space for checkpoint-(\d+) in `([^`]+)`: .* free", result.stderr)
+    assert stop is not None, result.stderr[-3000:]
+    assert stop.group(2) == str(output_dir)
+    kept = int(stop.group(1)) - 1
+    assert kept >= 1 and sorted(p.name for p in snapshot.iterdir()) == [f"checkpoint-{k}" for k in range(1, kept + 1)]
+
+    # Nothing was lost: the same command resumes from the last checkpoint (now on a roomy disk) to an unbroken end.
+    run(train_flags(pipeline_dirs["sd"], instance_dir, snapshot, *steps, "--resume_from_checkpoint=latest"))
+    run(train_flags(pipeline_dirs["sd"], instance_dir, tmp_path / "unbroken", *steps))
+    resumed, unbroken = load_file(snapshot / UNET_WEIGHTS), load_file(tmp_path / "unbroken" / UNET_WEIGHTS)
+    assert resumed.keys() == unbroken.keys()
+    assert all(torch.equal(resumed[name], unbroken[name]) for name in unbroken)
+
+
+@needs_small_disks
+def test_a_class_image_folder_on_a_full_disk_stops_before_generating(pipeline_dirs, instance_dir, tmp_path):
+    class_dir, snapshot = tmp_path / "class", tmp_path / "what_the_full_disk_held"
+    flags = train_flags(
+        pipeline_dirs["sd"],
+        instance_dir,
+        tmp_path / "out",
+        "--with_prior_preservation",
+        "--class_prompt=a photo of dog",
+        f"--class_data_dir={class_dir}",
+        "--num_class_images=20",
+        "--max_train_steps=1",
+    )
+    result = run_on_a_small_disk("32k", class_dir, snapshot, flags)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"Not enough free disk space for the class images in `{class_dir}`" in result.stderr
+    assert not any(snapshot.iterdir()) and not any((tmp_path / "out").iterdir())

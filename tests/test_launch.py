@@ -10,14 +10,19 @@ import pytest
 import torch
 from conftest import TINY_RESOLUTION
 from diffusers import DiffusionPipeline
+from hub_server import LocalHub
 from PIL import Image
 from safetensors.torch import load_file
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+AUDITED_RUN = Path(__file__).resolve().parent / "audited_run.py"
 
 
-def launch(launcher_args: list[str], flags: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, str(TRAIN_SCRIPT), *flags]
+def launch(
+    launcher_args: list[str], flags: list[str], env: dict | None = None, wrapper: list[str] = ()
+) -> subprocess.CompletedProcess:
+    """`accelerate launch [launcher_args] [wrapper] examples/train.py [flags]`; fails the test if the run fails."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *wrapper, str(TRAIN_SCRIPT), *flags]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -101,3 +106,40 @@ def test_two_processes_split_class_images_without_duplicates(pipeline_dirs, inst
         one = np.asarray(Image.open(tmp_path / "class_one" / name), dtype=np.int16)
         two = np.asarray(Image.open(tmp_path / "class_two" / name), dtype=np.int16)
         assert np.abs(one - two).max() <= 1, name  # same seed per image; batches of other sizes round differently
+
+
+@pytest.mark.slow
+def test_only_the_main_process_writes_checkpoints_cards_and_uploads(pipeline_dirs, instance_dir, tmp_path):
+    output_dir, audit_log = tmp_path / "out", tmp_path / "audit"
+    flags = diffusers_flags(pipeline_dirs["sd"], instance_dir, tmp_path / "class", output_dir, batch_size=1) + [
+        "--checkpointing_steps=1",
+        "--validation_prompt=a photo of sks dog",
+        "--validation_steps=1",
+        "--num_validation_images=1",
+        "--validation_inference_steps=2",
+        "--push_to_hub",
+        "--hub_model_id=user/two-processes",
+    ]
+    with LocalHub(tmp_path / "hub_storage") as hub:
+        hub_env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": hub.token,
+        }
+        audit_env = {"AUDIT_FOLDER": str(output_dir), "AUDIT_LOG": str(audit_log), "ACCELERATE_USE_CPU": "1"}
+        launch(DOUBLE, flags, env={**hub_env, **audit_env}, wrapper=[str(AUDITED_RUN)])
+        hub_address = hub.endpoint.removeprefix("http://")
+        commits = hub.commits["user/two-processes"]
+
+    main, other = (Path(f"{audit_log}.rank{rank}").read_text().splitlines() for rank in (0, 1))
+    # The hook sees the main process's writes: checkpoints, the card, validation images, the upload.
+    for name in ("checkpoint-1", "checkpoint-3"):
+        assert f"rename {output_dir / f'.{name}.partial'} -> {output_dir / name}" in main
+    assert f"write {output_dir / '.final.partial' / 'README.md'}" in main
+    assert f"write {output_dir / 'validation' / 'step-1' / '0.png'}" in main
+    assert f"connect {hub_address}" in main
+    assert commits == 1
+    # ... and none from the other process.
+    assert [line for line in other if str(output_dir) in line or hub_address in line] == []
