@@ -12,12 +12,14 @@ from .subject import SubjectMetadata
 
 TEMPLATE_NAME = "dreambooth.md"
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
-#: Hub tags of each family's cards (SD3's and Flux's as diffusers' scripts tag them).
+#: Hub tags of each family's cards (SD3's, Flux's and IF's as diffusers' scripts tag them).
 FAMILY_TAGS = {
     "stable-diffusion": ("stable-diffusion",),
     "stable-diffusion-xl": ("stable-diffusion-xl",),
     "stable-diffusion-3": ("sd3", "sd3-diffusers"),
     "flux": ("flux", "flux-diffusers"),
+    "deepfloyd-if": ("if", "if-diffusers"),
+    "deepfloyd-if-super-resolution": ("if", "if-diffusers", "super-resolution"),
 }
 TRAINING_LABELS = {
     "max_train_steps": "steps",
