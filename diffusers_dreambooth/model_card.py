@@ -32,6 +32,7 @@ TRAINING_LABELS = {
     "train_text_encoder": "text encoder trained",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
+    "sr_noise_level": "noise-augmentation level of the low-resolution input",
     "seed": "seed",
 }
 

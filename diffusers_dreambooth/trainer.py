@@ -716,6 +716,8 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        if "sr_noise_level" in self.family.option_defaults[config.adapter]:
+            training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
         return SubjectMetadata(
             subjects=[Subject.from_prompts(instance_prompt, config.class_prompt)],
             adapter=config.adapter,
