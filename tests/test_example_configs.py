@@ -16,7 +16,7 @@ EXPECTED = {
     "sd15-lora.yaml": ("stable-diffusion", "stable-diffusion-v1-5/stable-diffusion-v1-5", "lora", 512),
     "sd21-full.yaml": ("stable-diffusion", "stabilityai/stable-diffusion-2-1", "full", 768),
     "sdxl-lora.yaml": ("stable-diffusion-xl", "stabilityai/stable-diffusion-xl-base-1.0", "lora", 1024),
-    "sd3-lora.yaml": ("stable-diffusion-3", "stabilityai/stable-diffusion-3-medium-diffusers", "lora", 1024),
+    "sd3-lora.yaml": ("stable-diffusion-3", "stabilityai/stable-diffusion-3-medium-diffusers", "lora", 512),
     "flux-lora.yaml": ("flux", "black-forest-labs/FLUX.1-dev", "lora", 512),
     "if-stage1-lora.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "lora", 64),
     "if-stage1-full.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "full", 64),
