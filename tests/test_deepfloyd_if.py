@@ -97,9 +97,11 @@ def test_trained_pipeline_samples_with_a_fixed_variance(stage_1):
     assert family.pipeline.scheduler.config.variance_type == "fixed_small"
 
 
-def test_t5_lora_is_refused_naming_the_option(stage_1):
+def test_a_t5_lora_and_a_kohya_export_are_refused_naming_the_option(stage_1):
     with pytest.raises(ValueError, match="`--train_text_encoder` with `--adapter lora`"):
         configured(stage_1, adapter="lora", train_text_encoder=True)
+    with pytest.raises(ValueError, match="`--output_kohya_format`"):
+        configured(stage_1, adapter="lora", output_kohya_format=True)
 
 
 # Stage II

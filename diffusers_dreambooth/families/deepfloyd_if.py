@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from .base import DreamBoothFamily, ImageConditioning
 
@@ -78,17 +78,17 @@ class DeepFloydIFFamily(DreamBoothFamily):
         "lora": {**DreamBoothFamily.option_defaults["lora"], "learning_rate": 5e-6, "resolution": 64},
     }
 
-    def __init__(self, pipeline: DiffusionPipeline) -> None:
-        super().__init__(pipeline)
-        if pipeline.text_encoder is None:
-            raise ValueError(
-                f"`{type(pipeline).__name__}` was loaded without its T5 `text_encoder`, which training needs to encode"
-                " the prompts. Load the pipeline with its text encoder."
-            )
-
     def configure(self, config: DreamBoothConfig) -> None:
-        """Refuse a T5 LoRA: diffusers' `load_lora_weights` reads CLIP text-encoder LoRAs only, not T5's."""
+        """Refuse a pipeline without T5, a T5 LoRA (diffusers' `load_lora_weights` reads CLIP text-encoder LoRAs
+        only) and a Kohya export (SD and SDXL UNets only)."""
         super().configure(config)
+        if self.pipeline.text_encoder is None:
+            raise ValueError(
+                f"`{type(self.pipeline).__name__}` was loaded without its T5 `text_encoder`, which training needs to"
+                " encode the prompts. Load the pipeline with its text encoder."
+            )
+        if config.output_kohya_format:
+            raise ValueError(f"`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not {self.name} ones.")
         if config.train_text_encoder and config.adapter == "lora":
             raise ValueError(
                 f"`--train_text_encoder` with `--adapter lora` is not supported for {self.name}: diffusers'"
