@@ -195,7 +195,8 @@ class DreamBoothTrainer:
         if self.config.resolution % factor:
             raise ValueError(
                 f"`--resolution={self.config.resolution}` must be a multiple of {factor} for this model (the VAE's"
-                " downsampling factor, times the patch size of a transformer denoiser);"
+                " downsampling factor, times the patch size of a transformer denoiser; for pixel-space DeepFloyd IF,"
+                " the UNet's downsampling, and stage II's 4x low-resolution side);"
                 f" try {self.config.resolution // factor * factor or factor}."
             )
 

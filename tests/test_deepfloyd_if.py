@@ -172,6 +172,12 @@ def test_noise_level_defaults_to_the_papers_low_level(stage_2):
         configured(stage_2, sr_noise_level=1000)
 
 
+def test_stage_2_resolution_must_have_a_whole_low_resolution_side(pipeline_dirs, square_instance_dir, tmp_path):
+    config = tiny_config(pipeline_dirs["if_sr"], square_instance_dir, tmp_path / "out", resolution=30)
+    with pytest.raises(ValueError, match="`--resolution=30` must be a multiple of 4"):
+        DreamBoothTrainer(config).train()
+
+
 def test_stage_2_refuses_what_needs_sampling_from_a_prompt(pipeline_dirs, square_instance_dir, tmp_path):
     with pytest.raises(ValueError, match="`--validation_prompt`"):
         configured(DiffusionPipeline.from_pretrained(pipeline_dirs["if_sr"]), validation_prompt=PROMPT)
