@@ -21,6 +21,8 @@ FAMILY_TAGS = {
     "deepfloyd-if": ("if", "if-diffusers"),
     "deepfloyd-if-super-resolution": ("if", "if-diffusers", "super-resolution"),
 }
+#: Families that regress only the epsilon half of a learned-variance UNet: a LoRA samples with a fixed variance.
+FIXED_VARIANCE_FAMILIES = ("deepfloyd-if", "deepfloyd-if-super-resolution")
 TRAINING_LABELS = {
     "max_train_steps": "steps",
     "learning_rate": "learning rate",
@@ -94,6 +96,8 @@ def render_model_card(
         base_model_or_placeholder=base_model or "<base model>",
         mode_md=mode,
         pipeline_class=metadata.pipeline_class,
+        fixed_variance=metadata.family in FIXED_VARIANCE_FAMILIES,
+        sr_noise_level=metadata.training.get("sr_noise_level"),
         instance_prompt=subject.instance_prompt,
         sample_images=sample_images,
         sample_prompt=sample_prompt,

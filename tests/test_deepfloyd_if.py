@@ -256,6 +256,9 @@ def test_cards_name_each_stage(cascade):
     assert "IFPipeline" in stage_1 and "- if-diffusers" in stage_1
     assert "IFSuperResolutionPipeline" in stage_2 and "- super-resolution" in stage_2
     assert "noise-augmentation level" in stage_2
+    # The plain-diffusers snippets: stage II upscales an image at the trained level, its LoRA with a fixed variance.
+    assert "image=low_res, noise_level=0" in stage_2 and 'variance_type="fixed_small"' in stage_2
+    assert "image=low_res" not in stage_1
     metadata = json.loads((cascade / "stage_2" / "dreambooth.json").read_text())
     assert metadata["family"] == "deepfloyd-if-super-resolution" and metadata["training"]["sr_noise_level"] == 0
     assert json.loads((cascade / "dreambooth.json").read_text())["family"] == "deepfloyd-if"
