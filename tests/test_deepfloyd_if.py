@@ -203,7 +203,13 @@ def cascade(pipeline_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
     photos = write_subject_images(root / "photos", size=(TINY_RESOLUTION, TINY_RESOLUTION))
     out = root / "out"
-    options = dict(max_train_steps=3, learning_rate=1e-2, num_validation_images=1, validation_inference_steps=1)
+    options = dict(
+        max_train_steps=3,
+        learning_rate=1e-2,
+        num_validation_images=1,
+        validation_inference_steps=1,
+        pre_compute_text_embeddings=True,  # as the example configs, after diffusers' IF docs
+    )
     DreamBoothTrainer(tiny_config(pipeline_dirs["if"], photos, out, resolution=LOW_RESOLUTION, **options)).train()
     config = tiny_config(pipeline_dirs["if_sr"], photos, out / "stage_2", adapter="lora", rank=4, **options)
     DreamBoothTrainer(config).train()
