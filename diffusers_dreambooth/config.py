@@ -200,7 +200,15 @@ class DreamBoothConfig:
     max_sequence_length: int | None = _option(
         None, "T5 tokens per prompt (SD3, Flux); default: as diffusers' scripts, 77 (Flux LoRA: 512)."
     )
-    text_encoder_use_attention_mask: bool = _option(False, "Pass the attention mask to the text encoder.")
+    text_encoder_use_attention_mask: bool = _option(
+        False, "Accepted for compatibility: DeepFloyd IF's T5 always reads its attention mask, as IF's pipelines do."
+    )
+    sr_noise_level: int | None = _option(
+        None,
+        "DeepFloyd IF stage II: the noise-augmentation level (a timestep of `image_noising_scheduler`) of the"
+        " low-resolution input, in training and in the cascade. Default: 0, IF's lowest, where the DreamBooth paper's"
+        " 1e-5 falls (IF samples at 250).",
+    )
     set_grads_to_none: bool = _option(True, "Free gradients with set_to_none (always on; kept for compatibility).")
     dataloader_num_workers: int = _option(0, "Accepted for compatibility; images are cached in memory instead.")
     cache_latents: bool = _option(
@@ -278,8 +286,12 @@ class DreamBoothConfig:
     hub_model_id: str | None = _option(None, "Hub repo id to push to; default: the output_dir's name.")
 
     # Diffusers options of other families or features, parsed so drop-in commands fail clearly.
-    class_labels_conditioning: str | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
-    validation_images: list[str] | None = _option(None, "DeepFloyd IF stage II only; not supported yet.")
+    class_labels_conditioning: str | None = _option(
+        None, "diffusers' IF stage II option; not supported: stage II is conditioned on `--sr_noise_level`."
+    )
+    validation_images: list[str] | None = _option(
+        None, "diffusers' IF stage II option; not supported: stage II is not sampled during training."
+    )
     output_kohya_format: bool = _option(
         False, "Also write the LoRA as `pytorch_lora_weights_kohya.safetensors` (AUTOMATIC1111/ComfyUI format)."
     )
@@ -359,11 +371,6 @@ class DreamBoothConfig:
             raise ValueError(f"`--use_8bit_adam` only applies to AdamW, got `--optimizer={self.optimizer}`.")
         if self.local_rank != -1:
             logger.warning("`--local_rank` is ignored; `accelerate launch` sets the process layout.")
-        if self.text_encoder_use_attention_mask:
-            logger.warning(
-                "`--text_encoder_use_attention_mask` is ignored: it applies to T5 encoders (DeepFloyd IF), and the"
-                " CLIP encoders of SD/SDXL are used without a mask, as their pipelines use them."
-            )
         if self.report_to in ("wandb", "all") and self.hub_token is not None:
             raise ValueError(
                 "`--report_to wandb` with `--hub_token` could expose the token in the run's logged config; log in with"
@@ -427,8 +434,14 @@ class DreamBoothConfig:
 
     def _check_unsupported(self) -> None:
         unsupported = {
-            "class_labels_conditioning": "it belongs to DeepFloyd IF, which this trainer does not support yet",
-            "validation_images": "it belongs to DeepFloyd IF stage II, which this trainer does not support yet",
+            "class_labels_conditioning": (
+                "DeepFloyd IF stage II is conditioned on its noise-augmentation level, as IFSuperResolutionPipeline"
+                " samples it (set it with `--sr_noise_level`), not on the diffusion timestep"
+            ),
+            "validation_images": (
+                "DeepFloyd IF stage II is not sampled during training; train stage I beside it and check the cascade"
+                " with `DreamBoothPipeline`"
+            ),
             "do_edm_style_training": "EDM-style training is not supported",
         }
         for name, reason in unsupported.items():

@@ -12,13 +12,17 @@ from .subject import SubjectMetadata
 
 TEMPLATE_NAME = "dreambooth.md"
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
-#: Hub tags of each family's cards (SD3's and Flux's as diffusers' scripts tag them).
+#: Hub tags of each family's cards (SD3's, Flux's and IF's as diffusers' scripts tag them).
 FAMILY_TAGS = {
     "stable-diffusion": ("stable-diffusion",),
     "stable-diffusion-xl": ("stable-diffusion-xl",),
     "stable-diffusion-3": ("sd3", "sd3-diffusers"),
     "flux": ("flux", "flux-diffusers"),
+    "deepfloyd-if": ("if", "if-diffusers"),
+    "deepfloyd-if-super-resolution": ("if", "if-diffusers", "super-resolution"),
 }
+#: Families that regress only the epsilon half of a learned-variance UNet: a LoRA samples with a fixed variance.
+FIXED_VARIANCE_FAMILIES = ("deepfloyd-if", "deepfloyd-if-super-resolution")
 TRAINING_LABELS = {
     "max_train_steps": "steps",
     "learning_rate": "learning rate",
@@ -30,6 +34,7 @@ TRAINING_LABELS = {
     "train_text_encoder": "text encoder trained",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
+    "sr_noise_level": "noise-augmentation level of the low-resolution input",
     "seed": "seed",
 }
 
@@ -91,6 +96,8 @@ def render_model_card(
         base_model_or_placeholder=base_model or "<base model>",
         mode_md=mode,
         pipeline_class=metadata.pipeline_class,
+        fixed_variance=metadata.family in FIXED_VARIANCE_FAMILIES,
+        sr_noise_level=metadata.training.get("sr_noise_level"),
         instance_prompt=subject.instance_prompt,
         sample_images=sample_images,
         sample_prompt=sample_prompt,

@@ -3,6 +3,10 @@
 It wraps a plain diffusers pipeline rather than subclassing one, so what it saves stays loadable by plain diffusers:
 a full fine-tune is a `save_pretrained` folder, a LoRA subject the `pytorch_lora_weights.safetensors` file of the
 base model it names; `dreambooth.json` beside them records the subject.
+
+A cascade (DeepFloyd IF) is one subject folder per stage: stage I in the folder, its super-resolution stage II in the
+`stage_2/` sub-folder (train stage II with `--output_dir <folder>/stage_2`). Each stage is full or LoRA on its own and
+loads in plain diffusers from its folder; `DreamBoothPipeline` loads both and generates stage I, then upscales it.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import CommitInfo, hf_hub_download
 
+from .families import family_for_pipeline
 from .hub import push_subject_folder
 from .model_card import write_model_card
 from .subject import SUBJECT_FILE_NAME, SubjectMetadata, fill_subject
 
 PROMPT_ARGUMENTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+#: The sub-folder of a stage I subject that holds its trained super-resolution stage (DeepFloyd IF stage II).
+SUPER_RESOLUTION_FOLDER = "stage_2"
+#: Arguments of a cascade call that go to the super-resolution stage too; the others go to stage I only.
+CASCADE_SHARED_ARGUMENTS = ("prompt", "negative_prompt", "generator", "num_inference_steps", "guidance_scale")
 
 
 class DreamBoothPipeline:
@@ -41,10 +50,18 @@ class DreamBoothPipeline:
     ```
     """
 
-    def __init__(self, pipeline: DiffusionPipeline, metadata: SubjectMetadata, weights_source: str | None = None):
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        metadata: SubjectMetadata,
+        weights_source: str | None = None,
+        super_resolution: DreamBoothPipeline | None = None,
+    ):
         self.pipeline = pipeline
         self.metadata = metadata
         self.weights_source = weights_source
+        #: The trained super-resolution stage that upscales this pipeline's images, if the subject has one.
+        self.super_resolution = super_resolution
 
     @property
     def subjects(self):
@@ -71,7 +88,36 @@ class DreamBoothPipeline:
         A full fine-tune loads as the pipeline it is; a LoRA subject loads its recorded base model (or `base_model`)
         and applies the adapter. Other keyword arguments go to `DiffusionPipeline.from_pretrained`; weights load from
         safetensors only unless `use_safetensors=None` is passed (pickle files can run code when loaded).
+
+        A local folder with a trained super-resolution stage in `stage_2/` loads as the cascade of both.
         """
+        subject = cls._from_pretrained(
+            pretrained_model_name_or_path,
+            torch_dtype=torch_dtype,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            base_model=base_model,
+            **kwargs,
+        )
+        stage_2 = Path(pretrained_model_name_or_path) / SUPER_RESOLUTION_FOLDER
+        if (stage_2 / SUBJECT_FILE_NAME).is_file():
+            subject.super_resolution = cls._from_pretrained(stage_2, torch_dtype=torch_dtype, **kwargs)
+        return subject
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> DreamBoothPipeline:
+        """One stage's subject: its folder or repo, full or LoRA."""
         source = str(pretrained_model_name_or_path)
         kwargs.setdefault("use_safetensors", True)
         # diffusers >= 0.42 names it `dtype` (and warns on `torch_dtype`); both are accepted here.
@@ -95,16 +141,42 @@ class DreamBoothPipeline:
             **kwargs,
         )
         pipeline.load_lora_weights(source, weight_name=metadata.lora_weight_name, **hub)
+        family_for_pipeline(pipeline).sample_as_trained()  # as the trainer left it (IF: fixed variance)
         return cls(pipeline, metadata, source)
 
     def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any):
-        """Generate with the wrapped pipeline, `{subject}` in the prompts filled in."""
+        """Generate with the wrapped pipeline, `{subject}` in the prompts filled in.
+
+        A super-resolution stage upscales at the noise level it was trained with unless `noise_level` is passed. A
+        cascade generates with stage I, then upscales with the trained stage II: `prompt`, `negative_prompt`,
+        `generator`, `num_inference_steps` and `guidance_scale` go to both stages, `output_type` to stage II, other
+        arguments to stage I, and `super_resolution_kwargs` (a dict) to stage II only.
+        """
         if prompt is not None:
             kwargs["prompt"] = prompt
         for name in PROMPT_ARGUMENTS:
             if name in kwargs and kwargs[name] is not None:
                 kwargs[name] = self.fill_prompt(kwargs[name])
+        if self.super_resolution is not None:
+            return self._cascade(kwargs)
+        noise_level = self.metadata.training.get("sr_noise_level")
+        if noise_level is not None:
+            kwargs.setdefault("noise_level", noise_level)
         return self.pipeline(**kwargs)
+
+    def _cascade(self, kwargs: dict[str, Any]):
+        """Stage I's images (as tensors in [-1, 1]), upscaled by the super-resolution stage."""
+        stage_2_kwargs = {name: kwargs[name] for name in CASCADE_SHARED_ARGUMENTS if name in kwargs}
+        stage_2_kwargs.update(kwargs.pop("super_resolution_kwargs", None) or {})
+        stage_2_kwargs["output_type"] = kwargs.pop("output_type", "pil")
+        images = self.pipeline(**kwargs, output_type="pt").images
+        per_prompt = kwargs.get("num_images_per_prompt", 1)
+        for name in ("prompt", "negative_prompt"):  # stage II takes one prompt per image
+            if per_prompt > 1 and isinstance(stage_2_kwargs.get(name), list):
+                stage_2_kwargs[name] = [text for text in stage_2_kwargs[name] for _ in range(per_prompt)]
+            elif per_prompt > 1 and isinstance(stage_2_kwargs.get(name), str):
+                stage_2_kwargs[name] = [stage_2_kwargs[name]] * per_prompt
+        return self.super_resolution(image=images, **stage_2_kwargs)
 
     def fill_prompt(self, prompt: str | list[str]) -> str | list[str]:
         """The prompt(s) with `{subject}` replaced by the subject's phrase, e.g. "sks dog"."""
@@ -114,10 +186,12 @@ class DreamBoothPipeline:
 
     def to(self, *args: Any, **kwargs: Any) -> DreamBoothPipeline:
         self.pipeline.to(*args, **kwargs)
+        if self.super_resolution is not None:
+            self.super_resolution.to(*args, **kwargs)
         return self
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("pipeline", "metadata", "weights_source"):
+        if name in ("pipeline", "metadata", "weights_source", "super_resolution"):
             raise AttributeError(name)
         return getattr(self.pipeline, name)
 
@@ -125,7 +199,7 @@ class DreamBoothPipeline:
         """Write the subject so that both `DreamBoothPipeline` and plain diffusers load it.
 
         A full fine-tune writes the whole pipeline; a LoRA subject writes only its adapter file (the base model is
-        loaded from where `dreambooth.json` says).
+        loaded from where `dreambooth.json` says). A cascade's super-resolution stage goes to `stage_2/`.
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
@@ -142,6 +216,8 @@ class DreamBoothPipeline:
                 shutil.copyfile(sample, save_directory / name)
         self.metadata.to_json_file(save_directory)
         write_model_card(save_directory, self.metadata, save_directory.resolve().name)
+        if self.super_resolution is not None:
+            self.super_resolution.save_pretrained(save_directory / SUPER_RESOLUTION_FOLDER)
 
     def push_to_hub(
         self,

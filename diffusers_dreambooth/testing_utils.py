@@ -1,8 +1,9 @@
-"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL / 3) and Flux pipelines for tests.
+"""Tiny, offline, deterministic Stable Diffusion (1.x / 2.x / XL / 3), Flux and DeepFloyd IF (stage I and the
+stage II super-resolution) pipelines for tests.
 
 Everything is built from configs with random weights under fixed seeds; nothing is downloaded. The CLIP tokenizer is a
 byte-level BPE learnt locally on a small corpus of prompt-like sentences; SD3's T5 tokenizer is a Unigram model whose
-pieces are that corpus's words; Flux reuses both.
+pieces are that corpus's words; Flux reuses both, IF the T5 one.
 """
 
 import contextlib
@@ -20,16 +21,21 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    IFPipeline,
+    IFSuperResolutionPipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnAddedKVProcessor
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -51,6 +57,8 @@ __all__ = [
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "get_dummy_flux_components",
+    "get_dummy_if_components",
+    "get_dummy_if_sr_components",
     "get_dummy_pipeline",
     "get_dummy_sd3_components",
     "get_dummy_sd_components",
@@ -58,7 +66,7 @@ __all__ = [
     "save_dummy_pipeline",
 ]
 
-PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3", "flux"]
+PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3", "flux", "if", "if_sr"]
 _FAMILIES: tuple[str, ...] = get_args(PipelineFamily)
 
 BOS_TOKEN = "<|startoftext|>"
@@ -75,6 +83,10 @@ _TEXT_PROJECTION_DIM = 32
 _ADDITION_TIME_EMBED_DIM = 8
 _NUM_TIME_IDS = 6
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# DeepFloyd IF: stage I samples 8x8 images, stage II upscales them 4x to 32x32 (IF: 64 -> 256).
+_IF_T5_HIDDEN_SIZE = 32
+_IF_STAGE_1_SIZE = 8
 
 # SD3: two CLIP encoders of different widths (as CLIP-L and CLIP-G) whose concatenation (80) is zero-padded to T5's
 # width (96), 16 latent channels, and 2x2 patches.
@@ -587,15 +599,98 @@ def get_dummy_flux_components(
     }
 
 
+def _dummy_if_unet(seed: int, super_resolution: bool) -> UNet2DConditionModel:
+    """IF's UNet layout in small (diffusers' IF pipeline tests): added-KV cross-attention, a text embedding added to
+    the time embedding, and 6 output channels (epsilon and variance). Stage II also reads the upscaled low-resolution
+    image (6 input channels) and embeds its noise level as `class_labels`."""
+    options = dict(
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        in_channels=3,
+        out_channels=6,
+        cross_attention_dim=_IF_T5_HIDDEN_SIZE,
+        encoder_hid_dim=_IF_T5_HIDDEN_SIZE,
+        attention_head_dim=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        sample_size=_IF_STAGE_1_SIZE,
+    )
+    if super_resolution:
+        options.update(
+            in_channels=6,
+            class_embed_type="timestep",
+            mid_block_scale_factor=1.414,
+            time_embedding_act_fn="gelu",
+            time_embedding_dim=32,
+            sample_size=_IF_STAGE_1_SIZE * 4,
+        )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(**options).eval()
+    unet.set_attn_processor(AttnAddedKVProcessor())
+    return unet
+
+
+def _if_scheduler(**options: Any) -> DDPMScheduler:
+    """IF's squared-cosine DDPM schedule over 1000 steps."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", **options)
+
+
+def get_dummy_if_components(t5_tokenizer_dir: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
+    """Return tiny `IFPipeline` components: a pixel-space UNet sampling 8x8 images with a learned variance, a T5
+    encoder with a local tokenizer, IF's thresholded DDPM scheduler; no safety checker or watermarker."""
+    tokenizer = _load_or_build_t5_tokenizer(t5_tokenizer_dir)
+    scheduler = _if_scheduler(
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.0,
+        prediction_type="epsilon",
+        variance_type="learned_range",
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": _dummy_t5_encoder(tokenizer, _IF_T5_HIDDEN_SIZE, seed),
+        "unet": _dummy_if_unet(seed, super_resolution=False),
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "watermarker": None,
+    }
+
+
+def get_dummy_if_sr_components(t5_tokenizer_dir: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
+    """Return tiny `IFSuperResolutionPipeline` components: stage I's, with a UNet upscaling 8x8 to 32x32 that reads
+    the noisy image beside the upscaled one, and the `image_noising_scheduler` that noise-augments the latter."""
+    components = get_dummy_if_components(t5_tokenizer_dir, seed=seed)
+    components["unet"] = _dummy_if_unet(seed, super_resolution=True)
+    components["image_noising_scheduler"] = _if_scheduler()
+    return components
+
+
 def get_dummy_pipeline(
     family: PipelineFamily,
     tmp_dir: str | os.PathLike,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline:
+) -> DiffusionPipeline:
     """Build the tokenizer(s) under `tmp_dir` and return a tiny pipeline of the given family."""
     if family not in _FAMILIES:
         raise ValueError(f"Unknown pipeline family {family!r}; expected one of {_FAMILIES}.")
+    if family in ("if", "if_sr"):
+        t5_tokenizer_dir = Path(tmp_dir) / "tokenizer_t5"
+        build_t5_tokenizer(t5_tokenizer_dir)
+        if family == "if":
+            pipe = IFPipeline(**get_dummy_if_components(t5_tokenizer_dir, seed=seed), requires_safety_checker=False)
+        else:
+            components = get_dummy_if_sr_components(t5_tokenizer_dir, seed=seed)
+            pipe = IFSuperResolutionPipeline(**components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
     tokenizer_dir = Path(tmp_dir) / "tokenizer"
     build_clip_tokenizer(tokenizer_dir)
     if family == "sd3":

@@ -111,6 +111,7 @@ class DreamBoothTrainer:
 
         if config.with_prior_preservation:
             self._generate_class_images()
+        self.family.sample_as_trained()
         self._load_images()
         self._set_up_trainable_modules()
         self._build_caches()
@@ -127,6 +128,13 @@ class DreamBoothTrainer:
         """Top up the class folder with the frozen model, every process listing it before any of them writes."""
         config, accelerator = self.config, self.accelerator
         missing = missing_class_images(config.class_data_dir, config.num_class_images)
+        if missing and not self.family.generates_from_prompt:
+            raise ValueError(
+                f"`--class_data_dir={config.class_data_dir}` holds fewer than `--num_class_images="
+                f"{config.num_class_images}` images, and `{type(self.pipeline).__name__}` cannot generate them from"
+                " `--class_prompt` alone (it needs an input image). Put class images at `--resolution` there: for a"
+                " super-resolution stage, the class images the cascade generated, or real photos of the class."
+            )
         if missing and accelerator.is_main_process:
             # An 8-bit RGB PNG is at most about its raw size.
             check_free_space(config.class_data_dir, len(missing) * 3 * config.resolution**2, "the class images")
@@ -187,7 +195,8 @@ class DreamBoothTrainer:
         if self.config.resolution % factor:
             raise ValueError(
                 f"`--resolution={self.config.resolution}` must be a multiple of {factor} for this model (the VAE's"
-                " downsampling factor, times the patch size of a transformer denoiser);"
+                " downsampling factor, times the patch size of a transformer denoiser; for pixel-space DeepFloyd IF,"
+                " the UNet's downsampling, and stage II's 4x low-resolution side);"
                 f" try {self.config.resolution // factor * factor or factor}."
             )
 
@@ -295,7 +304,7 @@ class DreamBoothTrainer:
         if self.accelerator.device.type != "cuda":
             return
         caches = (self.instance_latents, self.class_latents)
-        if all(mean is not None for cache in caches for mean in cache.mean):
+        if self.family.vae is not None and all(mean is not None for cache in caches for mean in cache.mean):
             self.idle_modules.append(self.family.vae)
         if self.text_encoders_frozen:
             self.idle_modules += self.family.text_encoders
@@ -504,13 +513,13 @@ class DreamBoothTrainer:
         num_global = self.global_batch_size * (2 if config.with_prior_preservation else 1)
         device = family.device
         generator = step_generator(self.seed, micro_step, device)
-        channels, size = family.vae.config.latent_channels, config.resolution // family.vae_scale_factor
+        shape = family.sample_shape(config.resolution)
         index = torch.tensor(positions, device=device)
-        noise = torch.randn((num_global, channels, size, size), generator=generator, device=device)[index]
-        latent_noise = torch.randn((num_global, channels, size, size), generator=generator, device=device)[index]
+        noise = torch.randn((num_global, *shape), generator=generator, device=device)[index]
+        latent_noise = torch.randn((num_global, *shape), generator=generator, device=device)[index]
         timesteps = family.sample_timesteps(num_global, generator)[index]
         if config.offset_noise:
-            channel_noise = torch.randn((num_global, channels, 1, 1), generator=generator, device=device)[index]
+            channel_noise = torch.randn((num_global, shape[0], 1, 1), generator=generator, device=device)[index]
             noise = noise + config.noise_offset * channel_noise
 
         mean, std, conditioning = self._latent_distribution(examples, positions, micro_step)
@@ -645,7 +654,7 @@ class DreamBoothTrainer:
         """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation, else the
         instance prompt), and with `--sample_prompts`, `samples/grid.png` with one row per prompt."""
         config = self.config
-        if not config.num_validation_images:
+        if not config.num_validation_images or not self.family.generates_from_prompt:
             return
         subject_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
         prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or [subject_prompt]]
@@ -709,6 +718,8 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        if "sr_noise_level" in self.family.option_defaults[config.adapter]:
+            training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
         return SubjectMetadata(
             subjects=[Subject.from_prompts(instance_prompt, config.class_prompt)],
             adapter=config.adapter,

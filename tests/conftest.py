@@ -66,10 +66,11 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def pipeline_dirs(tmp_path_factory) -> dict[str, str]:
-    """Saved tiny pipelines: `sd` (epsilon), `sd2` (v-prediction), `sdxl`, `sd3` and `flux`, loadable with
-    from_pretrained."""
+    """Saved tiny pipelines: `sd` (epsilon), `sd2` (v-prediction), `sdxl`, `sd3`, `flux`, and DeepFloyd IF's stage I
+    `if` and stage II `if_sr`, loadable with from_pretrained."""
     root = tmp_path_factory.mktemp("pipelines")
-    return {family: save_dummy_pipeline(family, root / family) for family in ("sd", "sd2", "sdxl", "sd3", "flux")}
+    families = ("sd", "sd2", "sdxl", "sd3", "flux", "if", "if_sr")
+    return {family: save_dummy_pipeline(family, root / family) for family in families}
 
 
 def write_subject_images(directory: Path, count: int = 4, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:

@@ -1,4 +1,5 @@
-"""End-to-end training on tiny SD 1.x, SD 2.x (v-prediction), SDXL, SD3 and Flux pipelines, full and LoRA.
+"""End-to-end training on tiny SD 1.x, SD 2.x (v-prediction), SDXL, SD3, Flux and DeepFloyd IF (stage I and the
+stage II super-resolution) pipelines, full and LoRA.
 
 One tester class holds the assertions; a subclass per family sets only attributes (as diffusers' pipeline tests do).
 """
@@ -8,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, tiny_config
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
@@ -35,7 +36,7 @@ def text_encoders(pipeline) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipeline, name) for name in TEXT_ENCODER_NAMES if getattr(pipeline, name, None) is not None}
 
 
-def generate(pipeline, prompt: str = "a photo of sks dog") -> torch.Tensor:
+def generate(pipeline, prompt: str = "a photo of sks dog", **options) -> torch.Tensor:
     output = pipeline(
         prompt,
         num_inference_steps=2,
@@ -43,8 +44,16 @@ def generate(pipeline, prompt: str = "a photo of sks dog") -> torch.Tensor:
         width=TINY_RESOLUTION,  # Flux's default size is 128 latents, whatever the model
         generator=torch.Generator().manual_seed(0),
         output_type="np",
+        **options,
     ).images
     return torch.from_numpy(output)
+
+
+def unchanged_vae(base, trained) -> bool:
+    """Whether the VAE kept its weights; pixel-space pipelines (DeepFloyd IF) have none."""
+    if getattr(base, "vae", None) is None:
+        return True
+    return not changed(state_of(base.vae), state_of(trained.vae))
 
 
 class DreamBoothFamilyTester:
@@ -57,6 +66,15 @@ class DreamBoothFamilyTester:
     frozen_text_encoders: tuple[str, ...] = ()
     #: Options every run of the family's tests takes.
     run_options: dict = {}
+    #: Pipeline arguments besides the prompt that generation needs (a super-resolution stage's input image).
+    call_options: dict = {}
+    #: Whether `--train_text_encoder` combines with LoRA (DeepFloyd IF: no, diffusers cannot load a T5 LoRA).
+    lora_trains_text_encoder: bool = True
+    #: Whether the pipeline makes class images from the class prompt; if not, the tests supply them.
+    generates_class_images: bool = True
+
+    def generate(self, pipeline) -> torch.Tensor:
+        return generate(pipeline, **self.call_options)
 
     def config(self, pipeline_dirs, instance_dir, tmp_path, **overrides) -> DreamBoothConfig:
         options = {
@@ -78,21 +96,23 @@ class DreamBoothFamilyTester:
             class_data_dir=str(tmp_path / "class"),
             num_class_images=3,
         )
+        if not self.generates_class_images:
+            write_subject_images(tmp_path / "class", count=3, size=(TINY_RESOLUTION, TINY_RESOLUTION), seed=1)
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
         name = denoiser_name(base)
         denoiser = getattr(pipeline, name)
 
         assert len(changed(state_of(getattr(base, name)), state_of(denoiser))) > 0.9 * len(denoiser.state_dict())
-        assert not changed(state_of(base.vae), state_of(pipeline.vae))
+        assert unchanged_vae(base, pipeline)
         for encoder_name, encoder in text_encoders(base).items():
             assert not changed(state_of(encoder), state_of(getattr(pipeline, encoder_name))), encoder_name
         # The output is a plain diffusers pipeline folder that reproduces the trained pipeline's images.
         model_index = json.loads((tmp_path / "out" / "model_index.json").read_text())
         assert model_index["_class_name"] == type(base).__name__
         reloaded = DiffusionPipeline.from_pretrained(tmp_path / "out")
-        torch.testing.assert_close(generate(reloaded), generate(pipeline), atol=1e-5, rtol=0)
-        assert not torch.allclose(generate(base), generate(pipeline), atol=1e-4)
+        torch.testing.assert_close(self.generate(reloaded), self.generate(pipeline), atol=1e-5, rtol=0)
+        assert not torch.allclose(self.generate(base), self.generate(pipeline), atol=1e-4)
         saved_config = json.loads((tmp_path / "out" / "dreambooth_config.json").read_text())
         assert saved_config["instance_prompt"] == "a photo of sks dog"
         # diffusers' README: a checkpoint's unet (transformer) folder loads for inference.
@@ -106,10 +126,13 @@ class DreamBoothFamilyTester:
         for name, encoder in text_encoders(base).items():
             trained = bool(changed(state_of(encoder), state_of(getattr(pipeline, name))))
             assert trained == (name not in self.frozen_text_encoders), name
-        assert not changed(state_of(base.vae), state_of(pipeline.vae))
+        assert unchanged_vae(base, pipeline)
 
     def test_lora_trains_adapters_and_loads_in_plain_diffusers(self, pipeline_dirs, instance_dir, tmp_path):
-        config = self.config(pipeline_dirs, instance_dir, tmp_path, adapter="lora", rank=4, train_text_encoder=True)
+        train_text_encoder = self.lora_trains_text_encoder
+        config = self.config(
+            pipeline_dirs, instance_dir, tmp_path, adapter="lora", rank=4, train_text_encoder=train_text_encoder
+        )
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
         name = denoiser_name(base)
@@ -129,8 +152,9 @@ class DreamBoothFamilyTester:
         assert not (tmp_path / "out" / name).exists()
         plain = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         plain.load_lora_weights(tmp_path / "out")
-        torch.testing.assert_close(generate(plain), generate(pipeline), atol=1e-5, rtol=0)
-        assert not torch.allclose(generate(base), generate(pipeline), atol=1e-4)
+        family_for_pipeline(plain).sample_as_trained()  # IF: fixed variance, as diffusers' docs say after loading
+        torch.testing.assert_close(self.generate(plain), self.generate(pipeline), atol=1e-5, rtol=0)
+        assert not torch.allclose(self.generate(base), self.generate(pipeline), atol=1e-4)
 
     @pytest.mark.parametrize("adapter", ["full", "lora"])
     def test_resumed_run_matches_an_unbroken_one(self, pipeline_dirs, instance_dir, tmp_path, adapter):
@@ -174,6 +198,19 @@ class TestFlux(DreamBoothFamilyTester):
     # No card samples: FluxPipeline samples 128x128 latents whatever the model, 3.5 s a run here (test_flux.py checks
     # that samples are written).
     run_options = {"num_validation_images": 0}
+
+
+class TestDeepFloydIF(DreamBoothFamilyTester):
+    family = "if"
+    lora_trains_text_encoder = False
+
+
+class TestDeepFloydIFSuperResolution(DreamBoothFamilyTester):
+    family = "if_sr"
+    lora_trains_text_encoder = False
+    # Stage I's output to upscale: 8x8 (the tiny stage II upscales 4x to TINY_RESOLUTION).
+    call_options = {"image": torch.linspace(-1, 1, 3 * 8 * 8).reshape(1, 3, 8, 8)}
+    generates_class_images = False
 
 
 def test_lora_optimizer_state_holds_only_the_adapters_and_the_base_stays_in_the_training_dtype(

@@ -3,6 +3,7 @@
 from diffusers import DiffusionPipeline
 
 from .base import DreamBoothFamily, ImageConditioning
+from .deepfloyd_if import DeepFloydIFFamily, DeepFloydIFSuperResolutionFamily
 from .flux import FluxFamily
 from .stable_diffusion import StableDiffusionFamily
 from .stable_diffusion_3 import StableDiffusion3Family
@@ -14,6 +15,8 @@ FAMILIES: tuple[type[DreamBoothFamily], ...] = (
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    DeepFloydIFFamily,
+    DeepFloydIFSuperResolutionFamily,
 )
 
 

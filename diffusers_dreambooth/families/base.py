@@ -51,6 +51,11 @@ class DreamBoothFamily:
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     denoiser_lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder_lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: Whether the pipeline generates from a prompt alone: class, validation and sample images are drawn with it.
+    #: False for pipelines that also need an input image (super-resolution); those images must then be supplied.
+    generates_from_prompt: ClassVar[bool] = True
+    #: Whether the text encoder reads the tokenizer's attention mask, as the pipeline does (T5 in DeepFloyd IF).
+    uses_attention_mask: ClassVar[bool] = False
     #: The training copy of the pipeline's scheduler, built from its config (the pipeline's own keeps sampling).
     noise_scheduler_class: ClassVar[type[SchedulerMixin]] = DDPMScheduler
     #: Defaults of options left unset (None), per adapter: those of diffusers' script for this family and mode.
@@ -87,6 +92,28 @@ class DreamBoothFamily:
         if ignored:
             names = ", ".join(ignored)
             logger.warning("%s ignored: flow-matching options (SD3, Flux) do not apply to %s.", names, self.name)
+        self.warn_if_attention_mask_ignored(config)
+        if config.sr_noise_level is not None and "sr_noise_level" not in self.option_defaults[config.adapter]:
+            logger.warning("`--sr_noise_level` ignored: it applies to super-resolution stages, not to %s.", self.name)
+        if not self.generates_from_prompt:
+            self.check_prompt_only_sampling_unused(config)
+
+    def check_prompt_only_sampling_unused(self, config: DreamBoothConfig) -> None:
+        """Refuse the options that sample the pipeline from a prompt alone, which a super-resolution stage cannot."""
+        for name in ("validation_prompt", "evaluate"):
+            if getattr(config, name):
+                raise ValueError(
+                    f"`--{name}` samples the pipeline from prompts alone, but `{type(self.pipeline).__name__}` also"
+                    " needs an input image. Remove it; check this stage through the cascade that feeds it."
+                )
+
+    def warn_if_attention_mask_ignored(self, config: DreamBoothConfig) -> None:
+        if config.text_encoder_use_attention_mask and not self.uses_attention_mask:
+            logger.warning(
+                "`--text_encoder_use_attention_mask` is ignored: it applies to T5 encoders read with their mask"
+                " (DeepFloyd IF); %s's pipeline encodes prompts without a mask, and training does the same.",
+                self.name,
+            )
 
     # Components
 
@@ -103,8 +130,9 @@ class DreamBoothFamily:
         return [getattr(self.pipeline, name) for name in self.tokenizer_names]
 
     @property
-    def vae(self) -> torch.nn.Module:
-        return self.pipeline.vae
+    def vae(self) -> torch.nn.Module | None:
+        """The VAE whose latents are diffused, or None for a pixel-space model (DeepFloyd IF)."""
+        return getattr(self.pipeline, "vae", None)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -114,6 +142,17 @@ class DreamBoothFamily:
     def resolution_multiple(self) -> int:
         """What the training resolution must be a multiple of: the pixel size of one latent (or one latent patch)."""
         return self.vae_scale_factor
+
+    def sample_shape(self, resolution: int) -> tuple[int, int, int]:
+        """`(channels, height, width)` of one training example's sample, as `encode_image_distribution` returns it,
+        and of the noise the trainer draws for it: the VAE latents of a `resolution`-sized image by default."""
+        size = resolution // self.vae_scale_factor
+        return (self.vae.config.latent_channels, size, size)
+
+    def sample_as_trained(self) -> None:
+        """Make the pipeline sample as the trained model predicts; the trainer calls it once class images exist, and
+        `DreamBoothPipeline` after applying a LoRA. Nothing to do unless a family trains only part of the model's
+        output (DeepFloyd IF: epsilon, not the variance)."""
 
     def trained_text_encoder_names(self, adapter: str) -> tuple[str, ...]:
         """The text encoders that `--train_text_encoder` trains with this adapter (`full` or `lora`): all of them."""

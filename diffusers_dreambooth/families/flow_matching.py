@@ -45,6 +45,7 @@ class FlowMatchingFamily(DreamBoothFamily):
         self.logit_mean, self.logit_std, self.mode_scale = config.logit_mean, config.logit_std, config.mode_scale
         self.precondition_outputs = bool(config.precondition_outputs)
         self.max_sequence_length = config.max_sequence_length
+        self.warn_if_attention_mask_ignored(config)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Timesteps of the training schedule at `u * num_train_timesteps`, u drawn from the `--weighting_scheme`
