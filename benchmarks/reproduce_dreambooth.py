@@ -56,8 +56,9 @@ LORA = {"adapter": "lora", "learning_rate": 1e-3, "rank": 8}
 VARIED = ("white", "black", "pink", "gray")
 
 #: The runs of the table: name -> overrides of `toy_dreambooth_config`, plus two keys of this script:
-#: `instance_backgrounds` (the photos' backgrounds, default white only) and `background_captions` (each photo's
-#: caption names its background, "a photo of sks star on a white background", instead of the one instance prompt).
+#: `instance_backgrounds` (the photos' backgrounds, cycled; default white only), `instance_count` (photos, default 4)
+#: and `background_captions`: True, each photo's caption names its background ("a photo of sks star on a white
+#: background") instead of being the one instance prompt; "half", only the second half of the photos' captions do.
 RUNS: dict[str, dict] = {
     "full + TE, prior": {},
     "full + TE, no prior": {"with_prior_preservation": False},
@@ -67,6 +68,12 @@ RUNS: dict[str, dict] = {
     "full + TE, prior, varied backgrounds": {"instance_backgrounds": VARIED},
     "full + TE, prior, background captions": {"background_captions": True},
     "full + TE, prior, varied backgrounds + captions": {"instance_backgrounds": VARIED, "background_captions": True},
+    "full + TE, prior, 8 photos on varied backgrounds": {"instance_backgrounds": VARIED, "instance_count": 8},
+    "full + TE, prior, 8 photos on varied backgrounds, half captioned": {
+        "instance_backgrounds": VARIED,
+        "instance_count": 8,
+        "background_captions": "half",
+    },
     "full, no prior": {"train_text_encoder": False, "with_prior_preservation": False},
     "LoRA + TE, no prior": {**LORA, "with_prior_preservation": False},
 }
@@ -93,10 +100,16 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
     overrides = dict(RUNS[name])
     run_dir = Path(output_dir) / "runs" / f"{_slug(name)}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    scenes = subject_photo_scenes(4, seed=0, backgrounds=overrides.pop("instance_backgrounds", ("white",)))
+    count = overrides.pop("instance_count", 4)
+    scenes = subject_photo_scenes(count, seed=0, backgrounds=overrides.pop("instance_backgrounds", ("white",)))
     instance_dir = run_dir / "subject"
-    if overrides.pop("background_captions", False):
-        captions = [f"{SUBJECT_PROMPT} on a {scene.background} background" for scene in scenes]
+    background_captions = overrides.pop("background_captions", False)
+    if background_captions:
+        first_captioned = count // 2 if background_captions == "half" else 0
+        captions = [
+            f"{SUBJECT_PROMPT} on a {scene.background} background" if index >= first_captioned else SUBJECT_PROMPT
+            for index, scene in enumerate(scenes)
+        ]
         write_image_folder(instance_dir, [(s, s.render(), c) for s, c in zip(scenes, captions)], captions=True)
         data = dict(instance_data_dir=None, dataset_name=str(instance_dir), caption_column="text")
     else:

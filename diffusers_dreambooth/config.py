@@ -287,10 +287,12 @@ class DreamBoothConfig:
 
     # Diffusers options of other families or features, parsed so drop-in commands fail clearly.
     class_labels_conditioning: str | None = _option(
-        None, "diffusers' IF stage II option; not supported: stage II is conditioned on `--sr_noise_level`."
+        None,
+        "diffusers' IF stage II option (`timesteps`); accepted for stage II, which is conditioned on its"
+        " `--sr_noise_level` as the pipeline samples, not on the timestep.",
     )
     validation_images: list[str] | None = _option(
-        None, "diffusers' IF stage II option; not supported: stage II is not sampled during training."
+        None, "Low-resolution images a super-resolution stage (IF stage II) upscales with `--validation_prompt`."
     )
     output_kohya_format: bool = _option(
         False, "Also write the LoRA as `pytorch_lora_weights_kohya.safetensors` (AUTOMATIC1111/ComfyUI format)."
@@ -434,14 +436,6 @@ class DreamBoothConfig:
 
     def _check_unsupported(self) -> None:
         unsupported = {
-            "class_labels_conditioning": (
-                "DeepFloyd IF stage II is conditioned on its noise-augmentation level, as IFSuperResolutionPipeline"
-                " samples it (set it with `--sr_noise_level`), not on the diffusion timestep"
-            ),
-            "validation_images": (
-                "DeepFloyd IF stage II is not sampled during training; train stage I beside it and check the cascade"
-                " with `DreamBoothPipeline`"
-            ),
             "do_edm_style_training": "EDM-style training is not supported",
         }
         for name, reason in unsupported.items():

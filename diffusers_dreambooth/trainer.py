@@ -613,7 +613,14 @@ class DreamBoothTrainer:
         for module in self.trained.values():
             module.eval()
         with self._idle_modules_on_device(), self.accelerator.autocast():
-            run_validation(self.pipeline, self.config, self.global_step, self.seed, self.accelerator.trackers)
+            run_validation(
+                self.pipeline,
+                self.config,
+                self.global_step,
+                self.seed,
+                self.accelerator.trackers,
+                sampling_inputs=self.family.sampling_inputs(),
+            )
         for module in self.trained.values():
             module.train()
 

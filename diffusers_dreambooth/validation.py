@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,34 +69,62 @@ def swapped_scheduler(pipeline: DiffusionPipeline, name: str) -> Iterator[None]:
 
 @torch.no_grad()
 def generate_images(
-    pipeline: DiffusionPipeline, config: DreamBoothConfig, prompts: list[str], seed: int
+    pipeline: DiffusionPipeline, config: DreamBoothConfig, prompts: list[str], seed: int, **inputs: Any
 ) -> list[Image.Image]:
-    """One image per prompt with the pipeline's scheduler, `--validation_inference_steps` and `--guidance_scale`."""
+    """One image per prompt with the pipeline's scheduler, `--validation_inference_steps` and `--guidance_scale`;
+    `inputs` go to the pipeline's call too (e.g. the image a super-resolution stage upscales)."""
     options = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
     return pipeline(
         prompt=prompts,
         num_inference_steps=config.validation_inference_steps,
         generator=torch.Generator(pipeline.device).manual_seed(seed),
         **options,
+        **inputs,
     ).images
 
 
 def generate_validation_images(
-    pipeline: DiffusionPipeline, config: DreamBoothConfig, seed: int, prompt: str | None = None
+    pipeline: DiffusionPipeline,
+    config: DreamBoothConfig,
+    seed: int,
+    prompt: str | None = None,
+    sampling_inputs: dict[str, Any] | None = None,
 ) -> list[Image.Image]:
-    """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed."""
+    """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed.
+
+    With `--validation_images` (a super-resolution stage), one image per file instead: that file upscaled, as
+    diffusers' IF stage II script validates. `sampling_inputs` are the family's extra call arguments.
+    """
+    prompt, inputs = prompt or config.validation_prompt, sampling_inputs or {}
     with swapped_scheduler(pipeline, config.validation_scheduler):
-        return generate_images(
-            pipeline, config, [prompt or config.validation_prompt] * config.num_validation_images, seed
-        )
+        if not config.validation_images:
+            return generate_images(pipeline, config, [prompt] * config.num_validation_images, seed, **inputs)
+        return [
+            generate_images(pipeline, config, [prompt], seed, image=load_validation_image(path), **inputs)[0]
+            for path in config.validation_images
+        ]
+
+
+def load_validation_image(path: str) -> Image.Image:
+    """An RGB image from `--validation_images`, with a clear error naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`--validation_images`: cannot read `{path}` as an image ({error}).") from error
 
 
 def run_validation(
-    pipeline: DiffusionPipeline, config: DreamBoothConfig, step: int, seed: int, trackers: list
+    pipeline: DiffusionPipeline,
+    config: DreamBoothConfig,
+    step: int,
+    seed: int,
+    trackers: list,
+    sampling_inputs: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Generate validation images, write them as `validation/step-{step}/{i}.png`, log them; return the paths."""
-    logger.info("Validation at step %d: %d images of %r", step, config.num_validation_images, config.validation_prompt)
-    images = generate_validation_images(pipeline, config, seed)
+    logger.info("Validation at step %d: images of %r", step, config.validation_prompt)
+    images = generate_validation_images(pipeline, config, seed, sampling_inputs=sampling_inputs)
     folder = Path(config.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.families.deepfloyd_if import DEFAULT_SR_NOISE_LEVEL, low_resolution_condition
 
 PROMPT = "a photo of sks dog"
@@ -179,8 +181,15 @@ def test_stage_2_resolution_must_have_a_whole_low_resolution_side(pipeline_dirs,
 
 
 def test_stage_2_refuses_what_needs_sampling_from_a_prompt(pipeline_dirs, square_instance_dir, tmp_path):
-    with pytest.raises(ValueError, match="`--validation_prompt`"):
-        configured(DiffusionPipeline.from_pretrained(pipeline_dirs["if_sr"]), validation_prompt=PROMPT)
+    stage_2 = DiffusionPipeline.from_pretrained(pipeline_dirs["if_sr"])
+    with pytest.raises(ValueError, match="`--validation_prompt` needs `--validation_images`"):
+        configured(stage_2, validation_prompt=PROMPT)
+    with pytest.raises(ValueError, match="`--validation_images`: cannot read `missing.png`"):
+        configured(stage_2, validation_prompt=PROMPT, validation_images=["missing.png"])
+    with pytest.raises(ValueError, match="`--evaluate`"):
+        configured(stage_2, evaluate=True, class_prompt="a photo of dog")
+    with pytest.raises(ValueError, match="`--validation_images` is diffusers' option for DeepFloyd IF stage II"):
+        configured(DiffusionPipeline.from_pretrained(pipeline_dirs["if"]), validation_images=["low_res.png"])
     config = tiny_config(
         pipeline_dirs["if_sr"],
         square_instance_dir,
@@ -192,6 +201,48 @@ def test_stage_2_refuses_what_needs_sampling_from_a_prompt(pipeline_dirs, square
     )
     with pytest.raises(ValueError, match="cannot generate them from `--class_prompt` alone"):
         DreamBoothTrainer(config).train()
+
+
+def test_diffusers_stage_2_command_runs_unchanged_and_validates_by_upscaling(pipeline_dirs, tmp_path, caplog):
+    """diffusers' README command for IF stage II (tiny sizes and paths aside): it trains, and each validation image
+    is one `--validation_images` file upscaled at the trained noise level."""
+    instance_dir = write_subject_images(tmp_path / "dog", size=(TINY_RESOLUTION, TINY_RESOLUTION))
+    low_res = write_subject_images(tmp_path / "low_res", count=2, size=(LOW_RESOLUTION, LOW_RESOLUTION), seed=1)
+    command = [
+        f"--pretrained_model_name_or_path={pipeline_dirs['if_sr']}",
+        f"--instance_data_dir={instance_dir}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--instance_prompt=a sks dog",
+        f"--resolution={TINY_RESOLUTION}",
+        "--train_batch_size=2",
+        "--gradient_accumulation_steps=2",
+        "--learning_rate=5e-6",
+        "--max_train_steps=2",
+        "--validation_prompt=a sks dog",
+        "--validation_steps=2",
+        "--checkpointing_steps=500",
+        "--pre_compute_text_embeddings",
+        "--tokenizer_max_length=77",
+        "--text_encoder_use_attention_mask",
+        "--validation_images",
+        *sorted(str(path) for path in low_res.iterdir()),
+        "--class_labels_conditioning=timesteps",
+        "--validation_inference_steps=2",  # not in diffusers' command: keeps the test fast
+        "--report_to=none",
+    ]
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["if_sr"])
+    sampling_calls = []  # the UNet's inputs while the pipeline samples (eval mode), not in training steps
+    pipeline.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: None if module.training else sampling_calls.append(kwargs), with_kwargs=True
+    )
+    with caplog.at_level("WARNING"):
+        DreamBoothTrainer(parse_config(command), pipeline=pipeline).train()
+    assert "`--class_labels_conditioning timesteps` is accepted but not followed" in caplog.text
+    validation = sorted((tmp_path / "out" / "validation" / "step-2").glob("*.png"))
+    assert [Image.open(path).size for path in validation] == [(TINY_RESOLUTION, TINY_RESOLUTION)] * 2
+    # Each validation call upscaled at the trained noise level (the UNet's class labels), not IF's default 250.
+    assert sampling_calls
+    assert all(kwargs["class_labels"].tolist() == [DEFAULT_SR_NOISE_LEVEL] * 2 for kwargs in sampling_calls)
 
 
 # The cascade

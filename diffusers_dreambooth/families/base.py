@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from peft.utils import get_peft_model_state_dict
 
 from ..losses import snr_loss_weights
+from ..validation import load_validation_image
 
 if TYPE_CHECKING:
     from ..config import DreamBoothConfig
@@ -97,15 +98,44 @@ class DreamBoothFamily:
             logger.warning("`--sr_noise_level` ignored: it applies to super-resolution stages, not to %s.", self.name)
         if not self.generates_from_prompt:
             self.check_prompt_only_sampling_unused(config)
+        else:
+            for name in ("validation_images", "class_labels_conditioning"):
+                if getattr(config, name):
+                    raise ValueError(
+                        f"`--{name}` is diffusers' option for DeepFloyd IF stage II (super-resolution); {self.name}"
+                        " samples from prompts alone. Remove it."
+                    )
 
     def check_prompt_only_sampling_unused(self, config: DreamBoothConfig) -> None:
-        """Refuse the options that sample the pipeline from a prompt alone, which a super-resolution stage cannot."""
-        for name in ("validation_prompt", "evaluate"):
-            if getattr(config, name):
-                raise ValueError(
-                    f"`--{name}` samples the pipeline from prompts alone, but `{type(self.pipeline).__name__}` also"
-                    " needs an input image. Remove it; check this stage through the cascade that feeds it."
-                )
+        """Refuse what would sample this image-conditioned stage from a prompt alone; validation needs its images."""
+        if config.evaluate:
+            raise ValueError(
+                f"`--evaluate` samples the pipeline from prompts alone, but `{type(self.pipeline).__name__}` also"
+                " needs an input image. Remove it; evaluate the cascade that feeds this stage."
+            )
+        if config.validation_prompt and not config.validation_images:
+            raise ValueError(
+                f"`--validation_prompt` needs `--validation_images` with `{type(self.pipeline).__name__}`: it upscales"
+                " images, so pass the low-resolution images to upscale (as diffusers' IF stage II command does)."
+            )
+        for path in config.validation_images or []:
+            load_validation_image(path)  # a missing or unreadable file fails now, not at the first validation
+        if config.class_labels_conditioning not in (None, "timesteps"):
+            raise ValueError(
+                f"`--class_labels_conditioning={config.class_labels_conditioning}`: diffusers' scripts know only"
+                " `timesteps`. Remove it: this stage is conditioned on `--sr_noise_level`."
+            )
+        if config.class_labels_conditioning:
+            logger.warning(
+                "`--class_labels_conditioning timesteps` is accepted but not followed: %s is conditioned on the"
+                " noise level of its low-resolution input (`--sr_noise_level`), as the pipeline samples it, rather"
+                " than on the diffusion timestep as diffusers' train_dreambooth.py does.",
+                self.name,
+            )
+
+    def sampling_inputs(self) -> dict[str, Any]:
+        """Extra arguments of the pipeline's call that make sampling match training (stage II: its noise level)."""
+        return {}
 
     def warn_if_attention_mask_ignored(self, config: DreamBoothConfig) -> None:
         if config.text_encoder_use_attention_mask and not self.uses_attention_mask:

@@ -25,7 +25,7 @@ time, about 13 as a variance). The trained level is recorded with the subject, a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,10 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
                 f" `image_noising_scheduler`, from 0 to {steps - 1}; the DreamBooth paper's low level is 0."
             )
         self.sr_noise_level = config.sr_noise_level
+
+    def sampling_inputs(self) -> dict[str, Any]:
+        """Upscale at the noise-augmentation level the stage was trained at."""
+        return {"noise_level": self.sr_noise_level}
 
     # Components
 
