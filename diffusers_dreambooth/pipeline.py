@@ -19,16 +19,15 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from huggingface_hub import CommitInfo, hf_hub_download
+from huggingface_hub import CommitInfo, hf_hub_download, snapshot_download
 
 from .families import family_for_pipeline
 from .hub import push_subject_folder
 from .model_card import write_model_card
-from .subject import SUBJECT_FILE_NAME, SubjectMetadata, fill_subject
+from .subject import SUBJECT_FILE_NAME, SUPER_RESOLUTION_FOLDER, SubjectMetadata, fill_subject
 
 PROMPT_ARGUMENTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
 #: The sub-folder of a stage I subject that holds its trained super-resolution stage (DeepFloyd IF stage II).
-SUPER_RESOLUTION_FOLDER = "stage_2"
 #: Arguments of a cascade call that go to the super-resolution stage too; the others go to stage I only.
 CASCADE_SHARED_ARGUMENTS = ("prompt", "negative_prompt", "generator", "num_inference_steps", "guidance_scale")
 
@@ -89,7 +88,7 @@ class DreamBoothPipeline:
         and applies the adapter. Other keyword arguments go to `DiffusionPipeline.from_pretrained`; weights load from
         safetensors only unless `use_safetensors=None` is passed (pickle files can run code when loaded).
 
-        A local folder with a trained super-resolution stage in `stage_2/` loads as the cascade of both.
+        A folder or repo with a trained super-resolution stage in `stage_2/` loads as the cascade of both.
         """
         subject = cls._from_pretrained(
             pretrained_model_name_or_path,
@@ -100,8 +99,9 @@ class DreamBoothPipeline:
             base_model=base_model,
             **kwargs,
         )
-        stage_2 = Path(pretrained_model_name_or_path) / SUPER_RESOLUTION_FOLDER
-        if (stage_2 / SUBJECT_FILE_NAME).is_file():
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir)
+        stage_2 = _super_resolution_folder(str(pretrained_model_name_or_path), **hub)
+        if stage_2 is not None:
             subject.super_resolution = cls._from_pretrained(stage_2, torch_dtype=torch_dtype, **kwargs)
         return subject
 
@@ -231,6 +231,17 @@ class DreamBoothPipeline:
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             return push_subject_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def _super_resolution_folder(source: str, **hub: Any) -> Path | None:
+    """The local folder of the cascade's trained stage II (`stage_2/`), downloaded from a Hub repo; None if none."""
+    root = (
+        Path(source)
+        if Path(source).is_dir()
+        else Path(snapshot_download(source, allow_patterns=[f"{SUPER_RESOLUTION_FOLDER}/*"], **hub))
+    )
+    stage_2 = root / SUPER_RESOLUTION_FOLDER
+    return stage_2 if (stage_2 / SUBJECT_FILE_NAME).is_file() else None
 
 
 def _subject_file(source: str, **hub: Any) -> str:

@@ -14,6 +14,8 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 SUBJECT_FILE_NAME = "dreambooth.json"
+#: The sub-folder of a cascade's subject (DeepFloyd IF) that holds its trained super-resolution stage.
+SUPER_RESOLUTION_FOLDER = "stage_2"
 SUBJECT_PLACEHOLDER = "{subject}"
 
 

@@ -39,7 +39,7 @@ from .data import (
 )
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
-from .hub import push_subject_folder
+from .hub import default_repo_name, push_subject_folder
 from .input_checks import check_inputs
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
@@ -650,7 +650,7 @@ class DreamBoothTrainer:
         if config.evaluate:
             metadata.evaluation = self._evaluate(metadata)
         metadata.to_json_file(staging)
-        repo_id = config.hub_model_id or output_dir.resolve().name
+        repo_id = config.hub_model_id or default_repo_name(output_dir)
         write_model_card(staging, metadata, repo_id, token=config.hub_token)
         checkpoints.publish_final(staging, output_dir, last=SUBJECT_FILE_NAME)
         logger.info("Saved the trained subject to %s", output_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, tiny_config
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from hub_server import LocalHub, run_client
 
 from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer
@@ -148,3 +148,34 @@ DreamBoothTrainer(config).train()
     download += "result = open(get('user/sks-dog-token', 'README.md')).read()"
     pulled = run_client(hub, tmp_path / "home_pull", download)
     assert "sks dog" in pulled and hub.token not in pulled
+
+
+@pytest.mark.slow
+def test_a_cascade_pushes_as_one_repo_and_loads_from_it(hub, pipeline_dirs, tmp_path):
+    """DeepFloyd IF: stage I at the repo's root, stage II in `stage_2/`; pushing the `stage_2` folder (what
+    `--push_to_hub` does after training stage II) pushes the whole cascade, which loads from the repo id."""
+    photos = write_subject_images(tmp_path / "photos", size=(TINY_RESOLUTION, TINY_RESOLUTION))
+    out = tmp_path / "sks-dog-if"
+    options = dict(max_train_steps=2, learning_rate=1e-2, num_validation_images=0, pre_compute_text_embeddings=True)
+    DreamBoothTrainer(
+        tiny_config(pipeline_dirs["if"], photos, out, resolution=TINY_RESOLUTION // 4, **options)
+    ).train()
+    DreamBoothTrainer(tiny_config(pipeline_dirs["if_sr"], photos, out / "stage_2", **options)).train()
+    expected = DreamBoothPipeline.from_pretrained(out)(
+        "a photo of {subject} on the moon",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert expected.shape[1:3] == (TINY_RESOLUTION, TINY_RESOLUTION)  # upscaled by stage II
+
+    push = f"""
+from diffusers_dreambooth.hub import default_repo_name, push_subject_folder
+push_subject_folder({str(out / "stage_2")!r}, "user/" + default_repo_name({str(out / "stage_2")!r}))
+"""
+    run_client(hub, tmp_path / "home_push", push)
+    pulled = load_and_generate(hub, tmp_path / "home_pull", "user/sks-dog-if", tmp_path / "pulled.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "pulled.npy"), expected, atol=1e-5)
+    files = set(pulled["files"])
+    assert {"dreambooth.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= files
+    assert {"stage_2/dreambooth.json", "stage_2/unet/diffusion_pytorch_model.safetensors"} <= files
