@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.checkpoints import list_checkpoints
+from diffusers_dreambooth.model_card import FAMILY_TAGS
 
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -155,6 +157,19 @@ class DreamBoothFamilyTester:
         family_for_pipeline(plain).sample_as_trained()  # IF: fixed variance, as diffusers' docs say after loading
         torch.testing.assert_close(self.generate(plain), self.generate(pipeline), atol=1e-5, rtol=0)
         assert not torch.allclose(self.generate(base), self.generate(pipeline), atol=1e-4)
+
+    def test_precomputed_embeddings_train_and_the_card_names_the_family(self, pipeline_dirs, instance_dir, tmp_path):
+        config = self.config(
+            pipeline_dirs, instance_dir, tmp_path, adapter="lora", rank=4, pre_compute_text_embeddings=True
+        )
+        base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
+        pipeline = DreamBoothTrainer(config).train()
+        assert not torch.allclose(self.generate(base), self.generate(pipeline), atol=1e-4)
+        family = family_for_pipeline(base)
+        card = (tmp_path / "out" / "README.md").read_text()
+        tags = yaml.safe_load(card.split("---")[1])["tags"]
+        assert {"dreambooth", "lora", *FAMILY_TAGS[family.name]} <= set(tags)
+        assert f"from diffusers import {type(base).__name__}" in card
 
     @pytest.mark.parametrize("adapter", ["full", "lora"])
     def test_resumed_run_matches_an_unbroken_one(self, pipeline_dirs, instance_dir, tmp_path, adapter):
