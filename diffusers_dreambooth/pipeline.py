@@ -11,6 +11,7 @@ loads in plain diffusers from its folder; `DreamBoothPipeline` loads both and ge
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -125,6 +126,8 @@ class DreamBoothPipeline:
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
         metadata = SubjectMetadata.from_json_file(_subject_file(source, **hub))
         if metadata.adapter == "full":
+            for name in _components_saved_as_none(source, **hub):
+                kwargs.setdefault(name, None)  # e.g. SD3 trained without T5: diffusers reloads it only when told
             pipeline = DiffusionPipeline.from_pretrained(source, **hub, **kwargs)
             return cls(pipeline, metadata, source)
         base = base_model or metadata.base_model
@@ -242,6 +245,17 @@ def _super_resolution_folder(source: str, **hub: Any) -> Path | None:
     )
     stage_2 = root / SUPER_RESOLUTION_FOLDER
     return stage_2 if (stage_2 / SUBJECT_FILE_NAME).is_file() else None
+
+
+def _components_saved_as_none(source: str, **hub: Any) -> list[str]:
+    """Components that `model_index.json` of a full subject lists as `[null, null]` (saved without them)."""
+    path = (
+        Path(source) / "model_index.json"
+        if Path(source).is_dir()
+        else hf_hub_download(source, "model_index.json", **hub)
+    )
+    model_index = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [name for name, value in model_index.items() if value == [None, None]]
 
 
 def _subject_file(source: str, **hub: Any) -> str:

@@ -13,7 +13,7 @@ from conftest import tiny_config
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from safetensors import safe_open
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.validation import sampling_scheduler
 
 PROMPT = "a photo of sks dog"
@@ -183,9 +183,12 @@ def test_pipeline_without_t5_trains_and_saves_without_it(pipeline_dirs, instance
     assert not torch.equal(clip_before, pipe.text_encoder.text_model.final_layer_norm.weight)
     model_index = json.loads((tmp_path / "out" / "model_index.json").read_text())
     assert model_index["text_encoder_3"] == [None, None] and model_index["tokenizer_3"] == [None, None]
-    # diffusers loads a pipeline saved without T5 only when told so, as for one it saved itself.
+    # diffusers loads a pipeline saved without T5 only when told so, as for one it saved itself; ours reads it.
     reloaded = DiffusionPipeline.from_pretrained(tmp_path / "out", text_encoder_3=None, tokenizer_3=None)
     torch.testing.assert_close(generate(reloaded), generate(pipe), atol=1e-5, rtol=0)
+    subject = DreamBoothPipeline.from_pretrained(tmp_path / "out")
+    assert subject.pipeline.text_encoder_3 is None
+    torch.testing.assert_close(generate(subject), generate(pipe), atol=1e-5, rtol=0)
 
 
 def test_lora_text_encoder_training_adapts_the_clip_encoders_and_keeps_t5_frozen(
