@@ -7,7 +7,8 @@ One run trains a real `DreamBoothTrainer` for `--warmup` + `--steps` optimizer s
 - floor: the same modules' bare forward + backward + optimizer step on random inputs of the step's shapes (latents,
   timesteps, text embeddings, or token ids through the text encoder when it is trained), with the trainer's own
   optimizer, right after training (`--floor interleaved`: one after each trainer step, paired); the step / floor
-  ratio is the trainer's overhead (1.0 = none);
+  ratio is the trainer's overhead (1.0 = none); also by CPU seconds of the process (`time.process_time`, all
+  threads), which other work on the machine barely moves, so on a CPU device it is the steadier figure;
 - peak memory: resident memory (CPU) or `torch.cuda.max_memory_allocated` (GPU), per phase and for the process;
 - class-image generation: images per second with `generate_class_images` (its own warm-up batch first);
 - end to end: the wall time of loading and of `trainer.train()`, split by the trainer's phases.
@@ -243,6 +244,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device, memory: MemoryMeter) -> None:
         self.device, self.memory = device, memory
         self.calls: dict[str, list[float]] = {}
+        self.cpu_calls: dict[str, list[float]] = {}  # CPU seconds of the process (all threads) per call
         self.first_start: dict[str, float] = {}
         self.peak_mib: dict[str, float | None] = {}
 
@@ -255,13 +257,14 @@ class PhaseTimer:
             if track_memory:
                 self.memory.start()
             synchronize(self.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             self.first_start.setdefault(phase, start)
             try:
                 return method(*args, **kwargs)
             finally:
                 synchronize(self.device)
                 self.calls.setdefault(phase, []).append(time.perf_counter() - start)
+                self.cpu_calls.setdefault(phase, []).append(time.process_time() - cpu_start)
                 if track_memory:
                     self.peak_mib[phase] = self.memory.stop()
 
@@ -450,10 +453,10 @@ class FloorStep:
         for module in trainer.prepared.values():
             module.train()
 
-    def __call__(self, split: bool) -> tuple[float, float | None]:
-        """Seconds of the whole step and, when `split`, of its forward part (synchronized on CUDA)."""
+    def __call__(self, split: bool) -> tuple[float, float | None, float]:
+        """Seconds of the whole step, when `split` of its forward part (synchronized on CUDA), and CPU seconds."""
         synchronize(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         prompt_embeds = self.prompt_embeds if self.text_encoder is None else self.text_encoder(self.token_ids)[0]
         prediction = self.unet(
             self.latents, self.timesteps, encoder_hidden_states=prompt_embeds.to(self.dtype), return_dict=False
@@ -469,7 +472,7 @@ class FloorStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.device)
-        return time.perf_counter() - start, forward
+        return time.perf_counter() - start, forward, time.process_time() - cpu_start
 
 
 def interleave_floor(trainer: DreamBoothTrainer, seed: int, split: bool, times: list, wall: list) -> None:
@@ -509,8 +512,9 @@ def floor_report(trainer: DreamBoothTrainer, times: list, split: bool, peak: flo
     return {
         "batch": config.train_batch_size * (2 if config.with_prior_preservation else 1),
         "text_encoder_trained": config.train_text_encoder,
-        "step": summarize([total for total, _ in times]),
-        "forward": summarize([forward for _, forward in times]) if split else None,
+        "step": summarize([total for total, _, _ in times]),
+        "forward": summarize([forward for _, forward, _ in times]) if split else None,
+        "cpu": summarize([cpu for _, _, cpu in times]),
         "peak_memory_mib": peak,
     }
 
@@ -558,7 +562,7 @@ def run_once(args: argparse.Namespace) -> dict:
         timer.wrap(trainer, "_optimizer_step", "step")
         if split:
             timer.wrap(trainer, "_micro_step", "forward")
-        floor_times: list[tuple[float, float | None]] = []
+        floor_times: list[tuple[float, float | None, float]] = []
         floor_wall: list[float] = []
         if args.floor == "interleaved":
             interleave_floor(trainer, args.seed, split, floor_times, floor_wall)
@@ -580,6 +584,10 @@ def run_once(args: argparse.Namespace) -> dict:
     result["step_forward"] = summarize(timer.calls["forward"][args.warmup :]) if split else None
     result["floor"] = floor
     result["ratio_step_to_floor"] = step["median_s"] / floor["step"]["median_s"]
+    # CPU seconds barely change with other load on the machine (wall seconds do): on a CPU device, the steadier ratio.
+    step_cpu = summarize(timer.cpu_calls["step"][args.warmup :])
+    result["step"]["cpu"] = step_cpu
+    result["ratio_step_to_floor_cpu"] = step_cpu["median_s"] / floor["cpu"]["median_s"]
     if args.floor == "interleaved":
         pairs = zip(step_calls[args.warmup :], floor["step"]["times_s"])
         result["paired_ratio_step_to_floor"] = statistics.median(mine / bare for mine, bare in pairs)
@@ -687,6 +695,12 @@ def describe(result: dict) -> str:
             f"step / floor: {result['ratio_step_to_floor']:.3f}"
             + ("" if paired is None else f" (median of paired ratios {paired:.3f})")
         )
+        if "ratio_step_to_floor_cpu" in result:
+            lines.append(
+                f"step / floor by CPU time (all threads; meaningful on a CPU device):"
+                f" {result['ratio_step_to_floor_cpu']:.3f} ({step['cpu']['median_s']:.4g} s /"
+                f" {floor['cpu']['median_s']:.4g} s)"
+            )
         if result.get("step_forward"):
             lines.append(
                 f"forward part: step {result['step_forward']['median_s']:.4g} s, floor"
