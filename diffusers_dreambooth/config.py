@@ -102,7 +102,14 @@ class DreamBoothConfig:
     cache_dir: str | None = _option(None, "Where downloaded models and datasets are cached.")
     repeats: int = _option(1, "How many times each subject photo is repeated in an epoch.")
     instance_prompt: str | None = _option(
-        None, "Prompt with the identifier and class noun for the subject's photos, e.g. `a photo of sks dog`."
+        None,
+        "Prompt with the identifier and class noun for the subject's photos, e.g. `a photo of sks dog`, or"
+        " `a photo of {identifier} dog` with `--identifier`.",
+    )
+    identifier: str | None = _option(
+        None,
+        "The identifier [V] that `{identifier}` stands for in the prompts: a word such as `sks`, or `auto` for the"
+        " rarest single token of the base model's own tokenizers (`diffusers_dreambooth.identifiers`).",
     )
 
     # Prior preservation (DreamBooth Sec. 3.3)
@@ -294,6 +301,7 @@ class DreamBoothConfig:
             else:
                 self.validation_steps = 100
         self._check_subject_data()
+        self._check_identifier()
         self._check_prior_preservation()
         self._check_training()
         self._check_mixed_precision()
@@ -321,6 +329,45 @@ class DreamBoothConfig:
             raise ValueError(f"`--repeats` must be at least 1, got {self.repeats}.")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`--resolution` must be a positive multiple of 8, got {self.resolution}.")
+
+    def _check_identifier(self) -> None:
+        """`{identifier}` in a prompt needs `--identifier`; the identifier must be one word."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+
+        if self.identifier is not None and (not self.identifier.strip() or len(self.identifier.split()) > 1):
+            raise ValueError(f"`--identifier` must be one word such as `sks`, or `auto`, got {self.identifier!r}.")
+        if self.identifier is None:
+            for name, text in self.identifier_prompts().items():
+                if IDENTIFIER_PLACEHOLDER in text:
+                    raise ValueError(
+                        f"`--{name}` contains `{IDENTIFIER_PLACEHOLDER}` ({text!r}) but no identifier is set. Pass"
+                        " `--identifier auto` to pick a rare token from the model's tokenizers, or `--identifier`"
+                        " with a word of your own (e.g. `sks`)."
+                    )
+
+    def identifier_prompts(self) -> dict[str, str]:
+        """The prompts where `{identifier}` is filled in, by option name (list items indexed: `sample_prompts[0]`)."""
+        prompts = {name: getattr(self, name) for name in ("instance_prompt", "class_prompt", "validation_prompt")}
+        for name in ("sample_prompts", "evaluation_prompts"):
+            prompts.update((f"{name}[{i}]", p) for i, p in enumerate(getattr(self, name) or []))
+        return {name: text for name, text in prompts.items() if text is not None}
+
+    def with_identifier(self, identifier: str) -> DreamBoothConfig:
+        """A copy with `identifier` set and `{identifier}` replaced by it in every prompt."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+
+        def fill(text: str | None) -> str | None:
+            return None if text is None else text.replace(IDENTIFIER_PLACEHOLDER, identifier)
+
+        return dataclasses.replace(
+            self,
+            identifier=identifier,
+            instance_prompt=fill(self.instance_prompt),
+            class_prompt=fill(self.class_prompt),
+            validation_prompt=fill(self.validation_prompt),
+            sample_prompts=None if self.sample_prompts is None else [fill(p) for p in self.sample_prompts],
+            evaluation_prompts=None if self.evaluation_prompts is None else [fill(p) for p in self.evaluation_prompts],
+        )
 
     def _check_prior_preservation(self) -> None:
         if self.with_prior_preservation:

@@ -20,6 +20,8 @@ FAMILY_TAGS = {
     "flux": ("flux", "flux-diffusers"),
 }
 TRAINING_LABELS = {
+    "identifier": "identifier",
+    "identifier_source": "identifier chosen",
     "max_train_steps": "steps",
     "learning_rate": "learning rate",
     "train_batch_size": "batch size (subject images per device)",

@@ -40,6 +40,7 @@ from .data import (
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
 from .hub import push_subject_folder
+from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, fill_identifier, rare_token_identifiers
 from .input_checks import check_inputs
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
@@ -48,7 +49,7 @@ from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
 from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
-from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
+from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
 from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class DreamBoothTrainer:
         self.family = family_for_pipeline(self.pipeline)
         self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
         self.family.configure(config)
+        self.config = config = self._resolve_identifier(config)
         self._check_resolution()
         check_inputs(config, self.family)
 
@@ -122,6 +124,19 @@ class DreamBoothTrainer:
         self._save_final()
         accelerator.end_training()
         return self.pipeline
+
+    def _resolve_identifier(self, config: DreamBoothConfig) -> DreamBoothConfig:
+        """Fill `{identifier}` in the prompts; `--identifier auto` picks the rarest token of the model's tokenizers."""
+        self.identifier_source = None
+        if config.identifier is None:
+            return config
+        identifier, self.identifier_source = config.identifier, "given"
+        if identifier == AUTO_IDENTIFIER:
+            prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
+            identifier = rare_token_identifiers(self.pipeline, count=1, exclude=prompt_words(prompts))[0]
+            self.identifier_source = "rare token (auto)"
+            logger.info("`--identifier auto` picked the rare token `%s` of the base model's tokenizers.", identifier)
+        return config.with_identifier(identifier)
 
     def _generate_class_images(self) -> None:
         """Top up the class folder with the frozen model, every process listing it before any of them writes."""
@@ -207,6 +222,8 @@ class DreamBoothTrainer:
                 mode,
                 config.cache_dir,
             )
+        for image in instance:  # per-image captions of `--caption_column` may name `{identifier}` too
+            image.prompt = fill_identifier(image.prompt, config.identifier, "caption_column")
         self.instance_images: list[TrainingImage] = instance * config.repeats
         self.class_images: list[TrainingImage] = []
         if config.with_prior_preservation:
@@ -708,8 +725,12 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        if self.identifier_source is not None:
+            training["identifier"] = config.identifier
+            training["identifier_source"] = self.identifier_source
+        subject = Subject.from_prompts(instance_prompt, config.class_prompt, identifier=config.identifier)
         return SubjectMetadata(
-            subjects=[Subject.from_prompts(instance_prompt, config.class_prompt)],
+            subjects=[subject],
             adapter=config.adapter,
             family=self.family.name,
             pipeline_class=diffusers_pipeline_class(type(self.pipeline)).__name__,
