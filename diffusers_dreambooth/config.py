@@ -180,6 +180,12 @@ class DreamBoothConfig:
     prodigy_use_bias_correction: bool = _option(True, "Prodigy bias correction (prodigy optimizer only).")
     prodigy_safeguard_warmup: bool = _option(True, "Prodigy safeguard warm-up (prodigy optimizer only).")
     max_grad_norm: float = _option(1.0, "Clip gradients to this norm.")
+    use_ema: bool = _option(
+        False,
+        "Keep an exponential moving average of the trained weights (diffusers' EMAModel; LoRA: of the adapter weights"
+        " only) and save it as the final weights; checkpoints hold it, so resuming stays exact.",
+    )
+    ema_decay: float = _option(0.9999, "Highest decay of `--use_ema` (the decay ramps up as (1 + n) / (10 + n)).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _option(
         None, "Mixed precision; default: accelerate's config. bf16 also works on CPU."
     )
@@ -425,6 +431,8 @@ class DreamBoothConfig:
             )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"`--max_sequence_length` must be at least 1, got {self.max_sequence_length}.")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"`--ema_decay` must be in [0, 1], got {self.ema_decay}.")
         if self.logit_std <= 0:
             raise ValueError(f"`--logit_std` must be positive, got {self.logit_std}.")
 

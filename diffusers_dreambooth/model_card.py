@@ -30,6 +30,7 @@ TRAINING_LABELS = {
     "prior_loss_weight": "prior loss weight",
     "num_class_images": "class images",
     "train_text_encoder": "text encoder trained",
+    "ema_decay": "EMA of the weights, decay",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
     "seed": "seed",

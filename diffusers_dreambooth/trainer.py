@@ -37,6 +37,7 @@ from .data import (
     load_folder_images,
     step_generator,
 )
+from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
 from .hub import push_subject_folder
@@ -386,6 +387,13 @@ class DreamBoothTrainer:
         self.prepared = dict(zip(names, prepared[: len(names)]))
         self.optimizer, self.lr_scheduler = prepared[len(names) :]
         self.trained_parameters = [p for group in param_groups for p in group["params"]]
+        self.trained_parameter_names = [
+            f"{name}.{key}"
+            for name, module in self.trained.items()
+            for key, p in module.named_parameters()
+            if p.requires_grad
+        ]
+        self.ema = make_ema(self.trained_parameters, config.ema_decay) if config.use_ema else None
         # The frozen base's dtype for LoRA (bf16, say), float32 for full fine-tuning; the denoiser's inputs follow it.
         self.input_dtype = self.family.denoiser.dtype
         accelerator.register_save_state_pre_hook(self._save_model_hook)
@@ -425,6 +433,16 @@ class DreamBoothTrainer:
         logger.info("Resuming from %s", checkpoint)
         self.accelerator.load_state(str(checkpoint))
         self.global_step = checkpoints.read_trainer_state(checkpoint)["global_step"]
+        if self.ema is None:
+            return
+        if (checkpoint / EMA_STATE_NAME).is_file():
+            load_ema_state(self.ema, self.trained_parameter_names, checkpoint)
+        else:
+            logger.warning(
+                "%s has no EMA state (it was saved without `--use_ema`); the average starts from its weights.",
+                checkpoint,
+            )
+            self.ema = make_ema(self.trained_parameters, self.config.ema_decay)
 
     # The loop
 
@@ -486,6 +504,8 @@ class DreamBoothTrainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trained_parameters)
         return {**values, "lr": self.lr_scheduler.get_last_lr()[0]}
 
     def _loss_values(self, losses) -> dict[str, float]:
@@ -593,6 +613,8 @@ class DreamBoothTrainer:
             checkpoints.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
             temporary = checkpoints.temporary_checkpoint_dir(config.output_dir, self.global_step)
             accelerator.save_state(str(temporary))
+            if self.ema is not None:
+                save_ema_state(self.ema, self.trained_parameter_names, temporary)
             state = {"global_step": self.global_step, "seed": self.seed}
             saved = checkpoints.publish_checkpoint(temporary, self.global_step, state)
             logger.info("Saved %s", saved)
@@ -601,11 +623,11 @@ class DreamBoothTrainer:
         return saved
 
     def _checkpoint_bytes(self) -> int:
-        """A generous estimate of one checkpoint's size: trained weights plus two optimizer moments, plus 10%."""
+        """A generous estimate of one checkpoint's size: trained weights, two optimizer moments (and the EMA), +10%."""
         weights = sum(p.numel() * p.element_size() for p in self.trained_parameters)
         if self.config.adapter == "full":
             weights = sum(p.numel() * p.element_size() for m in self.trained.values() for p in m.parameters())
-        return int(weights * 3 * 1.1)
+        return int(weights * (4 if self.ema is not None else 3) * 1.1)
 
     def _final_bytes(self) -> int:
         """The final save's size: the adapter weights for LoRA, every pipeline module for a full fine-tune."""
@@ -619,8 +641,13 @@ class DreamBoothTrainer:
             return
         for module in self.trained.values():
             module.eval()
+        if self.ema is not None:  # validate what would be saved: the average
+            self.ema.store(self.trained_parameters)
+            self.ema.copy_to(self.trained_parameters)
         with self._idle_modules_on_device(), self.accelerator.autocast():
             run_validation(self.pipeline, self.config, self.global_step, self.seed, self.accelerator.trackers)
+        if self.ema is not None:
+            self.ema.restore(self.trained_parameters)
         for module in self.trained.values():
             module.train()
 
@@ -629,6 +656,8 @@ class DreamBoothTrainer:
         accelerator.wait_for_everyone()
         for module in self.trained.values():
             module.eval()
+        if self.ema is not None:  # the average is the result: saved, sampled, evaluated and returned
+            self.ema.copy_to(self.trained_parameters)
         self._restore_idle_modules()  # the returned pipeline is whole again on the training device
         self.idle_modules = []
         if not accelerator.is_main_process:
@@ -721,6 +750,7 @@ class DreamBoothTrainer:
             "prior_loss_weight": config.prior_loss_weight if config.with_prior_preservation else None,
             "num_class_images": len(self.class_images) or None,
             "train_text_encoder": config.train_text_encoder,
+            "ema_decay": config.ema_decay if config.use_ema else None,
             "seed": self.seed,
         }
         if config.adapter == "lora":
