@@ -115,6 +115,11 @@ class DreamBoothConfig:
     # Prior preservation (DreamBooth Sec. 3.3)
     with_prior_preservation: bool = _option(False, "Add the class-specific prior-preservation loss.")
     prior_loss_weight: float = _option(1.0, "Weight lambda of the prior-preservation loss.")
+    prior_preservation_mode: Literal["images", "model"] = _option(
+        "images",
+        "`images`: the paper's loss on class images the base model generated; `model`: no class images, the target is"
+        " the frozen base model's own prediction for the class prompt on the same noisy latents.",
+    )
     class_prompt: str | None = _option(None, "Prompt for the class images, e.g. `a photo of dog`.")
     class_data_dir: str | None = _option(
         None, "Folder of class images; missing ones are generated there by the frozen base model."
@@ -376,9 +381,21 @@ class DreamBoothConfig:
         )
 
     def _check_prior_preservation(self) -> None:
+        if self.prior_preservation_mode == "model" and not self.with_prior_preservation:
+            raise ValueError(
+                "`--prior_preservation_mode model` chooses how the prior-preservation loss is computed; add"
+                " `--with_prior_preservation` (and `--class_prompt`) to turn that loss on."
+            )
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise ValueError("`--with_prior_preservation` needs `--class_prompt` (e.g. `a photo of dog`).")
+            if self.prior_preservation_mode == "model":
+                if self.class_data_dir:
+                    logger.warning(
+                        "`--class_data_dir` is ignored with `--prior_preservation_mode model`: no class images are"
+                        " read or generated."
+                    )
+                return
             if not self.class_data_dir:
                 raise ValueError(
                     "`--with_prior_preservation` needs `--class_data_dir`, the folder where class images are read"

@@ -28,6 +28,7 @@ TRAINING_LABELS = {
     "resolution": "resolution",
     "with_prior_preservation": "prior preservation",
     "prior_loss_weight": "prior loss weight",
+    "prior_preservation_mode": "prior preservation target (images: class images; model: the base model)",
     "num_class_images": "class images",
     "train_text_encoder": "text encoder trained",
     "ema_decay": "EMA of the weights, decay",

@@ -8,6 +8,7 @@ checkpoint, or spread over more processes, computes the same steps as one unbrok
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -112,7 +113,7 @@ class DreamBoothTrainer:
         self._check_resolution()
         check_inputs(config, self.family)
 
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             self._generate_class_images()
         self._load_images()
         self._set_up_trainable_modules()
@@ -227,7 +228,7 @@ class DreamBoothTrainer:
             image.prompt = fill_identifier(image.prompt, config.identifier, "caption_column")
         self.instance_images: list[TrainingImage] = instance * config.repeats
         self.class_images: list[TrainingImage] = []
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             self.class_images = load_folder_images(
                 config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images
             )
@@ -240,6 +241,11 @@ class DreamBoothTrainer:
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         self.trained = {family.denoiser_name: family.denoiser}
+        # `--prior_preservation_mode model` needs the base denoiser's predictions: LoRA turns its adapters off for
+        # them; a full fine-tune keeps a frozen copy (one more denoiser's weights in memory, no gradients).
+        self.frozen_denoiser = None
+        if self.prior_from_model and config.adapter == "full":
+            self.frozen_denoiser = copy.deepcopy(family.denoiser).eval()
         if config.train_text_encoder:
             names = family.trained_text_encoder_names(config.adapter)
             self.trained.update((name, getattr(self.pipeline, name)) for name in names)
@@ -287,6 +293,16 @@ class DreamBoothTrainer:
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
 
     @property
+    def prior_from_images(self) -> bool:
+        """The paper's prior-preservation loss, on generated class images (`--prior_preservation_mode images`)."""
+        return self.config.with_prior_preservation and self.config.prior_preservation_mode == "images"
+
+    @property
+    def prior_from_model(self) -> bool:
+        """Prior preservation against the frozen base model's prediction (`--prior_preservation_mode model`)."""
+        return self.config.with_prior_preservation and self.config.prior_preservation_mode == "model"
+
+    @property
     def text_encoders_frozen(self) -> bool:
         return not self.config.train_text_encoder
 
@@ -296,13 +312,21 @@ class DreamBoothTrainer:
     def _build_caches(self) -> None:
         """Token ids of every prompt; text embeddings when encoders are frozen; latents of fixed crops."""
         family, config = self.family, self.config
-        prompts = sorted({image.prompt for image in self.instance_images + self.class_images})
+        prompts = {image.prompt for image in self.instance_images + self.class_images}
+        if self.prior_from_model:
+            prompts.add(config.class_prompt)
+        prompts = sorted(prompts)
         token_ids = family.tokenize(prompts, config.tokenizer_max_length)
         self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}
         self.prompt_embeds = None
         if self.text_encoders_frozen:
             embeds = family.encode_prompt(token_ids, family.text_encoders)
             self.prompt_embeds = {p: {k: v[i].float() for k, v in embeds.items()} for i, p in enumerate(prompts)}
+        if self.prior_from_model:  # the base model's conditioning: encoded before any step changes the encoders
+            class_ids = family.tokenize([config.class_prompt], config.tokenizer_max_length)
+            self.base_class_embeds = {
+                k: v.float() for k, v in family.encode_prompt(class_ids, family.text_encoders).items()
+            }
         self.instance_latents = self._cache_latents(self.instance_images)
         self.class_latents = self._cache_latents(self.class_images)
 
@@ -535,10 +559,10 @@ class DreamBoothTrainer:
         local_items = items[rank * per_process : (rank + 1) * per_process]
         examples = [(self.instance_images, self.instance_latents, self.order.instance_index(k)) for k in local_items]
         positions = list(range(rank * per_process, (rank + 1) * per_process))
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             examples += [(self.class_images, self.class_latents, self.order.class_index(k)) for k in local_items]
             positions += [p + self.global_batch_size for p in positions]
-        num_global = self.global_batch_size * (2 if config.with_prior_preservation else 1)
+        num_global = self.global_batch_size * (2 if self.prior_from_images else 1)
         device = family.device
         generator = step_generator(self.seed, micro_step, device)
         channels, size = family.vae.config.latent_channels, config.resolution // family.vae_scale_factor
@@ -556,11 +580,54 @@ class DreamBoothTrainer:
         dtype = self.input_dtype
         prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
         noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
-        denoiser = self.prepared[family.denoiser_name]
-        model_pred = family.predict(denoiser, noisy.to(dtype), timesteps, prompt_embeds, conditioning)
+        noisy = noisy.to(dtype)
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
+        if self.prior_from_model:
+            noisy, timesteps, prompt_embeds, conditioning, target, is_prior = self._with_base_model_targets(
+                noisy, timesteps, prompt_embeds, conditioning, target
+            )
+        denoiser = self.prepared[family.denoiser_name]
+        model_pred = family.predict(denoiser, noisy, timesteps, prompt_embeds, conditioning)
         weights = family.loss_weights(timesteps, config.snr_gamma)
         return dreambooth_loss(model_pred, target, is_prior, config.prior_loss_weight, weights)
+
+    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target):
+        """`--prior_preservation_mode model`: the batch again, conditioned on the class prompt, with the frozen base
+        model's prediction for it as the target. Returns the doubled inputs, targets and the prior mask."""
+        count, dtype = noisy.shape[0], self.input_dtype
+        base_embeds = {k: v.expand(count, *v.shape[1:]).to(dtype) for k, v in self.base_class_embeds.items()}
+        base_pred = self.base_prediction(noisy, timesteps, base_embeds, conditioning)
+        class_embeds = self._prompt_embeds([self.config.class_prompt] * count)
+        both_embeds = {k: torch.cat([v, class_embeds[k].to(dtype)]) for k, v in prompt_embeds.items()}
+        both_conditioning = ImageConditioning(
+            original_sizes=conditioning.original_sizes.repeat(2, 1),
+            crops_top_left=conditioning.crops_top_left.repeat(2, 1),
+            target_size=conditioning.target_size,
+        )
+        is_prior = torch.arange(2 * count, device=noisy.device) >= count
+        return (
+            torch.cat([noisy, noisy]),
+            torch.cat([timesteps, timesteps]),
+            both_embeds,
+            both_conditioning,
+            torch.cat([target, base_pred.to(target.dtype)]),
+            is_prior,
+        )
+
+    @torch.no_grad()
+    def base_prediction(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: dict, conditioning: ImageConditioning
+    ) -> torch.Tensor:
+        """The frozen base model's prediction: the denoiser with its LoRA adapters off, or its frozen copy."""
+        family = self.family
+        if self.frozen_denoiser is not None:
+            return family.predict(self.frozen_denoiser, noisy, timesteps, prompt_embeds, conditioning)
+        denoiser = family.denoiser
+        denoiser.disable_adapters()
+        try:
+            return family.predict(denoiser, noisy, timesteps, prompt_embeds, conditioning)
+        finally:
+            denoiser.enable_adapters()
 
     def _latent_distribution(self, examples: list, positions: list[int], micro_step: int):
         """Posterior mean/std of each example's latents (cached, or encoded now for random crops)."""
@@ -748,6 +815,7 @@ class DreamBoothTrainer:
             "resolution": config.resolution,
             "with_prior_preservation": config.with_prior_preservation,
             "prior_loss_weight": config.prior_loss_weight if config.with_prior_preservation else None,
+            "prior_preservation_mode": config.prior_preservation_mode if config.with_prior_preservation else None,
             "num_class_images": len(self.class_images) or None,
             "train_text_encoder": config.train_text_encoder,
             "ema_decay": config.ema_decay if config.use_ema else None,
