@@ -75,3 +75,26 @@ def test_model_mode_needs_the_prior_loss(pipeline_dirs, instance_dir, tmp_path):
         class_prompt=CLASS_PROMPT,
     )
     assert config.class_data_dir is None
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_model_mode_trains_every_family(pipeline_dirs, instance_dir, tmp_path, family):
+    config = tiny_config(
+        pipeline_dirs[family],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        max_train_steps=2,
+        num_validation_images=0,
+        with_prior_preservation=True,
+        prior_preservation_mode="model",
+        class_prompt=CLASS_PROMPT,
+    )
+    trainer = RecordingTrainer(config)
+    trainer.train()
+    # Every step doubled the batch: the instance half, then the class half with the base model's targets.
+    for noisy, _, (both_noisy, _, _, _, target, is_prior) in trainer.records:
+        count = noisy.shape[0]
+        assert is_prior.tolist() == [False] * count + [True] * count
+        assert target.shape[0] == both_noisy.shape[0] == 2 * count and torch.isfinite(target).all()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
