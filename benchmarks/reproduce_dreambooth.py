@@ -76,10 +76,27 @@ RUNS: dict[str, dict] = {
     },
     "full, no prior": {"train_text_encoder": False, "with_prior_preservation": False},
     "LoRA + TE, no prior": {**LORA, "with_prior_preservation": False},
+    # Issue #7: the identifier. `identifier` fills "a photo of {identifier} star"; `auto` is the rarest token of the
+    # toy tokenizer by `rare_token_identifiers`; "qzvx" is made up and splits into 4 single-letter tokens.
+    "identifier: auto (rare token)": {"identifier": "auto"},
+    "identifier: sks": {"identifier": "sks"},
+    "identifier: qzvx (4 tokens)": {"identifier": "qzvx"},
+    # Issue #7: the prior-preservation target, generated class images (the paper) or the frozen base model's
+    # prediction for the class prompt on the same noisy latents (no class images).
+    "full + TE, prior: class images": {},
+    "full + TE, prior: base-model target": {"prior_preservation_mode": "model", "class_data_dir": None},
+    "LoRA + TE, prior: class images": {**LORA},
+    "LoRA + TE, prior: base-model target": {**LORA, "prior_preservation_mode": "model", "class_data_dir": None},
 }
 
 #: Runs whose binding and drift are also measured every `--eval_every` steps, for the plot; the others at the end.
-PLOTTED = ("full + TE, prior", "full + TE, no prior")
+PLOTTED = (
+    "full + TE, prior",
+    "full + TE, no prior",
+    "identifier: auto (rare token)",
+    "identifier: sks",
+    "identifier: qzvx (4 tokens)",
+)
 
 NUM_JUDGED = 32
 RECONTEXT_BACKGROUND = "green"
@@ -92,12 +109,16 @@ class RunResult:
     curve: list[dict] = field(default_factory=list)  # per segment: step, binding, drift
     final: dict = field(default_factory=dict)
     seconds: float = 0.0
+    train_seconds: float = 0.0  # in `DreamBoothTrainer.train`: class images, caches, steps, final save
+    identifier: str = "sks"
 
 
 def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, base_model: str) -> RunResult:
     """Train run `name` with `seed` in segments; judge after each; return the curve and the final figures."""
     torch.set_num_threads(1)
     overrides = dict(RUNS[name])
+    if overrides.get("identifier"):
+        overrides["instance_prompt"] = "a photo of {identifier} star"
     run_dir = Path(output_dir) / "runs" / f"{_slug(name)}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     count = overrides.pop("instance_count", 4)
@@ -137,22 +158,28 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
             evaluate=False,
             **overrides,
         )
-        pipeline = DreamBoothTrainer(config).train()
-        subject_images = generate(pipeline, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1000 + seed)
+        trainer = DreamBoothTrainer(config)
+        train_start = time.perf_counter()
+        pipeline = trainer.train()
+        result.train_seconds += time.perf_counter() - train_start
+        identifier = trainer.config.identifier or "sks"
+        subject_prompt = SUBJECT_PROMPT.replace("sks", identifier)
+        subject_images = generate(pipeline, [subject_prompt] * NUM_JUDGED, seed=1000 + seed)
         class_images = generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)
         point = dict(
             step=step, binding=subject_share(checker, subject_images), drift=subject_share(checker, class_images)
         )
+        result.identifier = identifier
         result.curve.append(point)
         logging.info("%s seed %d: %s", name, seed, point)
-    recontext_prompt = f"{SUBJECT_PROMPT} on a {RECONTEXT_BACKGROUND} background"
+    recontext_prompt = f"{subject_prompt} on a {RECONTEXT_BACKGROUND} background"
     recontext = generate(pipeline, [recontext_prompt] * NUM_JUDGED, seed=3000 + seed)
     paper = evaluate_subject(
         lambda prompts, s: generate(pipeline, prompts, seed=s),
         instance_images,
-        [p.replace("{subject}", "sks star") for p in EVALUATION_PROMPTS],
+        [p.replace("{subject}", f"{identifier} star") for p in EVALUATION_PROMPTS],
         class_prompt=CLASS_PROMPT,
-        identifier="sks",
+        identifier=identifier,
         dino=checker,
         clip=ToyAttributeEmbedder(checker),
         seed=seed,
@@ -194,6 +221,7 @@ def _mean_spread(values: list[float]) -> str:
 
 
 COLUMNS = [
+    ("train_seconds", "train s"),
     ("binding", "binding ↑"),
     ("drift", "drift ↓"),
     ("prior_kept", "prior kept ↑"),
@@ -230,10 +258,26 @@ def table(results: list[RunResult], base: list[dict]) -> str:
             continue
         values = {key: [] for key, _ in COLUMNS}
         for index, run in enumerate(runs):
-            final = dict(run.final, prior_kept=run.final["prior"] / max(base_prior.get(index, base[0]["prior"]), 1e-9))
+            prior_kept = run.final["prior"] / max(base_prior.get(index, base[0]["prior"]), 1e-9)
+            final = dict(run.final, prior_kept=prior_kept, train_seconds=run.train_seconds)
             for key, _ in COLUMNS:
                 values[key].append(final[key])
         lines.append(f"| {name} | " + " | ".join(_mean_spread(values[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(results: list[RunResult], metric: str = "binding") -> str:
+    """Markdown table of `metric` against training steps, one column per plotted run (mean over seeds)."""
+    names = [name for name in PLOTTED if any(r.name == name for r in results)]
+    if not names:
+        return ""
+    by_name = {name: [r for r in results if r.name == name] for name in names}
+    steps = [point["step"] for point in by_name[names[0]][0].curve]
+    header = [f"{name} (`{by_name[name][0].identifier}`)" for name in names]
+    lines = [f"| {metric} at step | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(names)]
+    for i, step in enumerate(steps):
+        cells = [_mean_spread([r.curve[i][metric] for r in by_name[name]]) for name in names]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -297,7 +341,7 @@ def main() -> None:
         ]
         base = [future.result() for future in base_futures]
         results = [future.result() for future in futures]
-    markdown = table(results, base)
+    markdown = table(results, base) + "\n\n" + curve_table(results) + "\n\n" + curve_table(results, "drift")
     (output_dir / "results.json").write_text(
         json.dumps({"base": base, "runs": [r.__dict__ for r in results]}, indent=2) + "\n", encoding="utf-8"
     )

@@ -102,12 +102,24 @@ class DreamBoothConfig:
     cache_dir: str | None = _option(None, "Where downloaded models and datasets are cached.")
     repeats: int = _option(1, "How many times each subject photo is repeated in an epoch.")
     instance_prompt: str | None = _option(
-        None, "Prompt with the identifier and class noun for the subject's photos, e.g. `a photo of sks dog`."
+        None,
+        "Prompt with the identifier and class noun for the subject's photos, e.g. `a photo of sks dog`, or"
+        " `a photo of {identifier} dog` with `--identifier`.",
+    )
+    identifier: str | None = _option(
+        None,
+        "The identifier [V] that `{identifier}` stands for in the prompts: a word such as `sks`, or `auto` for the"
+        " rarest single token of the base model's own tokenizers (`diffusers_dreambooth.identifiers`).",
     )
 
     # Prior preservation (DreamBooth Sec. 3.3)
     with_prior_preservation: bool = _option(False, "Add the class-specific prior-preservation loss.")
     prior_loss_weight: float = _option(1.0, "Weight lambda of the prior-preservation loss.")
+    prior_preservation_mode: Literal["images", "model"] = _option(
+        "images",
+        "`images`: the paper's loss on class images the base model generated; `model`: no class images, the target is"
+        " the frozen base model's own prediction for the class prompt on the same noisy latents.",
+    )
     class_prompt: str | None = _option(None, "Prompt for the class images, e.g. `a photo of dog`.")
     class_data_dir: str | None = _option(
         None, "Folder of class images; missing ones are generated there by the frozen base model."
@@ -173,6 +185,12 @@ class DreamBoothConfig:
     prodigy_use_bias_correction: bool = _option(True, "Prodigy bias correction (prodigy optimizer only).")
     prodigy_safeguard_warmup: bool = _option(True, "Prodigy safeguard warm-up (prodigy optimizer only).")
     max_grad_norm: float = _option(1.0, "Clip gradients to this norm.")
+    use_ema: bool = _option(
+        False,
+        "Keep an exponential moving average of the trained weights (diffusers' EMAModel; LoRA: of the adapter weights"
+        " only) and save it as the final weights; checkpoints hold it, so resuming stays exact.",
+    )
+    ema_decay: float = _option(0.9999, "Highest decay of `--use_ema` (the decay ramps up as (1 + n) / (10 + n)).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _option(
         None, "Mixed precision; default: accelerate's config. bf16 also works on CPU."
     )
@@ -308,6 +326,7 @@ class DreamBoothConfig:
             else:
                 self.validation_steps = 100
         self._check_subject_data()
+        self._check_identifier()
         self._check_prior_preservation()
         self._check_training()
         self._check_mixed_precision()
@@ -336,10 +355,61 @@ class DreamBoothConfig:
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`--resolution` must be a positive multiple of 8, got {self.resolution}.")
 
+    def _check_identifier(self) -> None:
+        """`{identifier}` in a prompt needs `--identifier`; the identifier must be one word."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+
+        if self.identifier is not None and (not self.identifier.strip() or len(self.identifier.split()) > 1):
+            raise ValueError(f"`--identifier` must be one word such as `sks`, or `auto`, got {self.identifier!r}.")
+        if self.identifier is None:
+            for name, text in self.identifier_prompts().items():
+                if IDENTIFIER_PLACEHOLDER in text:
+                    raise ValueError(
+                        f"`--{name}` contains `{IDENTIFIER_PLACEHOLDER}` ({text!r}) but no identifier is set. Pass"
+                        " `--identifier auto` to pick a rare token from the model's tokenizers, or `--identifier`"
+                        " with a word of your own (e.g. `sks`)."
+                    )
+
+    def identifier_prompts(self) -> dict[str, str]:
+        """The prompts where `{identifier}` is filled in, by option name (list items indexed: `sample_prompts[0]`)."""
+        prompts = {name: getattr(self, name) for name in ("instance_prompt", "class_prompt", "validation_prompt")}
+        for name in ("sample_prompts", "evaluation_prompts"):
+            prompts.update((f"{name}[{i}]", p) for i, p in enumerate(getattr(self, name) or []))
+        return {name: text for name, text in prompts.items() if text is not None}
+
+    def with_identifier(self, identifier: str) -> DreamBoothConfig:
+        """A copy with `identifier` set and `{identifier}` replaced by it in every prompt."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+
+        def fill(text: str | None) -> str | None:
+            return None if text is None else text.replace(IDENTIFIER_PLACEHOLDER, identifier)
+
+        return dataclasses.replace(
+            self,
+            identifier=identifier,
+            instance_prompt=fill(self.instance_prompt),
+            class_prompt=fill(self.class_prompt),
+            validation_prompt=fill(self.validation_prompt),
+            sample_prompts=None if self.sample_prompts is None else [fill(p) for p in self.sample_prompts],
+            evaluation_prompts=None if self.evaluation_prompts is None else [fill(p) for p in self.evaluation_prompts],
+        )
+
     def _check_prior_preservation(self) -> None:
+        if self.prior_preservation_mode == "model" and not self.with_prior_preservation:
+            raise ValueError(
+                "`--prior_preservation_mode model` chooses how the prior-preservation loss is computed; add"
+                " `--with_prior_preservation` (and `--class_prompt`) to turn that loss on."
+            )
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise ValueError("`--with_prior_preservation` needs `--class_prompt` (e.g. `a photo of dog`).")
+            if self.prior_preservation_mode == "model":
+                if self.class_data_dir:
+                    logger.warning(
+                        "`--class_data_dir` is ignored with `--prior_preservation_mode model`: no class images are"
+                        " read or generated."
+                    )
+                return
             if not self.class_data_dir:
                 raise ValueError(
                     "`--with_prior_preservation` needs `--class_data_dir`, the folder where class images are read"
@@ -387,6 +457,8 @@ class DreamBoothConfig:
             )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"`--max_sequence_length` must be at least 1, got {self.max_sequence_length}.")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"`--ema_decay` must be in [0, 1], got {self.ema_decay}.")
         if self.logit_std <= 0:
             raise ValueError(f"`--logit_std` must be positive, got {self.logit_std}.")
 

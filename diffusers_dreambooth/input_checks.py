@@ -40,7 +40,7 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     if not PartialState().is_main_process:
         return
     if config.instance_prompt and config.instance_prompt.strip():
-        subject = Subject.from_prompts(config.instance_prompt, config.class_prompt)
+        subject = Subject.from_prompts(config.instance_prompt, config.class_prompt, identifier=config.identifier)
         check_class_noun(config, subject)
         check_identifier_tokens(subject.identifier, family)
     check_prompt_lengths(config, family)

@@ -24,14 +24,18 @@ FAMILY_TAGS = {
 #: Families that regress only the epsilon half of a learned-variance UNet: a LoRA samples with a fixed variance.
 FIXED_VARIANCE_FAMILIES = ("deepfloyd-if", "deepfloyd-if-super-resolution")
 TRAINING_LABELS = {
+    "identifier": "identifier",
+    "identifier_source": "identifier chosen",
     "max_train_steps": "steps",
     "learning_rate": "learning rate",
     "train_batch_size": "batch size (subject images per device)",
     "resolution": "resolution",
     "with_prior_preservation": "prior preservation",
     "prior_loss_weight": "prior loss weight",
+    "prior_preservation_mode": "prior preservation target (images: class images; model: the base model)",
     "num_class_images": "class images",
     "train_text_encoder": "text encoder trained",
+    "ema_decay": "EMA of the weights, decay",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
     "sr_noise_level": "noise-augmentation level of the low-resolution input",

@@ -34,18 +34,25 @@ class Subject:
         return f"{self.identifier} {self.class_noun}" if self.class_noun else self.identifier
 
     @classmethod
-    def from_prompts(cls, instance_prompt: str, class_prompt: str | None = None) -> Subject:
+    def from_prompts(
+        cls, instance_prompt: str, class_prompt: str | None = None, identifier: str | None = None
+    ) -> Subject:
         """Find identifier and class noun in the prompts, as DreamBooth writes them ("a [V] [class noun]").
 
-        The identifier is the first word of `instance_prompt` that `class_prompt` lacks, and the class noun the word
-        after it. Without a class prompt, the identifier is the second-to-last word and the class noun the last.
+        With `identifier` known (`--identifier`), the class noun is the word after it. Otherwise the identifier is the
+        first word of `instance_prompt` that `class_prompt` lacks, and the class noun the word after it; without a
+        class prompt, the identifier is the second-to-last word and the class noun the last.
         """
         words = instance_prompt.split()
         if not words:
             raise ValueError("The instance prompt is empty; write it as `a photo of <identifier> <class noun>`.")
         class_words = {w.lower() for w in prompt_words(class_prompt or "")}
         index = next((i for i, w in enumerate(words) if _strip(w).lower() not in class_words), None)
-        if class_prompt is None or index is None:
+        if identifier is not None:
+            index = next((i for i, w in enumerate(words) if _strip(w) == identifier), None)
+            if index is None:
+                return cls(identifier, None, instance_prompt, class_prompt)
+        elif class_prompt is None or index is None:
             index = max(len(words) - 2, 0)
         identifier = _strip(words[index])
         class_noun = _strip(words[index + 1]) if index + 1 < len(words) else None

@@ -8,6 +8,7 @@ checkpoint, or spread over more processes, computes the same steps as one unbrok
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -37,9 +38,11 @@ from .data import (
     load_folder_images,
     step_generator,
 )
+from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
 from .hub import default_repo_name, push_subject_folder
+from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, fill_identifier, rare_token_identifiers
 from .input_checks import check_inputs
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
@@ -48,7 +51,7 @@ from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .prior import generate_class_images, missing_class_images
 from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
-from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
+from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
 from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
@@ -106,10 +109,11 @@ class DreamBoothTrainer:
         self.family = family_for_pipeline(self.pipeline)
         self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
         self.family.configure(config)
+        self.config = config = self._resolve_identifier(config)
         self._check_resolution()
         check_inputs(config, self.family)
 
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             self._generate_class_images()
         self.family.sample_as_trained()
         self._load_images()
@@ -123,6 +127,19 @@ class DreamBoothTrainer:
         self._save_final()
         accelerator.end_training()
         return self.pipeline
+
+    def _resolve_identifier(self, config: DreamBoothConfig) -> DreamBoothConfig:
+        """Fill `{identifier}` in the prompts; `--identifier auto` picks the rarest token of the model's tokenizers."""
+        self.identifier_source = None
+        if config.identifier is None:
+            return config
+        identifier, self.identifier_source = config.identifier, "given"
+        if identifier == AUTO_IDENTIFIER:
+            prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
+            identifier = rare_token_identifiers(self.pipeline, count=1, exclude=prompt_words(prompts))[0]
+            self.identifier_source = "rare token (auto)"
+            logger.info("`--identifier auto` picked the rare token `%s` of the base model's tokenizers.", identifier)
+        return config.with_identifier(identifier)
 
     def _generate_class_images(self) -> None:
         """Top up the class folder with the frozen model, every process listing it before any of them writes."""
@@ -216,9 +233,11 @@ class DreamBoothTrainer:
                 mode,
                 config.cache_dir,
             )
+        for image in instance:  # per-image captions of `--caption_column` may name `{identifier}` too
+            image.prompt = fill_identifier(image.prompt, config.identifier, "caption_column")
         self.instance_images: list[TrainingImage] = instance * config.repeats
         self.class_images: list[TrainingImage] = []
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             self.class_images = load_folder_images(
                 config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images
             )
@@ -231,6 +250,11 @@ class DreamBoothTrainer:
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         self.trained = {family.denoiser_name: family.denoiser}
+        # `--prior_preservation_mode model` needs the base denoiser's predictions: LoRA turns its adapters off for
+        # them; a full fine-tune keeps a frozen copy (one more denoiser's weights in memory, no gradients).
+        self.frozen_denoiser = None
+        if self.prior_from_model and config.adapter == "full":
+            self.frozen_denoiser = copy.deepcopy(family.denoiser).eval()
         if config.train_text_encoder:
             names = family.trained_text_encoder_names(config.adapter)
             self.trained.update((name, getattr(self.pipeline, name)) for name in names)
@@ -278,6 +302,16 @@ class DreamBoothTrainer:
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
 
     @property
+    def prior_from_images(self) -> bool:
+        """The paper's prior-preservation loss, on generated class images (`--prior_preservation_mode images`)."""
+        return self.config.with_prior_preservation and self.config.prior_preservation_mode == "images"
+
+    @property
+    def prior_from_model(self) -> bool:
+        """Prior preservation against the frozen base model's prediction (`--prior_preservation_mode model`)."""
+        return self.config.with_prior_preservation and self.config.prior_preservation_mode == "model"
+
+    @property
     def text_encoders_frozen(self) -> bool:
         return not self.config.train_text_encoder
 
@@ -287,13 +321,21 @@ class DreamBoothTrainer:
     def _build_caches(self) -> None:
         """Token ids of every prompt; text embeddings when encoders are frozen; latents of fixed crops."""
         family, config = self.family, self.config
-        prompts = sorted({image.prompt for image in self.instance_images + self.class_images})
+        prompts = {image.prompt for image in self.instance_images + self.class_images}
+        if self.prior_from_model:
+            prompts.add(config.class_prompt)
+        prompts = sorted(prompts)
         token_ids = family.tokenize(prompts, config.tokenizer_max_length)
         self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}
         self.prompt_embeds = None
         if self.text_encoders_frozen:
             embeds = family.encode_prompt(token_ids, family.text_encoders)
             self.prompt_embeds = {p: {k: v[i].float() for k, v in embeds.items()} for i, p in enumerate(prompts)}
+        if self.prior_from_model:  # the base model's conditioning: encoded before any step changes the encoders
+            class_ids = family.tokenize([config.class_prompt], config.tokenizer_max_length)
+            self.base_class_embeds = {
+                k: v.float() for k, v in family.encode_prompt(class_ids, family.text_encoders).items()
+            }
         self.instance_latents = self._cache_latents(self.instance_images)
         self.class_latents = self._cache_latents(self.class_images)
 
@@ -378,6 +420,13 @@ class DreamBoothTrainer:
         self.prepared = dict(zip(names, prepared[: len(names)]))
         self.optimizer, self.lr_scheduler = prepared[len(names) :]
         self.trained_parameters = [p for group in param_groups for p in group["params"]]
+        self.trained_parameter_names = [
+            f"{name}.{key}"
+            for name, module in self.trained.items()
+            for key, p in module.named_parameters()
+            if p.requires_grad
+        ]
+        self.ema = make_ema(self.trained_parameters, config.ema_decay) if config.use_ema else None
         # The frozen base's dtype for LoRA (bf16, say), float32 for full fine-tuning; the denoiser's inputs follow it.
         self.input_dtype = self.family.denoiser.dtype
         accelerator.register_save_state_pre_hook(self._save_model_hook)
@@ -417,6 +466,16 @@ class DreamBoothTrainer:
         logger.info("Resuming from %s", checkpoint)
         self.accelerator.load_state(str(checkpoint))
         self.global_step = checkpoints.read_trainer_state(checkpoint)["global_step"]
+        if self.ema is None:
+            return
+        if (checkpoint / EMA_STATE_NAME).is_file():
+            load_ema_state(self.ema, self.trained_parameter_names, checkpoint)
+        else:
+            logger.warning(
+                "%s has no EMA state (it was saved without `--use_ema`); the average starts from its weights.",
+                checkpoint,
+            )
+            self.ema = make_ema(self.trained_parameters, self.config.ema_decay)
 
     # The loop
 
@@ -478,6 +537,8 @@ class DreamBoothTrainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trained_parameters)
         return {**values, "lr": self.lr_scheduler.get_last_lr()[0]}
 
     def _loss_values(self, losses) -> dict[str, float]:
@@ -507,10 +568,10 @@ class DreamBoothTrainer:
         local_items = items[rank * per_process : (rank + 1) * per_process]
         examples = [(self.instance_images, self.instance_latents, self.order.instance_index(k)) for k in local_items]
         positions = list(range(rank * per_process, (rank + 1) * per_process))
-        if config.with_prior_preservation:
+        if self.prior_from_images:
             examples += [(self.class_images, self.class_latents, self.order.class_index(k)) for k in local_items]
             positions += [p + self.global_batch_size for p in positions]
-        num_global = self.global_batch_size * (2 if config.with_prior_preservation else 1)
+        num_global = self.global_batch_size * (2 if self.prior_from_images else 1)
         device = family.device
         generator = step_generator(self.seed, micro_step, device)
         shape = family.sample_shape(config.resolution)
@@ -528,11 +589,54 @@ class DreamBoothTrainer:
         dtype = self.input_dtype
         prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
         noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
-        denoiser = self.prepared[family.denoiser_name]
-        model_pred = family.predict(denoiser, noisy.to(dtype), timesteps, prompt_embeds, conditioning)
+        noisy = noisy.to(dtype)
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
+        if self.prior_from_model:
+            noisy, timesteps, prompt_embeds, conditioning, target, is_prior = self._with_base_model_targets(
+                noisy, timesteps, prompt_embeds, conditioning, target
+            )
+        denoiser = self.prepared[family.denoiser_name]
+        model_pred = family.predict(denoiser, noisy, timesteps, prompt_embeds, conditioning)
         weights = family.loss_weights(timesteps, config.snr_gamma)
         return dreambooth_loss(model_pred, target, is_prior, config.prior_loss_weight, weights)
+
+    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target):
+        """`--prior_preservation_mode model`: the batch again, conditioned on the class prompt, with the frozen base
+        model's prediction for it as the target. Returns the doubled inputs, targets and the prior mask."""
+        count, dtype = noisy.shape[0], self.input_dtype
+        base_embeds = {k: v.expand(count, *v.shape[1:]).to(dtype) for k, v in self.base_class_embeds.items()}
+        base_pred = self.base_prediction(noisy, timesteps, base_embeds, conditioning)
+        class_embeds = self._prompt_embeds([self.config.class_prompt] * count)
+        both_embeds = {k: torch.cat([v, class_embeds[k].to(dtype)]) for k, v in prompt_embeds.items()}
+        both_conditioning = ImageConditioning(
+            original_sizes=conditioning.original_sizes.repeat(2, 1),
+            crops_top_left=conditioning.crops_top_left.repeat(2, 1),
+            target_size=conditioning.target_size,
+        )
+        is_prior = torch.arange(2 * count, device=noisy.device) >= count
+        return (
+            torch.cat([noisy, noisy]),
+            torch.cat([timesteps, timesteps]),
+            both_embeds,
+            both_conditioning,
+            torch.cat([target, base_pred.to(target.dtype)]),
+            is_prior,
+        )
+
+    @torch.no_grad()
+    def base_prediction(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: dict, conditioning: ImageConditioning
+    ) -> torch.Tensor:
+        """The frozen base model's prediction: the denoiser with its LoRA adapters off, or its frozen copy."""
+        family = self.family
+        if self.frozen_denoiser is not None:
+            return family.predict(self.frozen_denoiser, noisy, timesteps, prompt_embeds, conditioning)
+        denoiser = family.denoiser
+        denoiser.disable_adapters()
+        try:
+            return family.predict(denoiser, noisy, timesteps, prompt_embeds, conditioning)
+        finally:
+            denoiser.enable_adapters()
 
     def _latent_distribution(self, examples: list, positions: list[int], micro_step: int):
         """Posterior mean/std of each example's latents (cached, or encoded now for random crops)."""
@@ -585,6 +689,8 @@ class DreamBoothTrainer:
             checkpoints.prune_checkpoints(config.output_dir, config.checkpoints_total_limit)
             temporary = checkpoints.temporary_checkpoint_dir(config.output_dir, self.global_step)
             accelerator.save_state(str(temporary))
+            if self.ema is not None:
+                save_ema_state(self.ema, self.trained_parameter_names, temporary)
             state = {"global_step": self.global_step, "seed": self.seed}
             saved = checkpoints.publish_checkpoint(temporary, self.global_step, state)
             logger.info("Saved %s", saved)
@@ -593,12 +699,13 @@ class DreamBoothTrainer:
         return saved
 
     def _checkpoint_bytes(self) -> int:
-        """A generous estimate of one checkpoint's size: trained weights and two optimizer moments, plus 10%, plus 1 MB
-        for the random states, the scheduler and the pickles' own overhead (which dominate on tiny models)."""
+        """A generous estimate of one checkpoint's size: trained weights, two optimizer moments (and the EMA), plus
+        10%, plus 1 MB for the random states, the scheduler and the pickles' own overhead (which dominate on tiny
+        models)."""
         weights = sum(p.numel() * p.element_size() for p in self.trained_parameters)
         if self.config.adapter == "full":
             weights = sum(p.numel() * p.element_size() for m in self.trained.values() for p in m.parameters())
-        return int(weights * 3 * 1.1) + 10**6
+        return int(weights * (4 if self.ema is not None else 3) * 1.1) + 10**6
 
     def _final_bytes(self) -> int:
         """The final save's size: the adapter weights for LoRA, every pipeline module for a full fine-tune."""
@@ -612,6 +719,9 @@ class DreamBoothTrainer:
             return
         for module in self.trained.values():
             module.eval()
+        if self.ema is not None:  # validate what would be saved: the average
+            self.ema.store(self.trained_parameters)
+            self.ema.copy_to(self.trained_parameters)
         with self._idle_modules_on_device(), self.accelerator.autocast():
             run_validation(
                 self.pipeline,
@@ -621,6 +731,8 @@ class DreamBoothTrainer:
                 self.accelerator.trackers,
                 sampling_inputs=self.family.sampling_inputs(),
             )
+        if self.ema is not None:
+            self.ema.restore(self.trained_parameters)
         for module in self.trained.values():
             module.train()
 
@@ -629,6 +741,8 @@ class DreamBoothTrainer:
         accelerator.wait_for_everyone()
         for module in self.trained.values():
             module.eval()
+        if self.ema is not None:  # the average is the result: saved, sampled, evaluated and returned
+            self.ema.copy_to(self.trained_parameters)
         self._restore_idle_modules()  # the returned pipeline is whole again on the training device
         self.idle_modules = []
         if not accelerator.is_main_process:
@@ -719,16 +833,22 @@ class DreamBoothTrainer:
             "resolution": config.resolution,
             "with_prior_preservation": config.with_prior_preservation,
             "prior_loss_weight": config.prior_loss_weight if config.with_prior_preservation else None,
+            "prior_preservation_mode": config.prior_preservation_mode if config.with_prior_preservation else None,
             "num_class_images": len(self.class_images) or None,
             "train_text_encoder": config.train_text_encoder,
+            "ema_decay": config.ema_decay if config.use_ema else None,
             "seed": self.seed,
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
         if "sr_noise_level" in self.family.option_defaults[config.adapter]:
             training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
+        if self.identifier_source is not None:
+            training["identifier"] = config.identifier
+            training["identifier_source"] = self.identifier_source
+        subject = Subject.from_prompts(instance_prompt, config.class_prompt, identifier=config.identifier)
         return SubjectMetadata(
-            subjects=[Subject.from_prompts(instance_prompt, config.class_prompt)],
+            subjects=[subject],
             adapter=config.adapter,
             family=self.family.name,
             pipeline_class=diffusers_pipeline_class(type(self.pipeline)).__name__,
