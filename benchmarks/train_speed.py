@@ -6,7 +6,7 @@ One run trains a real `DreamBoothTrainer` for `--warmup` + `--steps` optimizer s
   (always on CPU) also the `trainer._micro_step` part (batch assembly, text encoding, denoiser forward, loss);
 - floor: the same modules' bare forward + backward + optimizer step on random inputs of the step's shapes (latents,
   timesteps, text embeddings, or token ids through the text encoder when it is trained), with the trainer's own
-  optimizer, right after training (`--floor interleaved`: one after each trainer step, paired); the step / floor
+  optimizer, one after each trainer step (paired; `--floor after`: all after training, which drifts); the step / floor
   ratio is the trainer's overhead (1.0 = none); also by CPU seconds of the process (`time.process_time`, all
   threads), which other work on the machine barely moves, so on a CPU device it is the steadier figure;
 - peak memory: resident memory (CPU) or `torch.cuda.max_memory_allocated` (GPU), per phase and for the process;
@@ -926,8 +926,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--floor",
         choices=("after", "interleaved"),
-        default="after",
-        help="Time the floor after training, or one floor step after each trainer step (paired, for noisy machines).",
+        default="interleaved",
+        help="One floor step after each trainer step (paired: steadiest), or all floor steps after training.",
     )
     parser.add_argument("--breakdown", action="store_true", help="On CUDA, also time the forward part (adds syncs).")
     parser.add_argument("--seed", type=int, default=0)
