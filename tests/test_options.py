@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -143,8 +144,20 @@ def test_skip_save_text_encoder_leaves_it_out(pipeline_dirs, instance_dir, tmp_p
     assert trainer.pipeline.text_encoder is not None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_8bit_adam_without_bitsandbytes_says_how_to_install(pipeline_dirs, instance_dir, tmp_path):
+def test_8bit_adam_keeps_its_moments_in_8_bits_and_trains(pipeline_dirs, instance_dir, tmp_path):
+    base = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"]).unet.state_dict()
+    trainer = run(pipeline_dirs, instance_dir, tmp_path, use_8bit_adam=True, max_train_steps=2)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert type(optimizer).__name__ == "AdamW8bit"
+    # bitsandbytes keeps tensors under 4,096 elements (`min_8bit_size`) in 32 bits; the rest in 8.
+    large = [optimizer.state[p] for p in trainer.trained_parameters if p.numel() >= 4096]
+    assert large and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in large)
+    trained = trainer.pipeline.unet.state_dict()
+    assert any(not torch.equal(trained[name], base[name]) for name in base)
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         run(pipeline_dirs, instance_dir, tmp_path, use_8bit_adam=True)
 
