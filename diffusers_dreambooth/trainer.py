@@ -36,6 +36,7 @@ from .data import (
     has_fixed_crop,
     load_dataset_images,
     load_folder_images,
+    mix_seed,
     step_generator,
 )
 from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
@@ -285,20 +286,25 @@ class DreamBoothTrainer:
         config, family = self.config, self.family
         targets = family.denoiser_lora_targets(config)
         cast_to = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
-        for name, module in self.trained.items():
-            is_denoiser = name == family.denoiser_name
-            if cast_to is not None:
-                module.to(dtype=cast_to)
-            module.add_adapter(
-                LoraConfig(
-                    r=config.rank,
-                    lora_alpha=config.lora_scale_alpha,
-                    lora_dropout=config.lora_dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(targets if is_denoiser else family.text_encoder_lora_target_modules),
-                    use_dora=config.use_dora,
+        device = self.accelerator.device
+        # The adapters' random initial weights come from the seed alone, not from whatever drew from torch's global
+        # generator before (class-image generation, say): same seed, same adapters, in any process and any rerun.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(mix_seed(self.seed, salt=4))
+            for name, module in self.trained.items():
+                is_denoiser = name == family.denoiser_name
+                if cast_to is not None:
+                    module.to(dtype=cast_to)
+                module.add_adapter(
+                    LoraConfig(
+                        r=config.rank,
+                        lora_alpha=config.lora_scale_alpha,
+                        lora_dropout=config.lora_dropout,
+                        init_lora_weights="gaussian",
+                        target_modules=list(targets if is_denoiser else family.text_encoder_lora_target_modules),
+                        use_dora=config.use_dora,
+                    )
                 )
-            )
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
 
     @property

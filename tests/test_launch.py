@@ -76,17 +76,24 @@ def test_accelerate_launch_single_process_with_diffusers_flags(pipeline_dirs, in
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, instance_dir, tmp_path):
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, instance_dir, tmp_path, adapter):
     class_dir = tmp_path / "class"
-    launch(SINGLE, diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "one", batch_size=2))
-    two = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "two", batch_size=1)
+    options = [f"--adapter={adapter}", "--rank=4"]
+    one = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "one", batch_size=2) + options
+    launch(SINGLE, one)
+    two = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "two", batch_size=1) + options
     launch(DOUBLE, two, env={"ACCELERATE_USE_CPU": "1"})
-    one = load_file(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors")
-    two = load_file(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors")
-    base = load_file(Path(pipeline_dirs["sd"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    weights = "pytorch_lora_weights.safetensors" if adapter == "lora" else "unet/diffusion_pytorch_model.safetensors"
+    one, two = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
+    if adapter == "full":
+        base = load_file(Path(pipeline_dirs["sd"]) / weights)
+        assert all(not torch.equal(one[name], base[name]) or name.endswith("bias") for name in one)
+    else:
+        assert any(name.endswith("lora_B.weight") and one[name].abs().sum() > 0 for name in one)
+    assert one.keys() == two.keys()
     for name in one:
-        assert not torch.equal(one[name], base[name]) or name.endswith("bias"), name
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
 
 from diffusers_dreambooth import DreamBoothTrainer
 
@@ -165,3 +166,18 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_install(pipeline_dirs, insta
 def test_resolution_not_divisible_by_the_vae_factor_is_rejected(pipeline_dirs, instance_dir, tmp_path):
     with pytest.raises(ValueError, match="--resolution=33"):
         run(pipeline_dirs, instance_dir, tmp_path, resolution=33)
+
+
+def test_the_seed_alone_fixes_the_lora_initialisation(pipeline_dirs, instance_dir, tmp_path):
+    """Whatever drew from torch's global generator before (class images, other code), the same seed trains the same
+    adapters: a rerun, or several processes, start from identical LoRA weights."""
+    torch.manual_seed(1)
+    run(pipeline_dirs, instance_dir, tmp_path / "first", adapter="lora", rank=4, max_train_steps=1)
+    torch.manual_seed(2)
+    torch.rand(1000)
+    run(pipeline_dirs, instance_dir, tmp_path / "second", adapter="lora", rank=4, max_train_steps=1)
+    first, second = (
+        load_file(tmp_path / run / "out" / "pytorch_lora_weights.safetensors") for run in ("first", "second")
+    )
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
