@@ -171,3 +171,27 @@ def test_card_shows_how_plain_diffusers_loads_the_embeddings(monkeypatch):
     for key, encoder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
         assert f"embeddings[\"{key}\"], token=['<s0>', '<s1>'], text_encoder=pipe.{encoder}," in card
     assert "`<s0><s1> dog`" in card and "pivotal tuning" in card
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, instance_dir, tmp_path):
+    """The embeddings live outside the DDP-wrapped denoiser: their gradients are averaged over processes by hand.
+
+    A full fine-tune, as in test_launch: its one- and two-process UNets agree to float rounding."""
+    from test_launch import DOUBLE, SINGLE, diffusers_flags, launch
+
+    def flags(output_dir, batch_size):
+        options = diffusers_flags(pipeline_dirs["sd"], instance_dir, tmp_path / "class", output_dir, batch_size)
+        options = [f for f in options if not f.startswith("--instance_prompt")]
+        return options + [
+            "--instance_prompt=a photo of {identifier} dog",
+            "--train_text_encoder_ti",
+            "--text_encoder_lr=1e-1",
+        ]
+
+    launch(SINGLE, flags(tmp_path / "one", batch_size=2))
+    launch(DOUBLE, flags(tmp_path / "two", batch_size=1), env={"ACCELERATE_USE_CPU": "1"})
+    one, two = (load_file(tmp_path / name / TEXTUAL_INVERSION_WEIGHT_NAME)["clip_l"] for name in ("one", "two"))
+    initial = load_file(tmp_path / "one" / "checkpoint-2" / TEXTUAL_INVERSION_WEIGHT_NAME)["clip_l"]
+    assert not torch.equal(one, initial)
+    torch.testing.assert_close(two, one, atol=2e-5, rtol=1e-4)
