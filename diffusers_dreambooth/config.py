@@ -152,6 +152,14 @@ class DreamBoothConfig:
     )
     seed: int | None = _option(None, "Seed for reproducible training; a resumed run then matches an unbroken one.")
     train_text_encoder: bool = _option(False, "Also fine-tune the text encoder(s).")
+    train_text_encoder_ti: bool = _option(
+        False,
+        "Pivotal tuning: add new tokens (`<s0>`, ...) to every tokenizer and train only their embeddings, with the"
+        " denoiser. `{identifier}` in the prompts becomes the new tokens; SD 1.x/2.x and SDXL only.",
+    )
+    num_new_tokens_per_abstraction: int = _option(
+        1, "How many new tokens `--train_text_encoder_ti` adds (`<s0><s1>` for 2); diffusers' default is 2."
+    )
     train_batch_size: int = _option(4, "Subject images per device per step (as many class images are added).")
     num_train_epochs: int = _option(1, "Epochs to train; overridden by max_train_steps.")
     max_train_steps: int | None = _option(None, "Total optimizer steps; overrides num_train_epochs.")
@@ -327,6 +335,7 @@ class DreamBoothConfig:
                 self.validation_steps = 100
         self._check_subject_data()
         self._check_identifier()
+        self._check_pivotal_tuning()
         self._check_prior_preservation()
         self._check_training()
         self._check_mixed_precision()
@@ -361,7 +370,7 @@ class DreamBoothConfig:
 
         if self.identifier is not None and (not self.identifier.strip() or len(self.identifier.split()) > 1):
             raise ValueError(f"`--identifier` must be one word such as `sks`, or `auto`, got {self.identifier!r}.")
-        if self.identifier is None:
+        if self.identifier is None and not self.train_text_encoder_ti:
             for name, text in self.identifier_prompts().items():
                 if IDENTIFIER_PLACEHOLDER in text:
                     raise ValueError(
@@ -419,6 +428,40 @@ class DreamBoothConfig:
                 raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
         elif self.class_prompt or self.class_data_dir:
             logger.warning("`--class_prompt`/`--class_data_dir` are ignored without `--with_prior_preservation`.")
+
+    def _check_pivotal_tuning(self) -> None:
+        """`--train_text_encoder_ti` names the subject with its new tokens, through `{identifier}` in the prompts."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+        from .pivotal import new_token_names
+
+        if not self.train_text_encoder_ti:
+            return
+        if self.num_new_tokens_per_abstraction < 1:
+            raise ValueError(
+                f"`--num_new_tokens_per_abstraction` must be at least 1, got {self.num_new_tokens_per_abstraction}."
+            )
+        new_tokens = "".join(new_token_names(self.num_new_tokens_per_abstraction))
+        placeholder = IDENTIFIER_PLACEHOLDER if self.identifier is None else self.identifier
+        conflicts = {
+            "train_text_encoder": "it trains only the new tokens' embeddings, the rest of the text encoder stays"
+            " frozen; drop `--train_text_encoder`",
+            "pre_compute_text_embeddings": "the new tokens' embeddings change every step",
+            "identifier": "the identifier is the new tokens (`<s0>`, ...); remove `--identifier` and write"
+            f" `{IDENTIFIER_PLACEHOLDER}` in the prompts where they go",
+            "skip_save_text_encoder": "the saved text encoders hold the new tokens",
+        }
+        for name, reason in conflicts.items():
+            # The trainer sets `identifier` to the new tokens themselves (`with_identifier`): that one is theirs.
+            if getattr(self, name) and not (name == "identifier" and self.identifier == new_tokens):
+                raise ValueError(
+                    f"`--train_text_encoder_ti` cannot be combined with `--{name}={getattr(self, name)}`: {reason}."
+                )
+        if self.instance_prompt is not None and placeholder not in self.instance_prompt:
+            raise ValueError(
+                f"`--train_text_encoder_ti` trains new tokens that `{IDENTIFIER_PLACEHOLDER}` in `--instance_prompt`"
+                f" stands for, but it has none: {self.instance_prompt!r}. Write it as"
+                f" `a photo of {IDENTIFIER_PLACEHOLDER} dog`."
+            )
 
     def _check_training(self) -> None:
         if self.train_text_encoder and self.pre_compute_text_embeddings:

@@ -33,6 +33,8 @@ def subject_files(folder: Path, metadata: SubjectMetadata) -> list[Path]:
             check_relative_path(name, "model_index.json")
         weights = [Path("model_index.json")]
         weights += [p.relative_to(folder) for name in components for p in sorted((folder / name).rglob("*"))]
+    if metadata.textual_inversion_weight_name:  # pivotal tuning's embeddings, beside either kind of weights
+        weights.append(Path(metadata.textual_inversion_weight_name))
     samples = [Path(name) for name in metadata.sample_images]
     samples += [Path(metadata.sample_grid)] if metadata.sample_grid else []
     return [path for path in weights + samples if (folder / path).is_file()]

@@ -42,7 +42,8 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     if config.instance_prompt and config.instance_prompt.strip():
         subject = Subject.from_prompts(config.instance_prompt, config.class_prompt, identifier=config.identifier)
         check_class_noun(config, subject)
-        check_identifier_tokens(subject.identifier, family)
+        if not config.train_text_encoder_ti:  # pivotal tuning's new tokens are added to the tokenizers later
+            check_identifier_tokens(subject.identifier, family)
     check_prompt_lengths(config, family)
 
 

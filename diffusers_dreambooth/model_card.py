@@ -11,6 +11,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from .subject import SubjectMetadata
 
 TEMPLATE_NAME = "dreambooth.md"
+#: Pivotal-tuning embeddings: the key in the file, and the text encoder and tokenizer it extends (diffusers' advanced
+#: scripts' convention; SDXL has both, SD 1.x/2.x the first).
+TEXTUAL_INVERSION_LOADS = [("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2")]
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
 #: Hub tags of each family's cards (SD3's, Flux's and IF's as diffusers' scripts tag them).
 FAMILY_TAGS = {
@@ -35,6 +38,7 @@ TRAINING_LABELS = {
     "prior_preservation_mode": "prior preservation target (images: class images; model: the base model)",
     "num_class_images": "class images",
     "train_text_encoder": "text encoder trained",
+    "train_text_encoder_ti": "pivotal tuning (new token embeddings trained)",
     "ema_decay": "EMA of the weights, decay",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
@@ -109,6 +113,9 @@ def render_model_card(
         sample_grid_prompts=metadata.sample_grid_prompts,
         training_rows=_rows(metadata.training, TRAINING_LABELS, mode),
         evaluation_rows=[(name, _format(value)) for name, value in metadata.evaluation.items()],
+        textual_inversion_file=metadata.textual_inversion_weight_name,
+        textual_inversion_tokens=metadata.textual_inversion_tokens,
+        textual_inversion_loads=TEXTUAL_INVERSION_LOADS[: 2 if metadata.family == "stable-diffusion-xl" else 1],
     )
 
 

@@ -25,6 +25,7 @@ from huggingface_hub import CommitInfo, hf_hub_download, snapshot_download
 from .families import family_for_pipeline
 from .hub import push_subject_folder
 from .model_card import write_model_card
+from .pivotal import load_token_embeddings
 from .subject import SUBJECT_FILE_NAME, SUPER_RESOLUTION_FOLDER, SubjectMetadata, fill_subject
 
 PROMPT_ARGUMENTS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
@@ -144,7 +145,17 @@ class DreamBoothPipeline:
             **kwargs,
         )
         pipeline.load_lora_weights(source, weight_name=metadata.lora_weight_name, **hub)
-        family_for_pipeline(pipeline).sample_as_trained()  # as the trainer left it (IF: fixed variance)
+        family = family_for_pipeline(pipeline)
+        if metadata.textual_inversion_weight_name:  # pivotal tuning; a full fine-tune's tokenizers hold the tokens
+            load_token_embeddings(
+                pipeline,
+                _resolve_file(source, metadata.textual_inversion_weight_name, **hub),
+                metadata.textual_inversion_tokens,
+                family.text_encoder_names,
+                family.tokenizer_names,
+                family.textual_inversion_keys,
+            )
+        family.sample_as_trained()  # as the trainer left it (IF: fixed variance)
         return cls(pipeline, metadata, source)
 
     def __call__(self, prompt: str | list[str] | None = None, **kwargs: Any):
@@ -212,7 +223,10 @@ class DreamBoothPipeline:
             weights = _resolve_file(self.weights_source, self.metadata.lora_weight_name)
             if Path(weights).resolve() != (save_directory / self.metadata.lora_weight_name).resolve():
                 shutil.copyfile(weights, save_directory / self.metadata.lora_weight_name)
-        for name in self.metadata.sample_images:
+        files = self.metadata.sample_images
+        if self.metadata.textual_inversion_weight_name:
+            files = [self.metadata.textual_inversion_weight_name, *files]
+        for name in files:
             sample = _resolve_file(self.weights_source, name)
             (save_directory / name).parent.mkdir(parents=True, exist_ok=True)
             if Path(sample).resolve() != (save_directory / name).resolve():
@@ -271,9 +285,9 @@ def _subject_file(source: str, **hub: Any) -> str:
     return hf_hub_download(source, SUBJECT_FILE_NAME, **hub)
 
 
-def _resolve_file(source: str | None, file_name: str) -> str:
+def _resolve_file(source: str | None, file_name: str, **hub: Any) -> str:
     if source is None:
         raise ValueError("This subject was not loaded from a folder or repo, so its LoRA weights cannot be copied.")
     if Path(source).is_dir():
         return str(Path(source) / file_name)
-    return hf_hub_download(source, file_name)
+    return hf_hub_download(source, file_name, **hub)

@@ -48,10 +48,12 @@ class Subject:
             raise ValueError("The instance prompt is empty; write it as `a photo of <identifier> <class noun>`.")
         class_words = {w.lower() for w in prompt_words(class_prompt or "")}
         index = next((i for i, w in enumerate(words) if _strip(w).lower() not in class_words), None)
-        if identifier is not None:
-            index = next((i for i, w in enumerate(words) if _strip(w) == identifier), None)
+        if identifier is not None:  # compared without punctuation, kept as given (pivotal tuning's `<s0>`)
+            index = next((i for i, w in enumerate(words) if _strip(w) == _strip(identifier)), None)
             if index is None:
                 return cls(identifier, None, instance_prompt, class_prompt)
+            class_noun = _strip(words[index + 1]) if index + 1 < len(words) else None
+            return cls(identifier, class_noun or None, instance_prompt, class_prompt)
         elif class_prompt is None or index is None:
             index = max(len(words) - 2, 0)
         identifier = _strip(words[index])
@@ -71,6 +73,9 @@ class SubjectMetadata:
     base_model_revision: str | None = None
     base_model_variant: str | None = None
     lora_weight_name: str | None = None
+    #: Pivotal tuning (`--train_text_encoder_ti`): the embeddings file and the new tokens it holds, in order.
+    textual_inversion_weight_name: str | None = None
+    textual_inversion_tokens: list[str] = field(default_factory=list)
     sample_prompt: str | None = None
     sample_images: list[str] = field(default_factory=list)  # paths relative to the subject folder
     sample_grid: str | None = None  # path of the grid image, one row per prompt of `sample_grid_prompts`
@@ -80,7 +85,7 @@ class SubjectMetadata:
 
     def __post_init__(self) -> None:
         # The file names come from a `dreambooth.json` that may have been downloaded: they must stay in its folder.
-        for name in [self.lora_weight_name, self.sample_grid, *self.sample_images]:
+        for name in [self.lora_weight_name, self.textual_inversion_weight_name, self.sample_grid, *self.sample_images]:
             check_relative_path(name, SUBJECT_FILE_NAME)
 
     def to_json_file(self, directory: str | os.PathLike) -> str:

@@ -50,6 +50,7 @@ from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
 from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
+from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
 from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
 from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
@@ -132,6 +133,15 @@ class DreamBoothTrainer:
     def _resolve_identifier(self, config: DreamBoothConfig) -> DreamBoothConfig:
         """Fill `{identifier}` in the prompts; `--identifier auto` picks the rarest token of the model's tokenizers."""
         self.identifier_source = None
+        if config.train_text_encoder_ti:  # pivotal tuning: the new tokens, added to the tokenizers before training
+            if not self.family.textual_inversion_keys:
+                raise ValueError(
+                    "`--train_text_encoder_ti` (pivotal tuning) supports Stable Diffusion 1.x/2.x and SDXL, whose CLIP"
+                    f" text encoders diffusers' `load_textual_inversion` extends; not {self.family.name} (T5 encoders"
+                    " are not supported). Remove it, or name the subject with `--identifier` instead."
+                )
+            self.identifier_source = "new tokens (pivotal tuning)"
+            return config.with_identifier("".join(new_token_names(config.num_new_tokens_per_abstraction)))
         if config.identifier is None:
             return config
         identifier, self.identifier_source = config.identifier, "given"
@@ -259,6 +269,15 @@ class DreamBoothTrainer:
         if config.train_text_encoder:
             names = family.trained_text_encoder_names(config.adapter)
             self.trained.update((name, getattr(self.pipeline, name)) for name in names)
+        self.token_embeddings = None
+        if config.train_text_encoder_ti:
+            self.token_embeddings = TokenEmbeddings(
+                dict(zip(family.text_encoder_names, family.text_encoders)),
+                family.tokenizers,
+                list(family.textual_inversion_keys),
+                new_token_names(config.num_new_tokens_per_abstraction),
+                torch.Generator().manual_seed(self.seed),
+            )
         if config.adapter == "lora":
             self._add_lora_adapters()
         else:
@@ -319,7 +338,7 @@ class DreamBoothTrainer:
 
     @property
     def text_encoders_frozen(self) -> bool:
-        return not self.config.train_text_encoder
+        return not (self.config.train_text_encoder or self.config.train_text_encoder_ti)
 
     # Caches
 
@@ -412,6 +431,14 @@ class DreamBoothTrainer:
                     "weight_decay": config.adam_weight_decay if is_denoiser else config.adam_weight_decay_text_encoder,
                 }
             )
+        if self.token_embeddings is not None:  # diffusers' advanced script: the text encoder's rate and decay
+            param_groups.append(
+                {
+                    "params": list(self.token_embeddings.weights),
+                    "lr": config.text_encoder_lr or learning_rate,
+                    "weight_decay": config.adam_weight_decay_text_encoder,
+                }
+            )
         optimizer = _make_optimizer(config, param_groups, learning_rate)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
@@ -425,7 +452,9 @@ class DreamBoothTrainer:
         prepared = accelerator.prepare(*self.trained.values(), optimizer, lr_scheduler)
         self.prepared = dict(zip(names, prepared[: len(names)]))
         self.optimizer, self.lr_scheduler = prepared[len(names) :]
-        self.trained_parameters = [p for group in param_groups for p in group["params"]]
+        # The EMA averages the trained modules; pivotal-tuning embeddings are clipped with them but not averaged.
+        self.clipped_parameters = [p for group in param_groups for p in group["params"]]
+        self.trained_parameters = [p for group in param_groups[: len(self.trained)] for p in group["params"]]
         self.trained_parameter_names = [
             f"{name}.{key}"
             for name, module in self.trained.items()
@@ -455,11 +484,15 @@ class DreamBoothTrainer:
         else:
             for name, module in modules.items():
                 module.save_pretrained(os.path.join(output_dir, name))
+        if self.token_embeddings is not None:
+            self.token_embeddings.save(output_dir)
         weights.clear()
 
     def _load_model_hook(self, models: list, input_dir: str) -> None:
         modules = {self._component_name(model): self.accelerator.unwrap_model(model) for model in models}
         models.clear()
+        if self.token_embeddings is not None:
+            self.token_embeddings.load(input_dir)
         if self.config.adapter == "lora":
             load_lora_checkpoint(input_dir, modules)
             return
@@ -538,11 +571,15 @@ class DreamBoothTrainer:
                 accelerator.backward(losses.loss)
                 # One host sync per micro-step: the loss values for the logs, checked before the update is applied.
                 values = self._loss_values(losses)
+                if accelerator.sync_gradients and self.token_embeddings is not None:
+                    self.token_embeddings.reduce_gradients(accelerator)
                 if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.trained_parameters, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(self.clipped_parameters, config.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and self.token_embeddings is not None:
+                    self.token_embeddings.restore_frozen_rows()
         if self.ema is not None:
             self.ema.step(self.trained_parameters)
         return {**values, "lr": self.lr_scheduler.get_last_lr()[0]}
@@ -708,7 +745,7 @@ class DreamBoothTrainer:
         """A generous estimate of one checkpoint's size: trained weights, two optimizer moments (and the EMA), plus
         10%, plus 1 MB for the random states, the scheduler and the pickles' own overhead (which dominate on tiny
         models)."""
-        weights = sum(p.numel() * p.element_size() for p in self.trained_parameters)
+        weights = sum(p.numel() * p.element_size() for p in self.clipped_parameters)
         if self.config.adapter == "full":
             weights = sum(p.numel() * p.element_size() for m in self.trained.values() for p in m.parameters())
         return int(weights * (4 if self.ema is not None else 3) * 1.1) + 10**6
@@ -764,6 +801,8 @@ class DreamBoothTrainer:
                 export_kohya_lora(staging)
         else:
             self._save_full_pipeline(staging)
+        if self.token_embeddings is not None:
+            self.token_embeddings.save(staging)
         config.to_json_file(staging / CONFIG_NAME)
         metadata = self.subject_metadata()
         self._write_samples(staging, metadata)
@@ -842,6 +881,7 @@ class DreamBoothTrainer:
             "prior_preservation_mode": config.prior_preservation_mode if config.with_prior_preservation else None,
             "num_class_images": len(self.class_images) or None,
             "train_text_encoder": config.train_text_encoder,
+            "train_text_encoder_ti": config.train_text_encoder_ti or None,
             "ema_decay": config.ema_decay if config.use_ema else None,
             "seed": self.seed,
         }
@@ -862,6 +902,8 @@ class DreamBoothTrainer:
             base_model_revision=config.revision,
             base_model_variant=config.variant,
             lora_weight_name=LORA_WEIGHT_NAME_SAFE if config.adapter == "lora" else None,
+            textual_inversion_weight_name=TEXTUAL_INVERSION_WEIGHT_NAME if self.token_embeddings else None,
+            textual_inversion_tokens=list(self.token_embeddings.tokens) if self.token_embeddings else [],
             training=training,
         )
 

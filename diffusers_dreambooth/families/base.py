@@ -52,6 +52,9 @@ class DreamBoothFamily:
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
     denoiser_lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder_lora_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    #: Keys of each text encoder's embeddings in a pivotal-tuning file (diffusers' advanced scripts: `clip_l`,
+    #: `clip_g`); empty where `--train_text_encoder_ti` is not supported.
+    textual_inversion_keys: ClassVar[tuple[str, ...]] = ()
     #: Whether the pipeline generates from a prompt alone: class, validation and sample images are drawn with it.
     #: False for pipelines that also need an input image (super-resolution); those images must then be supplied.
     generates_from_prompt: ClassVar[bool] = True

@@ -10,6 +10,7 @@ class StableDiffusionXLFamily(DreamBoothFamily):
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    textual_inversion_keys = ("clip_l", "clip_g")
     option_defaults = {
         "full": {**DreamBoothFamily.option_defaults["full"], "resolution": 1024},
         "lora": {
