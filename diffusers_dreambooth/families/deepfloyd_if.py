@@ -68,6 +68,7 @@ class DeepFloydIFFamily(DreamBoothFamily):
     name = "deepfloyd-if"
     pipeline_class_names = ("IFPipeline",)
     uses_attention_mask = True
+    supports_aspect_ratio_buckets = False  # square pixel stages; stage II's low-resolution side is square too
     # diffusers' `train_dreambooth_lora.py` on IF: the UNet's attention, including the text projections of its
     # added-KV attention; T5's attention projections for the text encoder.
     denoiser_lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
