@@ -242,6 +242,8 @@ class DreamBoothTrainer:
                 f" divides `--resolution={config.resolution}`; try {multiple}."
             )
         buckets = aspect_ratio_buckets(config.resolution, step, config.bucket_max_aspect_ratio)
+        for height, width in buckets:
+            family.check_sample_size(height, width)
         logger.info("Aspect-ratio buckets (height x width): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
         return buckets
 

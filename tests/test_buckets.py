@@ -295,3 +295,20 @@ def test_two_processes_match_one_with_buckets(pipeline_dirs, tmp_path):
     two = load_file(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors")
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4)
+
+
+def test_flux_and_sd3_train_with_buckets(pipeline_dirs, tmp_path):
+    images = mixed_photos(tmp_path / "photos")
+    flux = DreamBoothTrainer(
+        bucket_run(pipeline_dirs, "flux", images, tmp_path, train_batch_size=2, max_train_steps=2)
+    )
+    flux.train()  # Flux packs any even latent grid: 2x2-patch multiples of 4 pixels, here up to 40x24
+    assert {image.bucket for image in flux.instance_images} == {(24, 40), (40, 24), (28, 36), (32, 32)}
+    # The tiny SD3 transformer's positional embedding covers 8x8 patches, the 32-pixel square only.
+    sd3 = bucket_run(pipeline_dirs, "sd3", images, tmp_path / "sd3", train_batch_size=2, max_train_steps=2)
+    with pytest.raises(ValueError, match="pos_embed_max_size=8"):
+        DreamBoothTrainer(sd3).train()
+    sd3_24 = bucket_run(pipeline_dirs, "sd3", images, tmp_path / "sd3_24", resolution=24, max_train_steps=2)
+    trainer = DreamBoothTrainer(sd3_24)
+    trainer.train()
+    assert max(max(bucket) for bucket in trainer.buckets) == 32  # 16 latents, 8 patches: within the embedding

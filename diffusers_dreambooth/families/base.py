@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 FLOW_MATCHING_OPTIONS = ("weighting_scheme", "precondition_outputs", "max_sequence_length")
 
 
+def height_and_width(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """`(height, width)` of a training image: a `resolution` square, or an aspect-ratio bucket as it is."""
+    return (resolution, resolution) if isinstance(resolution, int) else resolution
+
+
 @dataclass
 class ImageConditioning:
     """Per-example facts about how an image was cropped, for families that condition on them (SDXL)."""
@@ -180,9 +185,13 @@ class DreamBoothFamily:
         """`(channels, height, width)` of one training example's sample, as `encode_image_distribution` returns it,
         and of the noise the trainer draws for it: the VAE latents of a `resolution`-sized square image by default,
         or of a `(height, width)` image (an aspect-ratio bucket)."""
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        height, width = height_and_width(resolution)
         factor = self.vae_scale_factor
         return (self.vae.config.latent_channels, height // factor, width // factor)
+
+    def check_sample_size(self, height: int, width: int) -> None:
+        """Raise if the denoiser cannot train on a `height` x `width` pixel image (an aspect-ratio bucket); any size
+        that is a multiple of `resolution_multiple` by default."""
 
     def sample_as_trained(self) -> None:
         """Make the pipeline sample as the trained model predicts; the trainer calls it once class images exist, and
