@@ -749,7 +749,7 @@ class DreamBoothTrainer:
         conditioning = ImageConditioning(  # the examples share one crop size: the bucket's, else the square's
             original_sizes=torch.tensor(sizes),
             crops_top_left=torch.tensor(crops),
-            target_size=examples[0][0][examples[0][2]].crop_size(config.resolution),
+            target_size=self._crop_size(examples[0]),
         )
         return torch.stack(means), torch.stack(stds), conditioning
 
