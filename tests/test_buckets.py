@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
@@ -91,6 +92,11 @@ def test_bucketed_image_is_resized_to_cover_its_bucket_and_cropped_to_it():
     generator = torch.Generator().manual_seed(0)
     lefts = {crop_and_flip(image, 32, False, False, generator)[1] for _ in range(40)}
     assert {top for top, _ in lefts} == {0} and {left for _, left in lefts} == set(range(12))
+    # A flip mirrors the crop: its left edge in the flipped image is 55 - 5 - 44 = 6.
+    flips = [crop_and_flip(image, 32, True, True, generator) for _ in range(8)]
+    assert {crop for _, crop in flips} == {(0, 5), (0, 6)}
+    for flipped, crop in flips:
+        assert torch.equal(flipped, pixels if crop == (0, 5) else pixels.flip(-1))
     assert has_fixed_crop(image, 32, center_crop=True, random_flip=False)
     assert not has_fixed_crop(image, 32, center_crop=False, random_flip=False)
 
@@ -197,8 +203,6 @@ def bucket_run(pipeline_dirs, family, images, tmp_path, **overrides):
 
 
 def test_sdxl_time_ids_carry_the_true_size_crop_and_bucket(pipeline_dirs, tmp_path):
-    from diffusers import DiffusionPipeline
-
     images = mixed_photos(tmp_path / "photos", sizes=((100, 40), (40, 100)))
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sdxl"])
     calls = record_denoiser_calls(pipeline)
@@ -215,8 +219,6 @@ def test_sdxl_time_ids_carry_the_true_size_crop_and_bucket(pipeline_dirs, tmp_pa
 
 
 def test_latents_have_the_bucket_shape_and_class_images_their_own(pipeline_dirs, tmp_path):
-    from diffusers import DiffusionPipeline
-
     images = mixed_photos(tmp_path / "photos", sizes=((88, 44), (88, 44), (44, 88), (44, 88)))
     class_dir = write_subject_images(tmp_path / "class", count=2, size=(TINY_RESOLUTION, TINY_RESOLUTION), seed=5)
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
@@ -244,9 +246,18 @@ def test_latents_have_the_bucket_shape_and_class_images_their_own(pipeline_dirs,
     assert cached == {(4, 11, 22), (4, 22, 11)}  # the photos fit their buckets exactly: latents cached per shape
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-@pytest.mark.parametrize("adapter", ["full", "lora"])
-def test_bucketed_run_trains_and_resumes_exactly(pipeline_dirs, tmp_path, family, adapter):
+@pytest.mark.parametrize(
+    "family, adapter, extra",
+    [
+        ("sd", "full", {}),
+        ("sd", "lora", {}),
+        ("sdxl", "full", {}),
+        ("sdxl", "lora", {}),
+        # Two bucketed micro-batches per step, and random flips: crops are encoded every step.
+        ("sd", "full", {"gradient_accumulation_steps": 2, "random_flip": True}),
+    ],
+)
+def test_bucketed_run_trains_and_resumes_exactly(pipeline_dirs, tmp_path, family, adapter, extra):
     images = mixed_photos(tmp_path / "photos")
     # Class photos of mixed shapes too: a batch's class bucket is sometimes its subject bucket, sometimes not.
     class_dir = mixed_photos(tmp_path / "class", seed=7)
@@ -260,11 +271,10 @@ def test_bucketed_run_trains_and_resumes_exactly(pipeline_dirs, tmp_path, family
         class_prompt="a photo of dog",
         class_data_dir=str(class_dir),
         num_class_images=4,
+        **extra,
     )
     if adapter == "lora":
         options["rank"] = 4
-    from diffusers import DiffusionPipeline
-
     base = state_of(DiffusionPipeline.from_pretrained(pipeline_dirs[family]).unet)
     unbroken = DreamBoothTrainer(bucket_run(pipeline_dirs, family, images, tmp_path, **options)).train()
     expected = state_of(unbroken.unet)
