@@ -927,6 +927,8 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        if config.aspect_ratio_buckets:  # recorded only when on: cards and records of square runs stay as they were
+            training["aspect_ratio_buckets"] = config.bucket_max_aspect_ratio
         if "sr_noise_level" in self.family.option_defaults[config.adapter]:
             training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
         if self.identifier_source is not None:

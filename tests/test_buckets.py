@@ -244,6 +244,9 @@ def test_latents_have_the_bucket_shape_and_class_images_their_own(pipeline_dirs,
     assert set(shapes[0::2]) == {(2, 4, 11, 22), (2, 4, 22, 11)}
     cached = {tuple(mean.shape) for mean in trainer.instance_latents.mean if mean is not None}
     assert cached == {(4, 11, 22), (4, 22, 11)}  # the photos fit their buckets exactly: latents cached per shape
+    assert (
+        "| aspect-ratio buckets (most elongated long/short side) | 2 |" in (tmp_path / "out" / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
