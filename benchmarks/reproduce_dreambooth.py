@@ -81,6 +81,8 @@ RUNS: dict[str, dict] = {
     "identifier: auto (rare token)": {"identifier": "auto"},
     "identifier: sks": {"identifier": "sks"},
     "identifier: qzvx (4 tokens)": {"identifier": "qzvx"},
+    # Issue #7: the main recipe with an EMA of the trained weights, saved as the final weights.
+    "full + TE, prior, EMA": {"use_ema": True},
     # Issue #7: the prior-preservation target, generated class images (the paper) or the frozen base model's
     # prediction for the class prompt on the same noisy latents (no class images).
     "full + TE, prior: class images": {},

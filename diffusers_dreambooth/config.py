@@ -142,6 +142,15 @@ class DreamBoothConfig:
     )
     center_crop: bool = _option(False, "Center-crop images instead of cropping at a random position.")
     random_flip: bool = _option(False, "Flip images horizontally at random.")
+    aspect_ratio_buckets: bool = _option(
+        False, "Crop each image to the bucket (about resolution**2 pixels) closest to its aspect ratio, not a square."
+    )
+    bucket_step: int | None = _option(
+        None, "With --aspect_ratio_buckets: bucket sides are multiples of this. Default: resolution/16 (64 at 1024)."
+    )
+    bucket_max_aspect_ratio: float = _option(
+        2.0, "With --aspect_ratio_buckets: the most elongated bucket's long side over its short side."
+    )
     image_interpolation_mode: Literal["bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"] | None = _option(
         None, "Resampling filter used to resize images. Default: bilinear (full, SD3), lanczos (SD/SDXL LoRA)."
     )
@@ -363,6 +372,26 @@ class DreamBoothConfig:
             raise ValueError(f"`--repeats` must be at least 1, got {self.repeats}.")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"`--resolution` must be a positive multiple of 8, got {self.resolution}.")
+        self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        """`--bucket_*` options need `--aspect_ratio_buckets`; the bucket shape must be possible."""
+        if not self.aspect_ratio_buckets:
+            changed = [
+                f"`--{name}`"
+                for name, default in (("bucket_step", None), ("bucket_max_aspect_ratio", 2.0))
+                if getattr(self, name) != default
+            ]
+            if changed:
+                logger.warning("%s ignored: it applies with `--aspect_ratio_buckets` only.", ", ".join(changed))
+            return
+        if self.bucket_max_aspect_ratio < 1.0:
+            raise ValueError(
+                f"`--bucket_max_aspect_ratio` is a long side over a short side, at least 1.0 (square buckets only),"
+                f" got {self.bucket_max_aspect_ratio}."
+            )
+        if self.bucket_step is not None and self.bucket_step < 1:
+            raise ValueError(f"`--bucket_step` must be a positive number of pixels, got {self.bucket_step}.")
 
     def _check_identifier(self) -> None:
         """`{identifier}` in a prompt needs `--identifier`; the identifier must be one word."""

@@ -7,6 +7,10 @@ Bad input is decided before the first training step, never deep inside PIL or to
 white, 16-bit images are scaled to 8 bits, animated images give their first frame, images smaller than the
 resolution are upscaled with a warning, unreadable files in a folder are skipped with a warning, and decompression
 bombs, missing or empty folders (or folders where nothing is readable) stop with an error naming the file or folder.
+
+With aspect-ratio bucketing (`--aspect_ratio_buckets`), each image is instead assigned the bucket (a height and width
+of about `resolution**2` pixels, see `aspect_ratio_buckets`) closest to its aspect ratio, resized to cover it, and
+cropped to it rather than to a square; `BucketedTrainingOrder` then builds every batch from one bucket.
 """
 
 from __future__ import annotations
@@ -43,12 +47,18 @@ RESAMPLING = {
 
 @dataclass
 class TrainingImage:
-    """One training image, resized so that its shorter side is the training resolution."""
+    """One training image, resized so that its shorter side is the training resolution, or, with a `bucket`, so
+    that it covers the bucket."""
 
     image: Image.Image
     prompt: str
     original_size: tuple[int, int]  # (height, width) before resizing, for SDXL's size conditioning
     source: str  # file path or dataset row, for messages
+    bucket: tuple[int, int] | None = None  # (height, width) it is cropped to; None: a `resolution` square
+
+    def crop_size(self, resolution: int) -> tuple[int, int]:
+        """(height, width) of this image's training crop: its bucket, else the `resolution` square."""
+        return self.bucket or (resolution, resolution)
 
 
 class UnreadableImageError(ValueError):
@@ -147,12 +157,64 @@ def resize_to_resolution(image: Image.Image, resolution: int, interpolation: str
     return image.resize(size, RESAMPLING[interpolation])
 
 
+def aspect_ratio_buckets(resolution: int, step: int, max_aspect_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """The bucket sizes `(height, width)` for `resolution`: SDXL-style sizes of at most `resolution**2` pixels.
+
+    Widths go up from `resolution` in multiples of `step`; each gets the largest height, a multiple of `step`, that
+    keeps `height * width <= resolution**2`, while `width / height <= max_aspect_ratio`. The portrait buckets are
+    their transposes. At 1024 with a step of 64 this gives (width x height) 1024x1024, 1088x960, 1152x896, 1216x832,
+    1280x768, 1344x768 and 1408x704 (SDXL's 1152x896, 1216x832 and 1344x768 among them) and their transposes.
+    Sorted by aspect ratio (height / width: widest first), then by size.
+
+    Args:
+        resolution (`int`): the side of the square bucket; a multiple of `step`.
+        step (`int`): what every side is a multiple of (at least the family's `resolution_multiple`).
+        max_aspect_ratio (`float`, *optional*, defaults to `2.0`): the most elongated bucket's long / short side.
+    """
+    if resolution % step:
+        raise ValueError(f"`--resolution={resolution}` must be a multiple of the bucket step {step}.")
+    landscape = []
+    width = resolution
+    while True:
+        height = resolution * resolution // width // step * step
+        if height < step or width / height > max_aspect_ratio:
+            break
+        landscape.append((height, width))
+        width += step
+    buckets = set(landscape) | {(w, h) for h, w in landscape}
+    return sorted(buckets, key=lambda size: (size[0] / size[1], size))
+
+
+def closest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to that of `size` `(height, width)` (in log ratio, so 2:1 and 1:2
+    are as far from square); ties go to the larger bucket."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda bucket: (abs(math.log(bucket[0] / bucket[1]) - ratio), -bucket[0] * bucket[1]))
+
+
+def resize_to_cover(image: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> Image.Image:
+    """Resize, keeping the aspect ratio, to the smallest size that covers `size` `(height, width)`."""
+    width, height = image.size
+    scale = max(size[0] / height, size[1] / width)
+    covering = (max(size[1], round(width * scale)), max(size[0], round(height * scale)))
+    if covering == image.size:
+        return image
+    return image.resize(covering, RESAMPLING[interpolation])
+
+
 def to_training_image(
-    image: str | Path | Image.Image, prompt: str, resolution: int, interpolation: str, source: str
+    image: str | Path | Image.Image,
+    prompt: str,
+    resolution: int,
+    interpolation: str,
+    source: str,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> TrainingImage:
-    """Decode and resize one image; an image smaller than `resolution` is upscaled, with a warning."""
+    """Decode and resize one image; an image smaller than `resolution` (or than its bucket) is upscaled, with a
+    warning. With `buckets`, the image gets the closest bucket and is resized to cover it."""
     rgb = decode_image(image, source)
-    if min(rgb.size) < resolution:
+    bucket = closest_bucket((rgb.height, rgb.width), buckets) if buckets else None
+    if bucket is None and min(rgb.size) < resolution:
         logger.warning(
             "`%s` is %dx%d pixels, smaller than the training resolution %d; it will be upscaled and training quality"
             " suffers. Use a larger photo if you have one.",
@@ -161,39 +223,62 @@ def to_training_image(
             rgb.height,
             resolution,
         )
-    return TrainingImage(resize_to_resolution(rgb, resolution, interpolation), prompt, (rgb.height, rgb.width), source)
+    elif bucket is not None and (rgb.height < bucket[0] or rgb.width < bucket[1]):
+        logger.warning(
+            "`%s` is %dx%d pixels, smaller than its aspect-ratio bucket %dx%d; it will be upscaled and training"
+            " quality suffers. Use a larger photo if you have one.",
+            source,
+            rgb.width,
+            rgb.height,
+            bucket[1],
+            bucket[0],
+        )
+    if bucket is None:
+        resized = resize_to_resolution(rgb, resolution, interpolation)
+    else:
+        resized = resize_to_cover(rgb, bucket, interpolation)
+    return TrainingImage(resized, prompt, (rgb.height, rgb.width), source, bucket)
 
 
 def crop_and_flip(
     image: TrainingImage, resolution: int, center_crop: bool, random_flip: bool, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A `(3, resolution, resolution)` tensor in [-1, 1] and the crop's (top, left), as SDXL conditions on it.
+    """A `(3, resolution, resolution)` tensor in [-1, 1] (`(3, *image.bucket)` for a bucketed image) and the crop's
+    (top, left), as SDXL conditions on it.
 
     Random crop positions and flips are drawn from `generator`, so they are reproducible per step.
     """
     width, height = image.image.size
+    crop_height, crop_width = image.crop_size(resolution)
     if center_crop or generator is None:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (height - crop_height) // 2, (width - crop_width) // 2
     else:
-        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
-    crop = image.image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+    crop = image.image.crop((left, top, left + crop_width, top + crop_height))
     if random_flip and generator is not None and bool(torch.rand(1, generator=generator) < 0.5):
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = width - left - resolution
+        left = width - left - crop_width
     pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)
     return pixels / 127.5 - 1.0, (top, left)
 
 
 def has_fixed_crop(image: TrainingImage, resolution: int, center_crop: bool, random_flip: bool) -> bool:
     """Whether every step sees the same pixels of this image, so its latents can be computed once."""
-    return not random_flip and (center_crop or image.image.size == (resolution, resolution))
+    crop_height, crop_width = image.crop_size(resolution)
+    return not random_flip and (center_crop or image.image.size == (crop_width, crop_height))
 
 
 def load_folder_images(
-    directory: str | Path, prompt: str, resolution: int, interpolation: str, limit: int | None = None
+    directory: str | Path,
+    prompt: str,
+    resolution: int,
+    interpolation: str,
+    limit: int | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> list[TrainingImage]:
-    """The images of a folder (the first `limit` readable ones by name), all with the same prompt.
+    """The images of a folder (the first `limit` readable ones by name), all with the same prompt; with `buckets`,
+    each in its closest bucket.
 
     Unreadable files are skipped with a warning, so one bad photo does not stop training; a folder in which nothing
     is readable is an error.
@@ -208,7 +293,7 @@ def load_folder_images(
         if limit is not None and len(images) >= limit:
             break
         try:
-            images.append(to_training_image(path, prompt, resolution, interpolation, str(path)))
+            images.append(to_training_image(path, prompt, resolution, interpolation, str(path), buckets))
         except UnreadableImageError as error:
             logger.warning("Skipping `%s`: not a readable image (%s). Remove or replace it.", path, error.reason)
             skipped.append(path.name)
@@ -229,6 +314,7 @@ def load_dataset_images(
     resolution: int,
     interpolation: str,
     cache_dir: str | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> list[TrainingImage]:
     """The `train` split of a `datasets` dataset (Hub id or local folder), captions from `caption_column`."""
     from datasets import load_dataset
@@ -244,7 +330,7 @@ def load_dataset_images(
     for index, row in enumerate(dataset):
         prompt = row[caption_column] if caption_column else instance_prompt
         source = f"{dataset_name}[{index}]"
-        images.append(to_training_image(row[image_column], prompt, resolution, interpolation, source))
+        images.append(to_training_image(row[image_column], prompt, resolution, interpolation, source, buckets))
     return images
 
 
@@ -290,6 +376,90 @@ class TrainingOrder:
 
     def class_index(self, item: int) -> int:
         return item % self.num_class
+
+    def batch(self, batch_index: int, global_batch_size: int) -> tuple[list[int], list[int]]:
+        """Subject and class image indices of global batch number `batch_index`, example by example."""
+        items = self.items(batch_index, global_batch_size)
+        return [self.instance_index(k) for k in items], [self.class_index(k) for k in items]
+
+
+class BucketStream:
+    """Global batches of image indices, each batch from one aspect-ratio bucket: a pure function of (seed, batch).
+
+    Every epoch, each bucket's images are shuffled and cut into batches of `global_batch_size` (the last one of a
+    bucket filled up by wrapping around that bucket's shuffled images, so every batch is full and every process gets
+    a full slice), and the epoch's batches of all buckets are shuffled together.
+    """
+
+    def __init__(self, buckets: list[tuple[int, int]], global_batch_size: int, seed: int, salt: int) -> None:
+        self.global_batch_size = global_batch_size
+        self.seed, self.salt = seed, salt
+        self.members: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.members.setdefault(bucket, []).append(index)
+        self.batches_per_epoch = sum(math.ceil(len(m) / global_batch_size) for m in self.members.values())
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of epoch `epoch`, in order; the two latest epochs are kept, not drawn again at every step."""
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, salt=self.salt))
+            size, batches = self.global_batch_size, []
+            for bucket in sorted(self.members):
+                members = self.members[bucket]
+                shuffled = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+                count = math.ceil(len(shuffled) / size)
+                filled = [shuffled[i % len(shuffled)] for i in range(count * size)]
+                batches += [filled[start : start + size] for start in range(0, len(filled), size)]
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            self._epochs = {
+                **{e: b for e, b in self._epochs.items() if e == epoch - 1},
+                epoch: [batches[i] for i in order],
+            }
+        return self._epochs[epoch]
+
+    def batch(self, batch_index: int) -> list[int]:
+        return self.epoch_batches(batch_index // self.batches_per_epoch)[batch_index % self.batches_per_epoch]
+
+
+class BucketedTrainingOrder:
+    """`TrainingOrder` for `--aspect_ratio_buckets`: every global batch's subject images share one bucket, and so do
+    its class images (possibly another bucket: the trainer then calls the denoiser once per shape).
+
+    Subject and class images are two independent `BucketStream`s, so a subject photo is not tied to the class images
+    of its own shape (there may be none: generated class images are all square). An epoch is one pass over the
+    subject images' batches; `length` counts their examples, padding included. A pure function of (seed, batch), so
+    resumed and multi-process runs see the same batches.
+
+    Args:
+        instance_buckets (`list[tuple[int, int]]`): the bucket of each subject image.
+        class_buckets (`list[tuple[int, int]]`): the bucket of each class image (empty without class images).
+        global_batch_size (`int`): examples per global micro-batch, `train_batch_size` times the processes.
+        seed (`int`): the run's seed.
+    """
+
+    def __init__(
+        self,
+        instance_buckets: list[tuple[int, int]],
+        class_buckets: list[tuple[int, int]],
+        global_batch_size: int,
+        seed: int,
+    ) -> None:
+        self.global_batch_size = global_batch_size
+        self.instance = BucketStream(instance_buckets, global_batch_size, seed, salt=3)
+        self.classes = BucketStream(class_buckets, global_batch_size, seed, salt=4) if class_buckets else None
+        self.length = self.instance.batches_per_epoch * global_batch_size
+
+    def batch(self, batch_index: int, global_batch_size: int) -> tuple[list[int], list[int]]:
+        """Subject and class image indices of global batch number `batch_index` (class: empty without class
+        images); `global_batch_size` must be the one the order was built for."""
+        if global_batch_size != self.global_batch_size:
+            raise ValueError(
+                f"This order cuts batches of {self.global_batch_size} examples, not {global_batch_size}; build it"
+                " with the run's global batch size."
+            )
+        classes = self.classes.batch(batch_index) if self.classes is not None else []
+        return self.instance.batch(batch_index), classes
 
 
 def mix_seed(seed: int, *values: int, salt: int = 0) -> int:

@@ -17,8 +17,8 @@ class DreamBoothLoss(NamedTuple):
 
 
 def dreambooth_loss(
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
+    model_pred: torch.Tensor | list[torch.Tensor],
+    target: torch.Tensor | list[torch.Tensor],
     is_prior: torch.Tensor,
     prior_loss_weight: float = 1.0,
     weights: torch.Tensor | None = None,
@@ -29,13 +29,19 @@ def dreambooth_loss(
     where ||.||^2 is the mean squared error over an example's elements and w the per-example weights (1 if None).
 
     Args:
-        model_pred (`torch.Tensor`): the denoiser's output, batch first.
-        target (`torch.Tensor`): what it should have predicted (noise, velocity, ...), same shape.
+        model_pred (`torch.Tensor` or `list[torch.Tensor]`): the denoiser's output, batch first; or its outputs for
+            consecutive groups of examples of different shapes (aspect-ratio buckets), one tensor per group.
+        target (`torch.Tensor` or `list[torch.Tensor]`): what it should have predicted (noise, velocity, ...), same
+            shape(s).
         is_prior (`torch.Tensor`): boolean `(batch,)` mask, True for class (prior-preservation) examples.
         prior_loss_weight (`float`, *optional*, defaults to `1.0`): lambda; the paper uses 1.
         weights (`torch.Tensor`, *optional*): per-example weights `(batch,)`, e.g. min-SNR weights.
     """
-    per_example = (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if isinstance(model_pred, torch.Tensor):
+        model_pred, target = [model_pred], [target]
+    per_example = torch.cat(
+        [(pred.float() - goal.float()).pow(2).flatten(1).mean(dim=1) for pred, goal in zip(model_pred, target)]
+    )
     if weights is not None:
         per_example = per_example * weights.to(per_example)
     is_prior = is_prior.to(per_example.device, torch.bool)

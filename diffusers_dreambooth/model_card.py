@@ -33,6 +33,7 @@ TRAINING_LABELS = {
     "learning_rate": "learning rate",
     "train_batch_size": "batch size (subject images per device)",
     "resolution": "resolution",
+    "aspect_ratio_buckets": "aspect-ratio buckets (most elongated long/short side)",
     "with_prior_preservation": "prior preservation",
     "prior_loss_weight": "prior loss weight",
     "prior_preservation_mode": "prior preservation target (images: class images; model: the base model)",

@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from . import checkpoints
 from .config import CONFIG_NAME, DreamBoothConfig
 from .data import (
+    BucketedTrainingOrder,
     TrainingImage,
     TrainingOrder,
+    aspect_ratio_buckets,
     crop_and_flip,
     has_fixed_crop,
     load_dataset_images,
@@ -113,6 +115,7 @@ class DreamBoothTrainer:
         self.family.configure(config)
         self.config = config = self._resolve_identifier(config)
         self._check_resolution()
+        self.buckets = self._aspect_ratio_buckets()
         check_inputs(config, self.family)
 
         if self.prior_from_images:
@@ -228,11 +231,40 @@ class DreamBoothTrainer:
                 f" try {self.config.resolution // factor * factor or factor}."
             )
 
+    def _aspect_ratio_buckets(self) -> list[tuple[int, int]] | None:
+        """The bucket sizes of `--aspect_ratio_buckets` (`data.aspect_ratio_buckets`), or None without it.
+
+        The step defaults to `resolution / 16` rounded to the family's `resolution_multiple` (64 pixels at 1024, the
+        step of SDXL's training sizes), so that latents stay divisible by most of the denoiser's downsampling.
+        """
+        config, family = self.config, self.family
+        if not config.aspect_ratio_buckets:
+            return None
+        if not family.supports_aspect_ratio_buckets:
+            raise ValueError(
+                f"`--aspect_ratio_buckets` is not supported for {family.name}: it trains at square sizes only."
+                " Remove the option; images are then resized and cropped to `--resolution` squares."
+            )
+        multiple = family.resolution_multiple
+        step = config.bucket_step or max(multiple, config.resolution // 16 // multiple * multiple)
+        if step % multiple or config.resolution % step:
+            raise ValueError(
+                f"`--bucket_step={step}` must be a multiple of {multiple} (this model's `resolution_multiple`) that"
+                f" divides `--resolution={config.resolution}`; try {multiple}."
+            )
+        buckets = aspect_ratio_buckets(config.resolution, step, config.bucket_max_aspect_ratio)
+        for height, width in buckets:
+            family.check_sample_size(height, width)
+        logger.info("Aspect-ratio buckets (height x width): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
+        return buckets
+
     def _load_images(self) -> None:
-        config = self.config
+        config, buckets = self.config, self.buckets
         size, mode = config.resolution, config.image_interpolation_mode
         if config.instance_data_dir is not None:
-            instance = load_folder_images(config.instance_data_dir, config.instance_prompt, size, mode)
+            instance = load_folder_images(
+                config.instance_data_dir, config.instance_prompt, size, mode, buckets=buckets
+            )
         else:
             instance = load_dataset_images(
                 config.dataset_name,
@@ -243,6 +275,7 @@ class DreamBoothTrainer:
                 size,
                 mode,
                 config.cache_dir,
+                buckets=buckets,
             )
         for image in instance:  # per-image captions of `--caption_column` may name `{identifier}` too
             image.prompt = fill_identifier(image.prompt, config.identifier, "caption_column")
@@ -250,9 +283,17 @@ class DreamBoothTrainer:
         self.class_images: list[TrainingImage] = []
         if self.prior_from_images:
             self.class_images = load_folder_images(
-                config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images
+                config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images, buckets=buckets
             )
-        self.order = TrainingOrder(len(self.instance_images), max(len(self.class_images), 1), self.seed)
+        if buckets is None:
+            self.order = TrainingOrder(len(self.instance_images), max(len(self.class_images), 1), self.seed)
+        else:
+            self.order = BucketedTrainingOrder(
+                [image.bucket for image in self.instance_images],
+                [image.bucket for image in self.class_images],
+                config.train_batch_size * self.accelerator.num_processes,
+                self.seed,
+            )
 
     def _set_up_trainable_modules(self) -> None:
         """Freeze everything, then unfreeze the denoiser (and text encoders) or add LoRA adapters to them."""
@@ -393,16 +434,21 @@ class DreamBoothTrainer:
                 module.to("cpu")
 
     def _cache_latents(self, images: list[TrainingImage]) -> LatentCache:
+        """Latents of the images with a fixed crop, encoded in batches of one crop size (one per bucket)."""
         config = self.config
         fixed = [has_fixed_crop(im, config.resolution, config.center_crop, config.random_flip) for im in images]
         cache = LatentCache([None] * len(images), [None] * len(images))
-        todo = [i for i, is_fixed in enumerate(fixed) if is_fixed]
-        for start in range(0, len(todo), config.sample_batch_size):
-            chunk = todo[start : start + config.sample_batch_size]
-            pixels = torch.stack([self._pixels(images[i], None)[0] for i in chunk])
-            mean, std = self.family.encode_image_distribution(pixels)
-            for j, i in enumerate(chunk):
-                cache.mean[i], cache.std[i] = mean[j], std[j]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, is_fixed in enumerate(fixed):
+            if is_fixed:
+                by_size.setdefault(images[i].crop_size(config.resolution), []).append(i)
+        for todo in by_size.values():
+            for start in range(0, len(todo), config.sample_batch_size):
+                chunk = todo[start : start + config.sample_batch_size]
+                pixels = torch.stack([self._pixels(images[i], None)[0] for i in chunk])
+                mean, std = self.family.encode_image_distribution(pixels)
+                for j, i in enumerate(chunk):
+                    cache.mean[i], cache.std[i] = mean[j], std[j]
         return cache
 
     def _pixels(self, image: TrainingImage, generator: torch.Generator | None) -> tuple[torch.Tensor, tuple]:
@@ -604,44 +650,83 @@ class DreamBoothTrainer:
         return values
 
     def _micro_step(self, micro_step: int):
-        """Loss of this process's slice of global micro-batch `micro_step`."""
-        config, family, accelerator = self.config, self.family, self.accelerator
-        items = self.order.items(micro_step, self.global_batch_size)
-        rank, per_process = accelerator.process_index, config.train_batch_size
-        local_items = items[rank * per_process : (rank + 1) * per_process]
-        examples = [(self.instance_images, self.instance_latents, self.order.instance_index(k)) for k in local_items]
-        positions = list(range(rank * per_process, (rank + 1) * per_process))
-        if self.prior_from_images:
-            examples += [(self.class_images, self.class_latents, self.order.class_index(k)) for k in local_items]
-            positions += [p + self.global_batch_size for p in positions]
-        num_global = self.global_batch_size * (2 if self.prior_from_images else 1)
+        """Loss of this process's slice of global micro-batch `micro_step`.
+
+        The examples form one shape group, or with `--aspect_ratio_buckets` two when the batch's subject bucket and
+        class bucket differ: each group is noised and denoised at its own shape (one denoiser call per group), and
+        the DreamBooth loss averages over the examples of both, as it would over one batch.
+        """
+        config, family = self.config, self.family
+        examples, positions = self._batch_examples(micro_step)
+        groups = self._shape_groups(examples)
+        num_global = sum(count for _, _, count, _ in groups)
         device = family.device
         generator = step_generator(self.seed, micro_step, device)
-        shape = family.sample_shape(config.resolution)
+        shapes = [family.sample_shape(self._crop_size(examples[start])) for start, _, _, _ in groups]
+        draws = []
+        for _ in ("noise", "latent_noise"):  # all groups' noise, then all groups' latent noise: one group as before
+            for (start, stop, count, offset), shape in zip(groups, shapes):
+                index = torch.tensor([p - offset for p in positions[start:stop]], device=device)
+                draws.append(torch.randn((count, *shape), generator=generator, device=device)[index])
+        noise, latent_noise = draws[: len(groups)], draws[len(groups) :]
         index = torch.tensor(positions, device=device)
-        noise = torch.randn((num_global, *shape), generator=generator, device=device)[index]
-        latent_noise = torch.randn((num_global, *shape), generator=generator, device=device)[index]
         timesteps = family.sample_timesteps(num_global, generator)[index]
         if config.offset_noise:
-            channel_noise = torch.randn((num_global, shape[0], 1, 1), generator=generator, device=device)[index]
-            noise = noise + config.noise_offset * channel_noise
+            channels = shapes[0][0]
+            channel_noise = torch.randn((num_global, channels, 1, 1), generator=generator, device=device)[index]
+            noise = [
+                n + config.noise_offset * channel_noise[start:stop] for n, (start, stop, _, _) in zip(noise, groups)
+            ]
 
-        mean, std, conditioning = self._latent_distribution(examples, positions, micro_step)
-        latents = mean + std * latent_noise
         prompts = [images[i].prompt for images, _, i in examples]
         dtype = self.input_dtype
         prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
-        noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
-        noisy = noisy.to(dtype)
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
-        if self.prior_from_model:
-            noisy, timesteps, prompt_embeds, conditioning, target, is_prior = self._with_base_model_targets(
-                noisy, timesteps, prompt_embeds, conditioning, target
-            )
         denoiser = self.prepared[family.denoiser_name]
-        model_pred = family.predict(denoiser, noisy, timesteps, prompt_embeds, conditioning)
-        weights = family.loss_weights(timesteps, config.snr_gamma)
-        return dreambooth_loss(model_pred, target, is_prior, config.prior_loss_weight, weights)
+        predictions, targets, group_timesteps = [], [], []
+        for (start, stop, _, _), group_noise, group_latent_noise in zip(groups, noise, latent_noise):
+            mean, std, conditioning = self._latent_distribution(
+                examples[start:stop], positions[start:stop], micro_step
+            )
+            latents = mean + std * group_latent_noise
+            steps = timesteps[start:stop]
+            noisy, target = family.noisy_input_and_target(latents, group_noise, steps)
+            noisy = noisy.to(dtype)
+            embeds = {name: value[start:stop] for name, value in prompt_embeds.items()}
+            if self.prior_from_model:  # no class images: one group
+                noisy, steps, embeds, conditioning, target, is_prior = self._with_base_model_targets(
+                    noisy, steps, embeds, conditioning, target
+                )
+            predictions.append(family.predict(denoiser, noisy, steps, embeds, conditioning))
+            targets.append(target)
+            group_timesteps.append(steps)
+        weights = family.loss_weights(torch.cat(group_timesteps), config.snr_gamma)
+        return dreambooth_loss(predictions, targets, is_prior, config.prior_loss_weight, weights)
+
+    def _batch_examples(self, micro_step: int) -> tuple[list, list[int]]:
+        """This process's `(images, latent cache, index)` examples of global micro-batch `micro_step`, subject
+        images first, and their positions in the global batch (class examples after all subject examples)."""
+        rank, per_process, size = self.accelerator.process_index, self.config.train_batch_size, self.global_batch_size
+        instance_ids, class_ids = self.order.batch(micro_step, size)
+        local = slice(rank * per_process, (rank + 1) * per_process)
+        examples = [(self.instance_images, self.instance_latents, i) for i in instance_ids[local]]
+        positions = list(range(rank * per_process, (rank + 1) * per_process))
+        if self.prior_from_images:
+            examples += [(self.class_images, self.class_latents, i) for i in class_ids[local]]
+            positions += [p + size for p in positions]
+        return examples, positions
+
+    def _shape_groups(self, examples: list) -> list[tuple[int, int, int, int]]:
+        """`(start, stop, global count, global offset)` of each run of local examples that share a crop size: the
+        whole batch, or with buckets the subject half and the class half when their buckets differ."""
+        per_process, size = self.config.train_batch_size, self.global_batch_size
+        if len({self._crop_size(example) for example in examples}) == 1:
+            return [(0, len(examples), size * len(examples) // per_process, 0)]
+        return [(0, per_process, size, 0), (per_process, 2 * per_process, size, size)]
+
+    def _crop_size(self, example: tuple) -> tuple[int, int]:
+        images, _, i = example
+        return images[i].crop_size(self.config.resolution)
 
     def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target):
         """`--prior_preservation_mode model`: the batch again, conditioned on the class prompt, with the frozen base
@@ -682,7 +767,8 @@ class DreamBoothTrainer:
             denoiser.enable_adapters()
 
     def _latent_distribution(self, examples: list, positions: list[int], micro_step: int):
-        """Posterior mean/std of each example's latents (cached, or encoded now for random crops)."""
+        """Posterior mean/std of each example's latents (cached, or encoded now for random crops); the examples share
+        one crop size."""
         config = self.config
         means, stds, sizes, crops, to_encode = [], [], [], [], []
         for slot, ((images, cache, i), position) in enumerate(zip(examples, positions)):
@@ -691,7 +777,7 @@ class DreamBoothTrainer:
             if cache.mean[i] is not None:
                 means.append(cache.mean[i])
                 stds.append(cache.std[i])
-                crops.append(_fixed_crop(image, config.resolution))
+                crops.append(_fixed_crop(image, image.crop_size(config.resolution)))
                 continue
             generator = step_generator(self.seed, micro_step, salt=1000 + position)
             pixels, crop = self._pixels(image, generator)
@@ -703,10 +789,10 @@ class DreamBoothTrainer:
             mean, std = self.family.encode_image_distribution(torch.stack([pixels for _, pixels in to_encode]))
             for j, (slot, _) in enumerate(to_encode):
                 means[slot], stds[slot] = mean[j], std[j]
-        conditioning = ImageConditioning(
+        conditioning = ImageConditioning(  # the examples share one crop size: the bucket's, else the square's
             original_sizes=torch.tensor(sizes),
             crops_top_left=torch.tensor(crops),
-            target_size=(config.resolution, config.resolution),
+            target_size=self._crop_size(examples[0]),
         )
         return torch.stack(means), torch.stack(stds), conditioning
 
@@ -887,6 +973,8 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+        if config.aspect_ratio_buckets:  # recorded only when on: cards and records of square runs stay as they were
+            training["aspect_ratio_buckets"] = config.bucket_max_aspect_ratio
         if "sr_noise_level" in self.family.option_defaults[config.adapter]:
             training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
         if self.identifier_source is not None:
@@ -949,9 +1037,10 @@ def _make_optimizer(config: DreamBoothConfig, param_groups: list[dict], learning
     return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon, fused=fused)
 
 
-def _fixed_crop(image: TrainingImage, resolution: int) -> tuple[int, int]:
+def _fixed_crop(image: TrainingImage, crop_size: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the center crop of `crop_size` `(height, width)`, as `crop_and_flip` cuts it."""
     width, height = image.image.size
-    return (height - resolution) // 2, (width - resolution) // 2
+    return (height - crop_size[0]) // 2, (width - crop_size[1]) // 2
 
 
 def _tracker_config(config: DreamBoothConfig) -> dict:

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 FLOW_MATCHING_OPTIONS = ("weighting_scheme", "precondition_outputs", "max_sequence_length")
 
 
+def height_and_width(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """`(height, width)` of a training image: a `resolution` square, or an aspect-ratio bucket as it is."""
+    return (resolution, resolution) if isinstance(resolution, int) else resolution
+
+
 @dataclass
 class ImageConditioning:
     """Per-example facts about how an image was cropped, for families that condition on them (SDXL)."""
@@ -58,6 +63,9 @@ class DreamBoothFamily:
     #: Whether the pipeline generates from a prompt alone: class, validation and sample images are drawn with it.
     #: False for pipelines that also need an input image (super-resolution); those images must then be supplied.
     generates_from_prompt: ClassVar[bool] = True
+    #: Whether `--aspect_ratio_buckets` can train it: its samples may be any (height, width) multiple of
+    #: `resolution_multiple`. False for DeepFloyd IF, whose stages are trained and cascaded at square sizes.
+    supports_aspect_ratio_buckets: ClassVar[bool] = True
     #: Whether the text encoder reads the tokenizer's attention mask, as the pipeline does (T5 in DeepFloyd IF).
     uses_attention_mask: ClassVar[bool] = False
     #: The training copy of the pipeline's scheduler, built from its config (the pipeline's own keeps sampling).
@@ -176,11 +184,17 @@ class DreamBoothFamily:
         """What the training resolution must be a multiple of: the pixel size of one latent (or one latent patch)."""
         return self.vae_scale_factor
 
-    def sample_shape(self, resolution: int) -> tuple[int, int, int]:
+    def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
         """`(channels, height, width)` of one training example's sample, as `encode_image_distribution` returns it,
-        and of the noise the trainer draws for it: the VAE latents of a `resolution`-sized image by default."""
-        size = resolution // self.vae_scale_factor
-        return (self.vae.config.latent_channels, size, size)
+        and of the noise the trainer draws for it: the VAE latents of a `resolution`-sized square image by default,
+        or of a `(height, width)` image (an aspect-ratio bucket)."""
+        height, width = height_and_width(resolution)
+        factor = self.vae_scale_factor
+        return (self.vae.config.latent_channels, height // factor, width // factor)
+
+    def check_sample_size(self, height: int, width: int) -> None:
+        """Raise if the denoiser cannot train on a `height` x `width` pixel image (an aspect-ratio bucket); any size
+        that is a multiple of `resolution_multiple` by default."""
 
     def sample_as_trained(self) -> None:
         """Make the pipeline sample as the trained model predicts; the trainer calls it once class images exist, and

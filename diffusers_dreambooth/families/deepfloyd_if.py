@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin
 
-from .base import DreamBoothFamily, ImageConditioning
+from .base import DreamBoothFamily, ImageConditioning, height_and_width
 
 if TYPE_CHECKING:
     from ..config import DreamBoothConfig
@@ -68,6 +68,7 @@ class DeepFloydIFFamily(DreamBoothFamily):
     name = "deepfloyd-if"
     pipeline_class_names = ("IFPipeline",)
     uses_attention_mask = True
+    supports_aspect_ratio_buckets = False  # square pixel stages; stage II's low-resolution side is square too
     # diffusers' `train_dreambooth_lora.py` on IF: the UNet's attention, including the text projections of its
     # added-KV attention; T5's attention projections for the text encoder.
     denoiser_lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
@@ -109,8 +110,8 @@ class DeepFloydIFFamily(DreamBoothFamily):
         """The UNet's total downsampling: IF works on pixels, without a VAE."""
         return 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
-    def sample_shape(self, resolution: int) -> tuple[int, int, int]:
-        return (self.image_channels, resolution, resolution)
+    def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
+        return (self.image_channels, *height_and_width(resolution))
 
     def sample_as_trained(self) -> None:
         """Sample with a fixed variance: training regresses epsilon only, so the learned variance no longer fits."""
@@ -209,8 +210,8 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
         """The UNet's downsampling and the 4x low-resolution side of a pair."""
         return math.lcm(super().resolution_multiple, LOW_RESOLUTION_FACTOR)
 
-    def sample_shape(self, resolution: int) -> tuple[int, int, int]:
-        return (2 * self.image_channels, resolution, resolution)
+    def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
+        return (2 * self.image_channels, *height_and_width(resolution))
 
     # Images
 

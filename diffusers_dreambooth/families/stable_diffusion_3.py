@@ -82,6 +82,16 @@ class StableDiffusion3Family(FlowMatchingFamily):
     def resolution_multiple(self) -> int:
         return self.vae_scale_factor * self.denoiser.config.patch_size
 
+    def check_sample_size(self, height: int, width: int) -> None:
+        """The transformer's positional embedding covers at most `pos_embed_max_size` patches a side."""
+        limit = self.denoiser.config.pos_embed_max_size
+        patches = max(height, width) // self.resolution_multiple
+        if limit is not None and patches > limit:
+            raise ValueError(
+                f"An aspect-ratio bucket of {width}x{height} pixels is {patches} patches long, more than this"
+                f" transformer's `pos_embed_max_size={limit}`. Lower `--bucket_max_aspect_ratio` or `--resolution`."
+            )
+
     def trained_text_encoder_names(self, adapter: str) -> tuple[str, ...]:
         """All text encoders for a full fine-tune; with LoRA the CLIP encoders only, T5 stays frozen (as diffusers)."""
         return self.text_encoder_names if adapter == "full" else CLIP_TEXT_ENCODER_NAMES
