@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
 
-from .config import DreamBoothConfig
+from .config import DreamBoothConfig, read_options_file
 
 
 def build_parser() -> HfArgumentParser:
@@ -27,16 +26,7 @@ def build_parser() -> HfArgumentParser:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML (`.yaml`/`.yml`) or JSON file, as a dict of field names to values."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file `{path}` does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+    values = read_options_file(path, "options")
     if not isinstance(values, dict):
         raise ValueError(f"Config file `{path}` must hold a mapping of option names to values.")
     return values

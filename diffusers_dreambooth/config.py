@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,50 @@ SamplingScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler", "DDI
 WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 
+def concept_has_placeholder(concept: dict[str, Any]) -> bool:
+    """Whether a `--concepts_list` entry's prompts hold `{identifier}`."""
+    from .identifiers import IDENTIFIER_PLACEHOLDER
+
+    return any(IDENTIFIER_PLACEHOLDER in (concept.get(key) or "") for key in ("instance_prompt", "class_prompt"))
+
+
+def read_options_file(path: str | os.PathLike, what: str) -> Any:
+    """The content of a YAML (`.yaml`/`.yml`) or JSON file of `what` (a config's options, a list of subjects)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The file of {what} `{path}` does not exist; fix the path.")
+    text = path.read_text(encoding="utf-8")
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        return yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (yaml.YAMLError, ValueError) as error:
+        raise ValueError(f"`{path}` is not valid {'YAML' if is_yaml else 'JSON'}: {error}") from error
+
+
 def _option(default: Any, help: str, *, repr: bool = True, **kwargs: Any) -> Any:
     """A dataclass field whose one-line help becomes the CLI help; `repr=False` keeps it out of the config's repr."""
     return field(default=default, repr=repr, metadata={"help": help, **kwargs})
+
+
+#: The keys of one `--concepts_list` entry (diffusers' multi-subject script's, plus `identifier`).
+CONCEPT_KEYS = ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir", "identifier")
+
+
+@dataclass
+class SubjectData:
+    """One subject of a run: where its photos are, how they are prompted, and the class images of its prior.
+
+    A run with `--concepts_list` has one per entry; any other run one, from the top-level options (its photos may
+    then come from `--dataset_name` instead of a folder).
+    """
+
+    instance_data_dir: str | None
+    instance_prompt: str | None
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    identifier: str | None = None
 
 
 @dataclass
@@ -110,6 +153,12 @@ class DreamBoothConfig:
         None,
         "The identifier [V] that `{identifier}` stands for in the prompts: a word such as `sks`, or `auto` for the"
         " rarest single token of the base model's own tokenizers (`diffusers_dreambooth.identifiers`).",
+    )
+    concepts_list: list[dict[str, Any]] | str | None = _option(
+        None,
+        "Several subjects trained together: a JSON or YAML file (or, in a config file, the list itself) of entries"
+        " with `instance_data_dir`, `instance_prompt` and, for prior preservation, `class_prompt` and"
+        " `class_data_dir` (optional `identifier`), as diffusers' multi-subject script reads it.",
     )
 
     # Prior preservation (DreamBooth Sec. 3.3)
@@ -342,6 +391,7 @@ class DreamBoothConfig:
                 self.validation_epochs = 50
             else:
                 self.validation_steps = 100
+        self._check_concepts()
         self._check_subject_data()
         self._check_identifier()
         self._check_pivotal_tuning()
@@ -350,12 +400,82 @@ class DreamBoothConfig:
         self._check_mixed_precision()
         self._check_lora()
         self._check_unsupported()
-        if self.evaluate and not self.class_prompt:
+        if self.evaluate and not all(subject.class_prompt for subject in self.subject_data()):
             raise ValueError(
-                "`--evaluate` measures prior preservation (PRES) on `--class_prompt`; pass it (e.g. `a photo of dog`)."
+                "`--evaluate` measures prior preservation (PRES) on `--class_prompt`; pass it (e.g. `a photo of dog`),"
+                " for every subject of `--concepts_list`."
             )
 
+    @property
+    def has_concepts(self) -> bool:
+        """Whether the subjects come from `--concepts_list` (one or several) rather than the top-level options."""
+        return self.concepts_list is not None
+
+    def subject_data(self) -> list[SubjectData]:
+        """The run's subjects: one per `--concepts_list` entry, else the one of the top-level options."""
+        if self.has_concepts:
+            return [SubjectData(**concept) for concept in self.concepts_list]
+        return [
+            SubjectData(
+                self.instance_data_dir, self.instance_prompt, self.class_prompt, self.class_data_dir, self.identifier
+            )
+        ]
+
+    def _check_concepts(self) -> None:
+        """Read `--concepts_list` into a list of complete entries; the top-level subject options must be unset."""
+        if self.concepts_list is None:
+            return
+        source = "`--concepts_list`"
+        if isinstance(self.concepts_list, str):
+            source = f"`--concepts_list={self.concepts_list}`"
+            self.concepts_list = read_options_file(self.concepts_list, "a list of subjects")
+        if not isinstance(self.concepts_list, list) or not self.concepts_list:
+            raise ValueError(
+                f"{source} must be a non-empty list of subjects, each a mapping with `instance_data_dir` and"
+                " `instance_prompt`."
+            )
+        top_level = ("instance_data_dir", "dataset_name", "instance_prompt", "class_prompt", "class_data_dir")
+        given = [f"`--{name}`" for name in top_level if getattr(self, name) is not None]
+        if given:
+            raise ValueError(
+                f"{source} lists the subjects, so {', '.join(given)} must not be set as well; put them in the list's"
+                " entries (one per subject)."
+            )
+        concepts = []
+        for index, concept in enumerate(self.concepts_list):
+            where = f"{source}, entry {index}"
+            if not isinstance(concept, dict):
+                raise ValueError(f"{where} must be a mapping of {', '.join(CONCEPT_KEYS)}, got {concept!r}.")
+            unknown = sorted(set(concept) - set(CONCEPT_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{where} has unknown key(s) {', '.join(unknown)}; the keys are {', '.join(CONCEPT_KEYS)}."
+                )
+            for key in ("instance_data_dir", "instance_prompt"):
+                if not str(concept.get(key) or "").strip():
+                    raise ValueError(f"{where} needs `{key}` (e.g. `dog` and `a photo of sks dog`).")
+            concepts.append({key: concept.get(key) for key in CONCEPT_KEYS})
+        self.concepts_list = concepts
+        self._check_class_folders()
+
+    def _check_class_folders(self) -> None:
+        """Subjects may share a class folder only if they share its prompt: it holds one prompt's class images."""
+        prompts: dict[str, str | None] = {}
+        for subject in self.subject_data():
+            if subject.class_data_dir is None:
+                continue
+            folder = os.path.normpath(subject.class_data_dir)
+            if prompts.setdefault(folder, subject.class_prompt) != subject.class_prompt:
+                raise ValueError(
+                    f"`--concepts_list` gives the class folder `{subject.class_data_dir}` two class prompts"
+                    f" ({prompts[folder]!r} and {subject.class_prompt!r}); a folder holds the images of one class"
+                    " prompt, so give each prompt its own folder."
+                )
+
     def _check_subject_data(self) -> None:
+        if self.has_concepts:
+            self._check_images_options()
+            return
         if self.instance_data_dir is None and self.dataset_name is None:
             raise ValueError("Pass the subject's photos with `--instance_data_dir` (a folder) or `--dataset_name`.")
         if self.instance_data_dir is not None and self.dataset_name is not None:
@@ -368,6 +488,9 @@ class DreamBoothConfig:
                 "`--instance_prompt` is required (e.g. `a photo of sks dog`), unless every image has a caption"
                 " through `--dataset_name` and `--caption_column`."
             )
+        self._check_images_options()
+
+    def _check_images_options(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"`--repeats` must be at least 1, got {self.repeats}.")
         if self.resolution is not None and self.resolution < 8:
@@ -399,6 +522,9 @@ class DreamBoothConfig:
 
         if self.identifier is not None and (not self.identifier.strip() or len(self.identifier.split()) > 1):
             raise ValueError(f"`--identifier` must be one word such as `sks`, or `auto`, got {self.identifier!r}.")
+        if self.has_concepts:
+            self._check_concept_identifiers()
+            return
         if self.identifier is None and not self.train_text_encoder_ti:
             for name, text in self.identifier_prompts().items():
                 if IDENTIFIER_PLACEHOLDER in text:
@@ -408,12 +534,70 @@ class DreamBoothConfig:
                         " with a word of your own (e.g. `sks`)."
                     )
 
-    def identifier_prompts(self) -> dict[str, str]:
-        """The prompts where `{identifier}` is filled in, by option name (list items indexed: `sample_prompts[0]`)."""
-        prompts = {name: getattr(self, name) for name in ("instance_prompt", "class_prompt", "validation_prompt")}
+    def _check_concept_identifiers(self) -> None:
+        """Each subject has its own identifier: an entry's `identifier`, or with `--identifier auto` a rare token of
+        its own; `{identifier}` in the run-wide prompts is ambiguous with several subjects."""
+        from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER
+
+        if self.identifier not in (None, AUTO_IDENTIFIER) and len(self.concepts_list) > 1:
+            raise ValueError(
+                f"`--identifier={self.identifier}` would give all {len(self.concepts_list)} subjects of"
+                " `--concepts_list` the same identifier; set `identifier` in each entry, or pass `--identifier auto`"
+                " for a rare token per subject."
+            )
+        for index, concept in enumerate(self.concepts_list):
+            identifier = concept["identifier"]
+            if identifier is not None and (not str(identifier).strip() or len(str(identifier).split()) > 1):
+                raise ValueError(
+                    f"`--concepts_list` entry {index}: `identifier` must be one word such as `sks`, or `auto`, got"
+                    f" {identifier!r}."
+                )
+            if concept_has_placeholder(concept) and identifier is None and self.identifier is None:
+                raise ValueError(
+                    f"`--concepts_list` entry {index} writes `{IDENTIFIER_PLACEHOLDER}`"
+                    f" ({concept['instance_prompt']!r}) but no identifier is set: give the entry an `identifier`"
+                    " (e.g. `sks`), or pass `--identifier auto` for a rare token per subject."
+                )
+        if len(self.concepts_list) > 1:
+            for name, text in self.identifier_prompts(run_wide_only=True).items():
+                if IDENTIFIER_PLACEHOLDER in text:
+                    raise ValueError(
+                        f"`--{name}` contains `{IDENTIFIER_PLACEHOLDER}` ({text!r}), which is ambiguous with several"
+                        " subjects: write `{subject}` for the first subject, or `{<identifier>}` (e.g. `{sks}`) for a"
+                        " subject by its identifier."
+                    )
+
+    def identifier_prompts(self, run_wide_only: bool = False) -> dict[str, str]:
+        """The prompts where `{identifier}` is filled in, by option name (list items indexed: `sample_prompts[0]`,
+        `concepts_list[1].instance_prompt`); `run_wide_only` leaves out the subjects' own prompts."""
+        names = ("validation_prompt",) if run_wide_only else ("instance_prompt", "class_prompt", "validation_prompt")
+        prompts = {name: getattr(self, name) for name in names}
         for name in ("sample_prompts", "evaluation_prompts"):
             prompts.update((f"{name}[{i}]", p) for i, p in enumerate(getattr(self, name) or []))
+        if not run_wide_only:
+            for i, concept in enumerate(self.concepts_list or []):
+                prompts.update(
+                    (f"concepts_list[{i}].{key}", concept[key]) for key in ("instance_prompt", "class_prompt")
+                )
         return {name: text for name, text in prompts.items() if text is not None}
+
+    def with_concept_identifiers(self, identifiers: list[str | None]) -> DreamBoothConfig:
+        """A copy whose `--concepts_list` entries have their identifiers set (None: read from the prompt) and
+        `{identifier}` filled in; with one subject, the run-wide prompts' `{identifier}` too."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+
+        concepts = []
+        for concept, identifier in zip(self.concepts_list, identifiers):
+            filled = {
+                key: concept[key].replace(IDENTIFIER_PLACEHOLDER, identifier)
+                for key in ("instance_prompt", "class_prompt")
+                if concept[key] is not None and identifier is not None
+            }
+            concepts.append({**concept, **filled, "identifier": identifier})
+        config = dataclasses.replace(self, concepts_list=concepts)
+        if len(concepts) == 1 and identifiers[0] is not None:
+            config = dataclasses.replace(config.with_identifier(identifiers[0]), identifier=self.identifier)
+        return config
 
     def with_identifier(self, identifier: str) -> DreamBoothConfig:
         """A copy with `identifier` set and `{identifier}` replaced by it in every prompt."""
@@ -438,6 +622,9 @@ class DreamBoothConfig:
                 "`--prior_preservation_mode model` chooses how the prior-preservation loss is computed; add"
                 " `--with_prior_preservation` (and `--class_prompt`) to turn that loss on."
             )
+        if self.has_concepts:
+            self._check_concept_priors()
+            return
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise ValueError("`--with_prior_preservation` needs `--class_prompt` (e.g. `a photo of dog`).")
@@ -457,6 +644,27 @@ class DreamBoothConfig:
                 raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
         elif self.class_prompt or self.class_data_dir:
             logger.warning("`--class_prompt`/`--class_data_dir` are ignored without `--with_prior_preservation`.")
+
+    def _check_concept_priors(self) -> None:
+        """With prior preservation, every subject of `--concepts_list` needs its class prompt (and class folder)."""
+        needs = ["class_prompt"] if self.prior_preservation_mode == "model" else ["class_prompt", "class_data_dir"]
+        for index, concept in enumerate(self.concepts_list):
+            if not self.with_prior_preservation:
+                if concept["class_prompt"] or concept["class_data_dir"]:
+                    logger.warning(
+                        "`--concepts_list` entry %d: `class_prompt`/`class_data_dir` are ignored without"
+                        " `--with_prior_preservation`.",
+                        index,
+                    )
+                continue
+            missing = [f"`{key}`" for key in needs if not concept[key]]
+            if missing:
+                raise ValueError(
+                    f"`--with_prior_preservation` needs {' and '.join(missing)} in every `--concepts_list` entry;"
+                    f" entry {index} ({concept['instance_prompt']!r}) has none (e.g. `a photo of dog`, `class-dog`)."
+                )
+        if self.with_prior_preservation and self.prior_preservation_mode == "images" and self.num_class_images < 1:
+            raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
 
     def _check_pivotal_tuning(self) -> None:
         """`--train_text_encoder_ti` names the subject with its new tokens, through `{identifier}` in the prompts."""
@@ -479,6 +687,8 @@ class DreamBoothConfig:
             f" `{IDENTIFIER_PLACEHOLDER}` in the prompts where they go",
             "skip_save_text_encoder": "the saved text encoders hold the new tokens",
         }
+        if self.has_concepts:
+            conflicts["concepts_list"] = "pivotal tuning trains the new tokens of one subject"
         for name, reason in conflicts.items():
             # The trainer sets `identifier` to the new tokens themselves (`with_identifier`): that one is theirs.
             if getattr(self, name) and not (name == "identifier" and self.identifier == new_tokens):
@@ -498,6 +708,12 @@ class DreamBoothConfig:
                 "`--pre_compute_text_embeddings` cannot be combined with `--train_text_encoder`: a trained text"
                 " encoder's embeddings change every step. Drop one of the two flags."
             )
+        for name in ("prior_generation_scheduler", "validation_scheduler"):
+            if getattr(self, name) not in typing.get_args(SamplingScheduler):
+                raise ValueError(
+                    f"Unknown `--{name}={getattr(self, name)}`; choose one of"
+                    f" {', '.join(typing.get_args(SamplingScheduler))}."
+                )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(
                 f"Unknown `--lr_scheduler={self.lr_scheduler}`; choose one of {', '.join(LR_SCHEDULERS)}."

@@ -55,6 +55,7 @@ class TrainingImage:
     original_size: tuple[int, int]  # (height, width) before resizing, for SDXL's size conditioning
     source: str  # file path or dataset row, for messages
     bucket: tuple[int, int] | None = None  # (height, width) it is cropped to; None: a `resolution` square
+    subject: int = 0  # which subject of the run (`--concepts_list` entry) the image belongs to
 
     def crop_size(self, resolution: int) -> tuple[int, int]:
         """(height, width) of this image's training crop: its bucket, else the `resolution` square."""
@@ -334,20 +335,43 @@ def load_dataset_images(
     return images
 
 
+@dataclass(frozen=True)
+class SubjectImages:
+    """Where one subject's images sit in the run's lists: `num_instance` subject images from `instance_start`, and
+    `num_class` class images from `class_start` (subjects of one class share them)."""
+
+    instance_start: int
+    num_instance: int
+    class_start: int = 0
+    num_class: int = 1
+
+
 class TrainingOrder:
     """Which subject and class image each example of each step uses: a pure function of (seed, step).
 
-    Items `k = 0 .. len - 1` pair subject image `k % num_instance` with class image `k % num_class`, as diffusers'
-    DreamBooth dataset does. The items of all epochs form one stream, each epoch in its own seeded permutation, cut
-    into global batches of `global_batch_size`; so a resumed run, or a run on more processes, sees the same data.
+    With one subject, items `k = 0 .. len - 1` pair subject image `k % num_instance` with class image
+    `k % num_class`, as diffusers' DreamBooth dataset does. With several (`for_subjects`), item `k` belongs to
+    subject `k % S` and is that subject's item `k // S`, so every subject gets an equal share of the examples
+    whatever its number of photos, and its photos are paired with its own class images. The items of all epochs
+    form one stream, each epoch in its own seeded permutation, cut into global batches of `global_batch_size`; so
+    a resumed run, or a run on more processes, sees the same data.
     """
 
     def __init__(self, num_instance: int, num_class: int, seed: int) -> None:
+        self.subjects = [SubjectImages(0, num_instance, 0, num_class)]
         self.num_instance = num_instance
         self.num_class = num_class
         self.seed = seed
         self.length = max(num_instance, num_class)
         self._permutations: dict[int, list[int]] = {}
+
+    @classmethod
+    def for_subjects(cls, subjects: list[SubjectImages], seed: int) -> TrainingOrder:
+        """The order of a run with several subjects; with one, the same order as `TrainingOrder(...)`."""
+        order = cls(subjects[0].num_instance, subjects[0].num_class, seed)
+        order.subjects = list(subjects)
+        order.length = len(subjects) * max(max(s.num_instance, s.num_class) for s in subjects)
+        return order
 
     def epoch_permutation(self, epoch: int) -> list[int]:
         """The order of epoch `epoch`'s items; the two latest epochs are kept, not drawn again at every step."""
@@ -372,10 +396,16 @@ class TrainingOrder:
         return items
 
     def instance_index(self, item: int) -> int:
-        return item % self.num_instance
+        subject, rank = self._subject_item(item)
+        return subject.instance_start + rank % subject.num_instance
 
     def class_index(self, item: int) -> int:
-        return item % self.num_class
+        subject, rank = self._subject_item(item)
+        return subject.class_start + rank % subject.num_class
+
+    def _subject_item(self, item: int) -> tuple[SubjectImages, int]:
+        count = len(self.subjects)
+        return self.subjects[item % count], item // count
 
     def batch(self, batch_index: int, global_batch_size: int) -> tuple[list[int], list[int]]:
         """Subject and class image indices of global batch number `batch_index`, example by example."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from accelerate.state import PartialState
 
-from .config import CONFIG_NAME, DreamBoothConfig
+from .config import CONFIG_NAME, DreamBoothConfig, SubjectData
 from .families import DreamBoothFamily
 from .model_card import is_hub_id
 from .subject import Subject, prompt_words
@@ -25,7 +25,7 @@ from .validation import sampling_scheduler
 logger = logging.getLogger(__name__)
 
 #: Options that tell one run from another: resuming into a folder whose saved run differs in them mixes two runs.
-RUN_IDENTITY_FIELDS = ("instance_prompt", "pretrained_model_name_or_path", "adapter")
+RUN_IDENTITY_FIELDS = ("instance_prompt", "concepts_list", "pretrained_model_name_or_path", "adapter")
 
 
 def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
@@ -39,11 +39,14 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     check_sampling_schedulers(config, family)
     if not PartialState().is_main_process:
         return
-    if config.instance_prompt and config.instance_prompt.strip():
-        subject = Subject.from_prompts(config.instance_prompt, config.class_prompt, identifier=config.identifier)
-        check_class_noun(config, subject)
-        if not config.train_text_encoder_ti:  # pivotal tuning's new tokens are added to the tokenizers later
-            check_identifier_tokens(subject.identifier, family)
+    for data in config.subject_data():
+        if data.instance_prompt and data.instance_prompt.strip():
+            subject = Subject.from_prompts(data.instance_prompt, data.class_prompt, identifier=data.identifier)
+            if not check_identifier_present(data):
+                continue
+            check_class_noun(data, subject)
+            if not config.train_text_encoder_ti:  # pivotal tuning's new tokens are added to the tokenizers later
+                check_identifier_tokens(subject.identifier, family)
     check_prompt_lengths(config, family)
 
 
@@ -65,11 +68,12 @@ def check_sampling_schedulers(config: DreamBoothConfig, family: DreamBoothFamily
 
 
 def check_output_dir(config: DreamBoothConfig) -> None:
-    """Raise if `--resume_from_checkpoint` would continue a different run saved in `--output_dir`; else warn.
+    """Raise if `--output_dir` holds a different run: resuming would continue it, a new run would overwrite it.
 
-    The folder's `dreambooth_config.json` names the run that wrote it. Resuming with another instance prompt, base
-    model or adapter would load that run's checkpoint into this one, so it fails; a new run there only overwrites
-    the old one's weights, samples and card, which is worth a warning.
+    The folder's `dreambooth_config.json` names the run that wrote it. Resuming with another instance prompt (or
+    subjects), base model or adapter would load that run's checkpoint into this one; a new run would replace its
+    weights, card and checkpoints, hours of GPU time, with another subject's. Either way nothing is written: the
+    error says to pick a new folder, or to delete that file to overwrite the old run on purpose.
     """
     path = Path(config.output_dir) / CONFIG_NAME
     if not path.is_file():
@@ -85,21 +89,40 @@ def check_output_dir(config: DreamBoothConfig) -> None:
         return
     details = "; ".join(f"`--{name}` was {saved.get(name)!r}, now {current[name]!r}" for name in differing)
     if config.resume_from_checkpoint is not None:
-        raise ValueError(
-            f"`--resume_from_checkpoint={config.resume_from_checkpoint}` would resume a different run: `{path}` was"
-            f" written by a run with other options ({details}). Pass a new `--output_dir` to start this run, or"
-            " resume with the options of the run saved there."
-        )
-    if PartialState().is_main_process:
-        logger.warning(
-            "`--output_dir=%s` holds a previous, different run (%s); this run will overwrite its weights, samples and"
-            " model card. Pass a new `--output_dir` to keep it.",
-            config.output_dir,
-            details,
-        )
+        action = f"`--resume_from_checkpoint={config.resume_from_checkpoint}` would resume a different run"
+    else:
+        action = f"`--output_dir={config.output_dir}` holds a different run, which this one would overwrite"
+    raise ValueError(
+        f"{action}: `{path}` was written by a run with other options ({details}). Pass a new `--output_dir` for"
+        " this run, use the options of the run saved there, or delete that file to overwrite the old run."
+    )
 
 
-def check_class_noun(config: DreamBoothConfig, subject: Subject) -> None:
+def check_identifier_present(config: DreamBoothConfig | SubjectData) -> bool:
+    """Warn, and return False, when the instance prompt names no identifier: `--identifier` is not in it, or every
+    word of it is in `--class_prompt` too. Nothing then tells the subject's photos from the class images."""
+    words = {word.lower() for word in prompt_words(config.instance_prompt)}
+    if config.identifier is not None:
+        identifier = " ".join(prompt_words(config.identifier)).lower()
+        if identifier in words:
+            return True
+        found = f"does not contain the identifier `{config.identifier}`"
+    elif config.class_prompt:
+        if not words <= {word.lower() for word in prompt_words(config.class_prompt)}:
+            return True
+        found = f"has no word that `--class_prompt={config.class_prompt!r}` lacks, so no identifier"
+    else:
+        return True
+    logger.warning(
+        "`--instance_prompt=%r` %s. DreamBooth binds the subject to a rare identifier word before the class noun:"
+        " write it as `a photo of sks dog` (or `a photo of {identifier} dog` with `--identifier`).",
+        config.instance_prompt,
+        found,
+    )
+    return False
+
+
+def check_class_noun(config: DreamBoothConfig | SubjectData, subject: Subject) -> None:
     """Warn when the instance prompt lacks (or changes) the class noun that `--class_prompt` names.
 
     The paper's class-prior ablation (Ruiz et al., CVPR 2023, Sec. 4.3) trains with no class noun and with a wrong
@@ -160,11 +183,12 @@ def check_prompt_lengths(config: DreamBoothConfig, family: DreamBoothFamily) -> 
     `model_max_length`), `--max_sequence_length` for SD3's and Flux's T5. The validation prompt goes through
     the pipeline.
     """
-    prompts = {
-        "instance_prompt": (config.instance_prompt, config.tokenizer_max_length),
-        "class_prompt": (config.class_prompt, config.tokenizer_max_length),
-        "validation_prompt": (config.validation_prompt, None),
-    }
+    prompts = {}
+    for index, data in enumerate(config.subject_data()):
+        where = f"concepts_list[{index}]." if config.has_concepts else ""
+        prompts[f"{where}instance_prompt"] = (data.instance_prompt, config.tokenizer_max_length)
+        prompts[f"{where}class_prompt"] = (data.class_prompt, config.tokenizer_max_length)
+    prompts["validation_prompt"] = (config.validation_prompt, None)
     for option, (prompt, max_length) in prompts.items():
         if not prompt:
             continue

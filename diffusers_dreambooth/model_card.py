@@ -96,7 +96,9 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        title=f"DreamBooth {mode}: {subject.phrase}",
+        title=f"DreamBooth {mode}: {', '.join(s.phrase for s in metadata.subjects)}",
+        subjects=metadata.subjects,
+        other_subjects=metadata.subjects[1:],
         repo_id=repo_id,
         adapter=metadata.adapter,
         subject_phrase=subject.phrase,

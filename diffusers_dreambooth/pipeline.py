@@ -37,8 +37,10 @@ CASCADE_SHARED_ARGUMENTS = ("prompt", "negative_prompt", "generator", "num_infer
 class DreamBoothPipeline:
     """A diffusers pipeline that knows its DreamBooth subject(s).
 
-    `{subject}` in a prompt stands for the subject's identifier and class noun ("sks dog"); prompts without it pass
-    through unchanged. Every other argument goes to the wrapped pipeline (`self.pipeline`) as it is.
+    `{subject}` in a prompt stands for the subject's identifier and class noun ("sks dog"), and `{<identifier>}` for
+    the subject of that identifier ("{sks}"), which names each subject of a model trained with several
+    (`pipe.subjects` lists them); prompts without placeholders pass through unchanged. Every other argument goes to
+    the wrapped pipeline (`self.pipeline`) as it is.
 
     Example:
 
@@ -193,7 +195,8 @@ class DreamBoothPipeline:
         return self.super_resolution(image=images, **stage_2_kwargs)
 
     def fill_prompt(self, prompt: str | list[str]) -> str | list[str]:
-        """The prompt(s) with `{subject}` replaced by the subject's phrase, e.g. "sks dog"."""
+        """The prompt(s) with `{subject}` replaced by the (first) subject's phrase, e.g. "sks dog", and
+        `{<identifier>}` by that subject's: with several subjects, `"{sks} next to {zwx}"`."""
         if isinstance(prompt, str):
             return fill_subject(prompt, self.subjects)
         return [fill_subject(p, self.subjects) for p in prompt]

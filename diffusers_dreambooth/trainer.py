@@ -28,9 +28,10 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import CONFIG_NAME, DreamBoothConfig
+from .config import CONFIG_NAME, DreamBoothConfig, SubjectData, concept_has_placeholder
 from .data import (
     BucketedTrainingOrder,
+    SubjectImages,
     TrainingImage,
     TrainingOrder,
     aspect_ratio_buckets,
@@ -114,6 +115,7 @@ class DreamBoothTrainer:
         self.config = config = config.with_defaults(self.family.option_defaults[config.adapter])
         self.family.configure(config)
         self.config = config = self._resolve_identifier(config)
+        self.subject_data = config.subject_data()  # identifiers filled in
         self._check_resolution()
         self.buckets = self._aspect_ratio_buckets()
         check_inputs(config, self.family)
@@ -145,6 +147,8 @@ class DreamBoothTrainer:
                 )
             self.identifier_source = "new tokens (pivotal tuning)"
             return config.with_identifier("".join(new_token_names(config.num_new_tokens_per_abstraction)))
+        if config.has_concepts:
+            return self._resolve_concept_identifiers(config)
         if config.identifier is None:
             return config
         identifier, self.identifier_source = config.identifier, "given"
@@ -155,28 +159,84 @@ class DreamBoothTrainer:
             logger.info("`--identifier auto` picked the rare token `%s` of the base model's tokenizers.", identifier)
         return config.with_identifier(identifier)
 
+    def _resolve_concept_identifiers(self, config: DreamBoothConfig) -> DreamBoothConfig:
+        """`--concepts_list`: each subject's identifier is its entry's, or with `auto` (the entry's or
+        `--identifier auto`) a rare token of its own, the rarest to the first such subject; all must differ."""
+        wanted = [
+            concept["identifier"] or (config.identifier if concept_has_placeholder(concept) else None)
+            for concept in config.concepts_list
+        ]
+        auto = [index for index, identifier in enumerate(wanted) if identifier == AUTO_IDENTIFIER]
+        if any(identifier is not None for identifier in wanted):
+            self.identifier_source = "rare token (auto)" if auto else "given"
+        if auto:
+            prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
+            taken = [identifier for identifier in wanted if identifier not in (None, AUTO_IDENTIFIER)]
+            exclude = [*prompt_words(prompts), *taken]
+            tokens = rare_token_identifiers(self.pipeline, count=len(auto), exclude=exclude)
+            if len(tokens) < len(auto):
+                raise ValueError(
+                    f"`--identifier auto` found {len(tokens)} rare tokens for {len(auto)} subjects; set `identifier`"
+                    " in the entries of `--concepts_list` that need one."
+                )
+            for index, token in zip(auto, tokens):
+                wanted[index] = token
+            logger.info("`--identifier auto` picked the rare tokens %s for the subjects.", ", ".join(tokens))
+        config = config.with_concept_identifiers(wanted)
+        identifiers = [subject.identifier for subject in self._subjects(config)]
+        repeated = sorted({identifier for identifier in identifiers if identifiers.count(identifier) > 1})
+        if repeated:
+            raise ValueError(
+                f"Several subjects of `--concepts_list` have the identifier {', '.join(map(repr, repeated))}; each"
+                " subject needs its own, or they train into one. Give each entry a different identifier word."
+            )
+        return config
+
+    def _subjects(self, config: DreamBoothConfig) -> list[Subject]:
+        """Identifier, class noun and prompts of each subject, read from its prompts."""
+        subjects = []
+        for index, data in enumerate(config.subject_data()):
+            instance_prompt = data.instance_prompt
+            if instance_prompt is None:  # `--dataset_name` with `--caption_column`: the first caption names it
+                instance_prompt = self.subject_photos[index][0].prompt
+            subjects.append(Subject.from_prompts(instance_prompt, data.class_prompt, identifier=data.identifier))
+        return subjects
+
+    def _class_image_sets(self) -> list[tuple[str, str]]:
+        """The distinct `(class_data_dir, class_prompt)` of the subjects, in order; subjects may share one."""
+        sets = {}
+        for data in self.subject_data:
+            sets.setdefault(os.path.normpath(data.class_data_dir), (data.class_data_dir, data.class_prompt))
+        return list(sets.values())
+
     def _generate_class_images(self) -> None:
-        """Top up the class folder with the frozen model, every process listing it before any of them writes."""
+        """Top up each class folder with the frozen model, every process listing it before any of them writes."""
+        for index, (class_data_dir, class_prompt) in enumerate(self._class_image_sets()):
+            # The first folder keeps the run's seed (a one-subject run's images); others get a seed of their own.
+            seed = self.seed if index == 0 else mix_seed(self.seed, index, salt=5)
+            self._generate_class_folder(class_data_dir, class_prompt, seed)
+
+    def _generate_class_folder(self, class_data_dir: str, class_prompt: str, seed: int) -> None:
         config, accelerator = self.config, self.accelerator
-        missing = missing_class_images(config.class_data_dir, config.num_class_images)
+        missing = missing_class_images(class_data_dir, config.num_class_images)
         if missing and not self.family.generates_from_prompt:
             raise ValueError(
-                f"`--class_data_dir={config.class_data_dir}` holds fewer than `--num_class_images="
+                f"`--class_data_dir={class_data_dir}` holds fewer than `--num_class_images="
                 f"{config.num_class_images}` images, and `{type(self.pipeline).__name__}` cannot generate them from"
                 " `--class_prompt` alone (it needs an input image). Put class images at `--resolution` there: for a"
                 " super-resolution stage, the class images the cascade generated, or real photos of the class."
             )
         if missing and accelerator.is_main_process:
             # An 8-bit RGB PNG is at most about its raw size.
-            check_free_space(config.class_data_dir, len(missing) * 3 * config.resolution**2, "the class images")
+            check_free_space(class_data_dir, len(missing) * 3 * config.resolution**2, "the class images")
         accelerator.wait_for_everyone()
         generate_class_images(
             self.pipeline,
-            config.class_prompt,
-            config.class_data_dir,
+            class_prompt,
+            class_data_dir,
             config.num_class_images,
             batch_size=config.sample_batch_size,
-            seed=self.seed,
+            seed=seed,
             num_inference_steps=config.prior_generation_steps,
             precision=config.prior_generation_precision,
             process_index=accelerator.process_index,
@@ -259,41 +319,68 @@ class DreamBoothTrainer:
         return buckets
 
     def _load_images(self) -> None:
+        """Every subject's photos (repeated `--repeats` times) and class images, in two lists, and their order."""
         config, buckets = self.config, self.buckets
         size, mode = config.resolution, config.image_interpolation_mode
-        if config.instance_data_dir is not None:
-            instance = load_folder_images(
-                config.instance_data_dir, config.instance_prompt, size, mode, buckets=buckets
-            )
-        else:
-            instance = load_dataset_images(
-                config.dataset_name,
-                config.dataset_config_name,
-                config.image_column,
-                config.caption_column,
-                config.instance_prompt,
-                size,
-                mode,
-                config.cache_dir,
-                buckets=buckets,
-            )
-        for image in instance:  # per-image captions of `--caption_column` may name `{identifier}` too
-            image.prompt = fill_identifier(image.prompt, config.identifier, "caption_column")
-        self.instance_images: list[TrainingImage] = instance * config.repeats
+        self.subject_photos: list[list[TrainingImage]] = []
+        self.instance_images: list[TrainingImage] = []
         self.class_images: list[TrainingImage] = []
-        if self.prior_from_images:
-            self.class_images = load_folder_images(
-                config.class_data_dir, config.class_prompt, size, mode, limit=config.num_class_images, buckets=buckets
-            )
+        class_slices: dict[str, tuple[int, int]] = {}
+        slices = []
+        for index, data in enumerate(self.subject_data):
+            photos = self._load_subject_photos(data)
+            for image in photos:
+                image.subject = index
+            self.subject_photos.append(photos)
+            start = len(self.instance_images)
+            self.instance_images += photos * config.repeats
+            class_start, num_class = 0, 1
+            if self.prior_from_images:
+                folder = os.path.normpath(data.class_data_dir)
+                if folder not in class_slices:
+                    images = load_folder_images(
+                        data.class_data_dir,
+                        data.class_prompt,
+                        size,
+                        mode,
+                        limit=config.num_class_images,
+                        buckets=buckets,
+                    )
+                    class_slices[folder] = (len(self.class_images), len(images))
+                    self.class_images += images
+                class_start, num_class = class_slices[folder]
+            slices.append(SubjectImages(start, len(photos) * config.repeats, class_start, num_class))
         if buckets is None:
-            self.order = TrainingOrder(len(self.instance_images), max(len(self.class_images), 1), self.seed)
-        else:
+            self.order = TrainingOrder.for_subjects(slices, self.seed)
+        else:  # batches of one bucket, drawn from all subjects' photos together
             self.order = BucketedTrainingOrder(
                 [image.bucket for image in self.instance_images],
                 [image.bucket for image in self.class_images],
                 config.train_batch_size * self.accelerator.num_processes,
                 self.seed,
             )
+
+    def _load_subject_photos(self, data: SubjectData) -> list[TrainingImage]:
+        """One subject's photos, from its folder or `--dataset_name`, with `{identifier}` filled in captions."""
+        config, buckets = self.config, self.buckets
+        size, mode = config.resolution, config.image_interpolation_mode
+        if data.instance_data_dir is not None:
+            photos = load_folder_images(data.instance_data_dir, data.instance_prompt, size, mode, buckets=buckets)
+        else:
+            photos = load_dataset_images(
+                config.dataset_name,
+                config.dataset_config_name,
+                config.image_column,
+                config.caption_column,
+                data.instance_prompt,
+                size,
+                mode,
+                config.cache_dir,
+                buckets=buckets,
+            )
+        for image in photos:  # per-image captions of `--caption_column` may name `{identifier}` too
+            image.prompt = fill_identifier(image.prompt, data.identifier, "caption_column")
+        return photos
 
     def _set_up_trainable_modules(self) -> None:
         """Freeze everything, then unfreeze the denoiser (and text encoders) or add LoRA adapters to them."""
@@ -388,8 +475,9 @@ class DreamBoothTrainer:
         """Token ids of every prompt; text embeddings when encoders are frozen; latents of fixed crops."""
         family, config = self.family, self.config
         prompts = {image.prompt for image in self.instance_images + self.class_images}
+        class_prompts = sorted({data.class_prompt for data in self.subject_data})
         if self.prior_from_model:
-            prompts.add(config.class_prompt)
+            prompts.update(class_prompts)
         prompts = sorted(prompts)
         token_ids = family.tokenize(prompts, config.tokenizer_max_length)
         self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}
@@ -398,9 +486,10 @@ class DreamBoothTrainer:
             embeds = family.encode_prompt(token_ids, family.text_encoders)
             self.prompt_embeds = {p: {k: v[i].float() for k, v in embeds.items()} for i, p in enumerate(prompts)}
         if self.prior_from_model:  # the base model's conditioning: encoded before any step changes the encoders
-            class_ids = family.tokenize([config.class_prompt], config.tokenizer_max_length)
+            class_ids = family.tokenize(class_prompts, config.tokenizer_max_length)
+            embeds = family.encode_prompt(class_ids, family.text_encoders)
             self.base_class_embeds = {
-                k: v.float() for k, v in family.encode_prompt(class_ids, family.text_encoders).items()
+                p: {k: v[i : i + 1].float() for k, v in embeds.items()} for i, p in enumerate(class_prompts)
             }
         self.instance_latents = self._cache_latents(self.instance_images)
         self.class_latents = self._cache_latents(self.class_images)
@@ -694,8 +783,9 @@ class DreamBoothTrainer:
             noisy = noisy.to(dtype)
             embeds = {name: value[start:stop] for name, value in prompt_embeds.items()}
             if self.prior_from_model:  # no class images: one group
+                class_prompts = [self.subject_data[images[i].subject].class_prompt for images, _, i in examples]
                 noisy, steps, embeds, conditioning, target, is_prior = self._with_base_model_targets(
-                    noisy, steps, embeds, conditioning, target
+                    noisy, steps, embeds, conditioning, target, class_prompts
                 )
             predictions.append(family.predict(denoiser, noisy, steps, embeds, conditioning))
             targets.append(target)
@@ -728,13 +818,15 @@ class DreamBoothTrainer:
         images, _, i = example
         return images[i].crop_size(self.config.resolution)
 
-    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target):
-        """`--prior_preservation_mode model`: the batch again, conditioned on the class prompt, with the frozen base
-        model's prediction for it as the target. Returns the doubled inputs, targets and the prior mask."""
+    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts):
+        """`--prior_preservation_mode model`: the batch again, each example conditioned on its subject's class
+        prompt, with the frozen base model's prediction for it as the target. Returns the doubled inputs, targets
+        and the prior mask."""
         count, dtype = noisy.shape[0], self.input_dtype
-        base_embeds = {k: v.expand(count, *v.shape[1:]).to(dtype) for k, v in self.base_class_embeds.items()}
+        keys = self.base_class_embeds[class_prompts[0]].keys()
+        base_embeds = {k: torch.cat([self.base_class_embeds[p][k] for p in class_prompts]).to(dtype) for k in keys}
         base_pred = self.base_prediction(noisy, timesteps, base_embeds, conditioning)
-        class_embeds = self._prompt_embeds([self.config.class_prompt] * count)
+        class_embeds = self._prompt_embeds(class_prompts)
         both_embeds = {k: torch.cat([v, class_embeds[k].to(dtype)]) for k, v in prompt_embeds.items()}
         both_conditioning = ImageConditioning(
             original_sizes=conditioning.original_sizes.repeat(2, 1),
@@ -908,8 +1000,11 @@ class DreamBoothTrainer:
         config = self.config
         if not config.num_validation_images or not self.family.generates_from_prompt:
             return
-        subject_prompt = config.validation_prompt or metadata.subjects[0].instance_prompt
-        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or [subject_prompt]]
+        # By default the validation prompt, or each subject's instance prompt (a grid row each for several).
+        default = (
+            [config.validation_prompt] if config.validation_prompt else [s.instance_prompt for s in metadata.subjects]
+        )
+        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or default]
         with self.accelerator.autocast():
             rows = [generate_validation_images(self.pipeline, config, self.seed, prompt=p) for p in prompts]
         (output_dir / "samples").mkdir(exist_ok=True)
@@ -917,46 +1012,53 @@ class DreamBoothTrainer:
         metadata.sample_images = [f"samples/sample_{index}.png" for index in range(len(rows[0]))]
         for name, image in zip(metadata.sample_images, rows[0]):
             image.save(output_dir / name)
-        if config.sample_prompts:
+        if len(rows) > 1:
             metadata.sample_grid, metadata.sample_grid_prompts = "samples/grid.png", prompts
             image_grid(rows).save(output_dir / metadata.sample_grid)
 
     def _evaluate(self, metadata: SubjectMetadata) -> dict[str, float]:
-        """The paper's metrics of the trained subject (`diffusers_dreambooth.evaluation`), for its card."""
-        config, subject = self.config, metadata.subjects[0]
-        prompts = [fill_subject(p, metadata.subjects) for p in config.evaluation_prompts or paper_prompts("{subject}")]
+        """The paper's metrics of the trained subject (`diffusers_dreambooth.evaluation`), for its card; with several
+        subjects, each subject's, named `<identifier class>: <metric>`."""
+        config = self.config
         dino, clip = load_evaluation_models(config.evaluation_dino_model, config.evaluation_clip_model)
 
         def generate(batch: list[str], seed: int) -> list:
             with self.accelerator.autocast():
                 return generate_images(self.pipeline, config, batch, seed)
 
-        result = evaluate_subject(
-            generate,
-            [image.image for image in self.instance_images[: len(self.instance_images) // config.repeats]],
-            prompts,
-            class_prompt=config.class_prompt,
-            identifier=subject.identifier,
-            dino=dino,
-            clip=clip,
-            images_per_prompt=config.evaluation_images_per_prompt,
-            seed=self.seed,
-        )
-        logger.info("Evaluation: %s", result.as_dict())
+        metrics, num_prompts = {}, 0
+        for subject, data, photos in zip(metadata.subjects, self.subject_data, self.subject_photos):
+            named = [subject, *metadata.subjects]  # `{subject}` is the one evaluated
+            prompts = [fill_subject(p, named) for p in config.evaluation_prompts or paper_prompts("{subject}")]
+            result = evaluate_subject(
+                generate,
+                [image.image for image in photos],
+                prompts,
+                class_prompt=data.class_prompt,
+                identifier=subject.identifier,
+                dino=dino,
+                clip=clip,
+                images_per_prompt=config.evaluation_images_per_prompt,
+                seed=self.seed,
+            )
+            logger.info("Evaluation of `%s`: %s", subject.phrase, result.as_dict())
+            values = result.as_dict()
+            values.pop("num_images")
+            prefix = f"{subject.phrase}: " if len(metadata.subjects) > 1 else ""
+            metrics.update((prefix + name, value) for name, value in values.items())
+            num_prompts = len(prompts)
         models = {"DINO model": config.evaluation_dino_model, "CLIP model": config.evaluation_clip_model}
-        metrics = result.as_dict()
-        metrics.pop("num_images")
         return {
             **metrics,
             "images per prompt": config.evaluation_images_per_prompt,
-            "prompts": len(prompts),
+            "prompts": num_prompts,
             **{name: describe_evaluation_model(value) for name, value in models.items()},
         }
 
     def subject_metadata(self) -> SubjectMetadata:
         """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""
         config = self.config
-        instance_prompt = config.instance_prompt or self.instance_images[0].prompt
+        subjects = self._subjects(config)
         training = {
             "max_train_steps": self.max_train_steps,
             "learning_rate": config.learning_rate,
@@ -978,11 +1080,10 @@ class DreamBoothTrainer:
         if "sr_noise_level" in self.family.option_defaults[config.adapter]:
             training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at
         if self.identifier_source is not None:
-            training["identifier"] = config.identifier
+            training["identifier"] = ", ".join(subject.identifier for subject in subjects)
             training["identifier_source"] = self.identifier_source
-        subject = Subject.from_prompts(instance_prompt, config.class_prompt, identifier=config.identifier)
         return SubjectMetadata(
-            subjects=[subject],
+            subjects=subjects,
             adapter=config.adapter,
             family=self.family.name,
             pipeline_class=diffusers_pipeline_class(type(self.pipeline)).__name__,

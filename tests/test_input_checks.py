@@ -62,6 +62,8 @@ def warnings_of(caplog, config, family) -> str:
             "`--num_class_images` must be at least 1, got 0",
         ),
         (dict(lr_scheduler="cosine_annealing"), "`--lr_scheduler=cosine_annealing`.*constant_with_warmup"),
+        (dict(validation_scheduler="Euler"), "`--validation_scheduler=Euler`.*DPMSolverMultistepScheduler"),
+        (dict(prior_generation_scheduler="PNDM"), "`--prior_generation_scheduler=PNDM`.*DDIMScheduler"),
     ],
 )
 def test_bad_option_fails_at_construction_naming_it(options, message):
@@ -114,6 +116,22 @@ def test_instance_prompt_without_the_class_noun_warns(families, tmp_path, caplog
     assert "`--instance_prompt='a photo of sks'` has no class noun after the identifier `sks`" in text
     assert "`--class_prompt='a photo of dog'` names the class `dog`" in text
     assert "`... sks dog`" in text and "class-prior ablation" in text
+
+
+@pytest.mark.parametrize(
+    ("options", "found"),
+    [
+        (dict(instance_prompt="a photo of dog", class_prompt="a photo of dog"), "has no word that `--class_prompt="),
+        (dict(instance_prompt="a photo of a dog", class_prompt="a photo of dog"), "has no word that"),
+        (dict(instance_prompt="a photo of dog", identifier="sks"), "does not contain the identifier `sks`"),
+    ],
+)
+def test_instance_prompt_without_an_identifier_warns(families, tmp_path, caplog, options, found):
+    config = tiny_config("sd", tmp_path, tmp_path / "out", **options)
+    text = warnings_of(caplog, config, families["sd"])
+    assert f"`--instance_prompt={options['instance_prompt']!r}` {found}" in text
+    assert "binds the subject to a rare identifier word" in text
+    assert "has no class noun" not in text  # one warning for one mistake
 
 
 def test_instance_prompt_with_another_class_noun_warns(families, tmp_path, caplog):
@@ -211,14 +229,16 @@ def test_resume_of_the_same_run_passes(tmp_path):
     check_output_dir(tiny_config(same_folder, tmp_path, tmp_path, resume_from_checkpoint="latest", seed=1))
 
 
-def test_new_run_over_a_different_run_warns_it_is_overwritten(tmp_path, caplog):
+def test_new_run_over_a_different_run_fails_before_overwriting_it(tmp_path):
     tiny_config("model", tmp_path, tmp_path).to_json_file(tmp_path / CONFIG_NAME)
     config = tiny_config("model", tmp_path, tmp_path, instance_prompt="a photo of zwx cat")
-    with caplog.at_level(logging.WARNING, logger="diffusers_dreambooth"):
+    with pytest.raises(ValueError) as error:
         check_output_dir(config)
-    assert f"`--output_dir={tmp_path}` holds a previous, different run" in caplog.text
-    assert "`--instance_prompt` was 'a photo of sks dog', now 'a photo of zwx cat'" in caplog.text
-    assert "will overwrite" in caplog.text
+    assert f"`--output_dir={tmp_path}` holds a different run, which this one would overwrite" in str(error.value)
+    assert "`--instance_prompt` was 'a photo of sks dog', now 'a photo of zwx cat'" in str(error.value)
+    assert "delete that file" in str(error.value)
+    # The same run again (a rerun of one command) is no different run.
+    check_output_dir(tiny_config("model", tmp_path, tmp_path))
 
 
 def test_unreadable_saved_config_warns_and_passes(tmp_path, caplog):
