@@ -179,3 +179,57 @@ push_subject_folder({str(out / "stage_2")!r}, "user/" + default_repo_name({str(o
     files = set(pulled["files"])
     assert {"dreambooth.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= files
     assert {"stage_2/dreambooth.json", "stage_2/unet/diffusion_pytorch_model.safetensors"} <= files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_lora_subjects_of_the_other_families_round_trip(hub, pipeline_dirs, instance_dir, tmp_path, family):
+    """SDXL, SD3 and Flux LoRA subjects push as SD's do: the adapter, a card naming the base, the family's tags."""
+    output_dir, repo_id = tmp_path / "out", f"user/sks-dog-{family}"
+    generate = f"""
+import numpy as np, torch
+def generate(pipe):
+    return pipe("a photo of {{subject}} on the moon", num_inference_steps=2, height={TINY_RESOLUTION},
+                width={TINY_RESOLUTION}, generator=torch.Generator().manual_seed(0), output_type="np").images
+"""
+    train_and_push = (
+        generate
+        + f"""
+from huggingface_hub import create_repo, upload_folder
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+create_repo("user/tiny-{family}")
+upload_folder(repo_id="user/tiny-{family}", folder_path={pipeline_dirs[family]!r})
+config = DreamBoothConfig(
+    pretrained_model_name_or_path="user/tiny-{family}", instance_data_dir={str(instance_dir)!r},
+    instance_prompt="a photo of sks dog", output_dir={str(output_dir)!r}, adapter="lora", rank=4,
+    resolution={TINY_RESOLUTION}, train_batch_size=1, max_train_steps=2, learning_rate=1e-2, seed=0,
+    num_validation_images=1, validation_inference_steps=2, report_to="none", push_to_hub=True,
+    hub_model_id={repo_id!r},
+)
+pipe = DreamBoothTrainer(config).train()
+np.save({str(tmp_path / "trained.npy")!r}, generate(lambda prompt, **kw: pipe(prompt.format(subject="sks dog"), **kw)))
+"""
+    )
+    run_client(hub, tmp_path / "home_train", train_and_push)
+
+    pull = (
+        generate
+        + f"""
+from huggingface_hub import model_info
+from diffusers_dreambooth import DreamBoothPipeline
+pipe = DreamBoothPipeline.from_pretrained({repo_id!r})
+np.save({str(tmp_path / "pulled.npy")!r}, generate(pipe))
+info = model_info({repo_id!r})
+result = {{"card": info.card_data.to_dict(), "files": sorted(s.rfilename for s in info.siblings),
+          "pipeline": type(pipe.pipeline).__name__}}
+"""
+    )
+    pulled = run_client(hub, tmp_path / "home_pull", pull)
+    np.testing.assert_allclose(np.load(tmp_path / "pulled.npy"), np.load(tmp_path / "trained.npy"), atol=1e-5)
+    assert "pytorch_lora_weights.safetensors" in pulled["files"]
+    assert not [f for f in pulled["files"] if f.endswith("diffusion_pytorch_model.safetensors")]
+    assert pulled["card"]["base_model"] == f"user/tiny-{family}"
+    family_tags = {"sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux"}[family]
+    assert {"lora", "dreambooth", family_tags} <= set(pulled["card"]["tags"])
+    base_class = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+    assert pulled["pipeline"] == base_class[family]
