@@ -1,7 +1,7 @@
 """Frozen components run once, to fill the caches, and never per step (counted with forward hooks)."""
 
 import pytest
-from conftest import TINY_RESOLUTION
+from conftest import TINY_RESOLUTION, write_subject_images
 from diffusers import DiffusionPipeline
 
 from diffusers_dreambooth import train_dreambooth
@@ -38,12 +38,32 @@ def train_counting(pipeline_dirs, family, images, tmp_path, **options):
     return {name: len(hits) for name, hits in calls.items()}
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_fixed_crops_and_frozen_text_encoders_are_encoded_once(pipeline_dirs, square_instance_dir, tmp_path, family):
     calls = train_counting(pipeline_dirs, family, square_instance_dir, tmp_path)
     # Four images in one VAE batch; one call of each text encoder for the one prompt.
     assert calls.pop("vae_encoder") == 1
-    assert calls == {name: 1 for name in calls} and len(calls) == {"sd": 1, "sdxl": 2, "sd3": 3}[family]
+    assert calls == {name: 1 for name in calls}
+    assert len(calls) == {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}[family]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_class_images_are_encoded_once_too(pipeline_dirs, square_instance_dir, tmp_path, family):
+    # Class images already on disk, so nothing is generated: what runs is the caching and the 5 steps.
+    class_dir = write_subject_images(tmp_path / "class", count=4, size=(TINY_RESOLUTION, TINY_RESOLUTION), seed=3)
+    calls = train_counting(
+        pipeline_dirs,
+        family,
+        square_instance_dir,
+        tmp_path,
+        with_prior_preservation=True,
+        class_prompt="a photo of dog",
+        class_data_dir=str(class_dir),
+        num_class_images=4,
+    )
+    # One VAE batch for the subject photos, one for the class images; both prompts in one text-encoder call.
+    assert calls.pop("vae_encoder") == 2
+    assert calls == {name: 1 for name in calls} and len(calls) == {"sd": 1, "sdxl": 2}[family]
 
 
 def test_random_crops_are_encoded_every_step(pipeline_dirs, instance_dir, tmp_path):
