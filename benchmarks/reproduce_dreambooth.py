@@ -54,6 +54,11 @@ from diffusers_dreambooth.toy.world import CLASS_PROMPT, SUBJECT_PROMPT, subject
 
 LORA = {"adapter": "lora", "learning_rate": 1e-3, "rank": 8}
 VARIED = ("white", "black", "pink", "gray")
+PIVOTAL = {
+    "train_text_encoder": False,
+    "train_text_encoder_ti": True,
+    "instance_prompt": "a photo of {identifier} star",
+}
 
 #: The runs of the table: name -> overrides of `toy_dreambooth_config`, plus two keys of this script:
 #: `instance_backgrounds` (the photos' backgrounds, cycled; default white only), `instance_count` (photos, default 4)
@@ -89,6 +94,10 @@ RUNS: dict[str, dict] = {
     "full + TE, prior: base-model target": {"prior_preservation_mode": "model", "class_data_dir": None},
     "LoRA + TE, prior: class images": {**LORA},
     "LoRA + TE, prior: base-model target": {**LORA, "prior_preservation_mode": "model", "class_data_dir": None},
+    # Issue #7: pivotal tuning, the new token `<s0>` with a trained embedding in place of `sks`; the text encoder's
+    # weights stay frozen (its embedding rows of the new token train, at the run's learning rate).
+    "LoRA, prior, pivotal tuning": {**LORA, **PIVOTAL},
+    "full, prior, pivotal tuning": {**PIVOTAL},
 }
 
 #: Runs whose binding and drift are also measured every `--eval_every` steps, for the plot; the others at the end.

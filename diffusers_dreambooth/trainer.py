@@ -475,9 +475,8 @@ class DreamBoothTrainer:
         """Token ids of every prompt; text embeddings when encoders are frozen; latents of fixed crops."""
         family, config = self.family, self.config
         prompts = {image.prompt for image in self.instance_images + self.class_images}
-        class_prompts = sorted({data.class_prompt for data in self.subject_data})
-        if self.prior_from_model:
-            prompts.update(class_prompts)
+        class_prompts = sorted({data.class_prompt for data in self.subject_data}) if self.prior_from_model else []
+        prompts.update(class_prompts)
         prompts = sorted(prompts)
         token_ids = family.tokenize(prompts, config.tokenizer_max_length)
         self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}

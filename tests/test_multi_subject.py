@@ -288,3 +288,12 @@ def test_evaluation_measures_each_subject(pipeline_dirs, two_subjects, tmp_path)
         for metric in ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"):
             assert isinstance(evaluation[f"{phrase}: {metric}"], float), (phrase, metric)
     assert evaluation["sks dog: DINO"] != evaluation["zwx cat: DINO"]  # measured against each subject's own photos
+
+
+def test_without_prior_preservation_class_entries_are_ignored(pipeline_dirs, two_subjects, tmp_path, caplog):
+    two_subjects[1].update(class_prompt=None, class_data_dir=None)  # only the dog names its class
+    trainer = DreamBoothTrainer(config_for(pipeline_dirs["sd"], two_subjects, tmp_path / "out", max_train_steps=1))
+    trainer.train()
+
+    assert trainer.class_images == [] and not (tmp_path / "class-dog").exists()
+    assert "entry 0: `class_prompt`/`class_data_dir` are ignored without `--with_prior_preservation`" in caplog.text
