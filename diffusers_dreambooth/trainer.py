@@ -499,14 +499,21 @@ class DreamBoothTrainer:
         self.idle_modules: list[torch.nn.Module] = []
         if self.accelerator.device.type != "cuda":
             return
-        caches = (self.instance_latents, self.class_latents)
-        if self.family.vae is not None and all(mean is not None for cache in caches for mean in cache.mean):
-            self.idle_modules.append(self.family.vae)
-        if self.text_encoders_frozen:
-            self.idle_modules += self.family.text_encoders
+        self.idle_modules = self.modules_idle_during_training()
         for module in self.idle_modules:
             module.to("cpu")
         torch.cuda.empty_cache()
+
+    def modules_idle_during_training(self) -> list[torch.nn.Module]:
+        """The frozen modules no training step runs once the caches are built: the VAE when every image's latents
+        are cached, the text encoders when they are frozen (their embeddings are cached)."""
+        idle = []
+        caches = (self.instance_latents, self.class_latents)
+        if self.family.vae is not None and all(mean is not None for cache in caches for mean in cache.mean):
+            idle.append(self.family.vae)
+        if self.text_encoders_frozen:
+            idle += self.family.text_encoders
+        return idle
 
     def _restore_idle_modules(self) -> None:
         for module in self.idle_modules:

@@ -1,10 +1,10 @@
 """Frozen components run once, to fill the caches, and never per step (counted with forward hooks)."""
 
 import pytest
-from conftest import TINY_RESOLUTION, write_subject_images
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import train_dreambooth
+from diffusers_dreambooth import DreamBoothTrainer, train_dreambooth
 
 
 def count_forward_calls(modules: dict) -> dict[str, list]:
@@ -74,3 +74,23 @@ def test_random_crops_are_encoded_every_step(pipeline_dirs, instance_dir, tmp_pa
 def test_trained_text_encoder_runs_every_step(pipeline_dirs, square_instance_dir, tmp_path):
     calls = train_counting(pipeline_dirs, "sd", square_instance_dir, tmp_path, train_text_encoder=True)
     assert calls == {"vae_encoder": 1, "text_encoder": 5}
+
+
+@pytest.mark.parametrize(
+    ("fixture", "options", "idle"),
+    [
+        ("square_instance_dir", {}, ["vae", "text_encoder"]),
+        ("instance_dir", {}, ["text_encoder"]),  # random crops: the VAE encodes every step
+        ("square_instance_dir", {"train_text_encoder": True}, ["vae"]),
+        ("instance_dir", {"random_flip": True, "train_text_encoder": True}, []),
+    ],
+)
+def test_modules_moved_off_the_gpu_are_those_no_step_runs(pipeline_dirs, request, tmp_path, fixture, options, idle):
+    """On a GPU the trainer moves these to the CPU after caching (`_offload_idle_modules`); the choice is made on
+    any device, so it is checked here against what the steps use."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+    config = tiny_config(pipeline_dirs["sd"], request.getfixturevalue(fixture), tmp_path / "out", **options)
+    trainer = DreamBoothTrainer(config, pipeline=pipe)
+    trainer.train()
+    names = {id(module): name for name, module in pipe.components.items()}
+    assert [names[id(module)] for module in trainer.modules_idle_during_training()] == idle
