@@ -92,6 +92,38 @@ def unbroken_weights(pipeline_dirs, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_kill_during_a_save_leaves_every_earlier_checkpoint_loadable(pipeline_dirs, unbroken_weights, tmp_path):
+    """SIGKILL while a checkpoint is being written (its `.checkpoint-N.partial` folder exists): the partial one is
+    never listed, each whole checkpoint loads as diffusers' README does (`checkpoint-N/unet`), and resuming from
+    `latest` ends where the unbroken run does."""
+    from diffusers import UNet2DConditionModel
+
+    instance_dir, expected = unbroken_weights
+    for attempt in range(3):  # the save can finish in the instant between seeing its folder and the kill
+        out = tmp_path / f"out-{attempt}"
+        flags = train_flags(pipeline_dirs["sd"], instance_dir, out, *TRAINING_STEPS)
+
+        def saving(out=out) -> bool:
+            return (out / "checkpoint-3").is_dir() and any(out.glob(".checkpoint-*.partial"))
+
+        code, stderr = stop_when(start(flags), saving, signal.SIGKILL)
+        assert code == -signal.SIGKILL
+        if list(out.glob(".checkpoint-*.partial")):
+            break
+    else:
+        pytest.fail("no kill landed during a save in 3 attempts")
+
+    saved = list_checkpoints(out)
+    assert saved and all(not path.name.startswith(".") for path in saved)
+    for checkpoint in saved:
+        UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    run(flags + ["--resume_from_checkpoint=latest"])
+    resumed = load_file(out / UNET_WEIGHTS)
+    assert all(torch.equal(resumed[name], value) for name, value in expected.items())
+    assert not list(out.glob(".checkpoint-*"))  # the resumed run's pruning or saving cleared the leftover
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_stopped_run_resumes_to_the_weights_of_an_unbroken_one(pipeline_dirs, unbroken_weights, tmp_path, signum):
     instance_dir, expected = unbroken_weights
