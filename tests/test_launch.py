@@ -92,8 +92,11 @@ def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, insta
     else:
         assert any(name.endswith("lora_B.weight") and one[name].abs().sum() > 0 for name in one)
     assert one.keys() == two.keys()
+    # Float tolerance: gloo sums the two halves' gradients in another order than one process does, and Adam turns
+    # such rounding of near-zero gradients into differences of a few 1e-5 (one element of 2304 was off by 3.3e-5
+    # with torch 2.13): a tenth of one step's learning rate (1e-3) bounds it, a wrong batch split is far above it.
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(two[name], one[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow
