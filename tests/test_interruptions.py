@@ -202,6 +202,25 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_earlier_checkpoints(
     assert not (tmp_path / "out" / "model_index.json").exists()
 
 
+def test_an_infinite_loss_stops_the_run_before_its_first_update(pipeline_dirs, instance_dir, tmp_path):
+    # A prior weight past float32's range makes the first step's loss infinite.
+    config = tiny_config(
+        pipeline_dirs["sd"],
+        instance_dir,
+        tmp_path / "out",
+        with_prior_preservation=True,
+        class_prompt="a photo of dog",
+        class_data_dir=str(tmp_path / "class"),
+        num_class_images=1,
+        prior_loss_weight=1e39,
+        max_train_steps=3,
+        checkpointing_steps=1,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"became inf at step 1;.*none \(none saved yet\)"):
+        DreamBoothTrainer(config).train()
+    assert list_checkpoints(tmp_path / "out") == []
+
+
 def test_stop_requests_catch_the_first_signal_and_stop_at_once_on_the_second():
     previous = signal.getsignal(signal.SIGTERM)
     with stop_requests() as stop:
