@@ -10,10 +10,11 @@ import torch
 from conftest import tiny_config
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.config import CONFIG_NAME
 from diffusers_dreambooth.input_checks import check_inputs, check_output_dir
+from diffusers_dreambooth.subject import Subject, SubjectMetadata
 
 SUBJECT = dict(instance_data_dir="photos", instance_prompt="a photo of sks dog")
 # Words the tiny tokenizer keeps whole: 5 + 18 * 4 + 3 = 80 tokens, 82 with start and end; 77 keep the first 75.
@@ -299,6 +300,16 @@ def test_pickle_weights_are_refused_unless_allowed(pickled_pipeline_dir, instanc
     allowed = tiny_config(pickled_pipeline_dir, instance_dir, tmp_path / "out", max_train_steps=1, allow_pickle=True)
     DreamBoothTrainer(allowed).train()
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_subject_with_pickle_weights_is_refused_unless_asked_for(pickled_pipeline_dir):
+    subject = Subject("sks", "dog", "a photo of sks dog")
+    metadata = SubjectMetadata([subject], "full", "stable-diffusion", "StableDiffusionPipeline")
+    metadata.to_json_file(pickled_pipeline_dir)  # a downloaded full subject whose UNet is a pickle
+    with pytest.raises(OSError, match="safetensors"):
+        DreamBoothPipeline.from_pretrained(pickled_pipeline_dir)
+    loaded = DreamBoothPipeline.from_pretrained(pickled_pipeline_dir, use_safetensors=None)
+    assert loaded.subjects == [subject]
 
 
 def test_pushing_a_lora_of_a_local_base_model_fails_before_training(pipeline_dirs, instance_dir, tmp_path):
