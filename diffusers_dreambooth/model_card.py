@@ -99,6 +99,9 @@ def render_model_card(
         title=f"DreamBooth {mode}: {', '.join(s.phrase for s in metadata.subjects)}",
         subjects=metadata.subjects,
         other_subjects=metadata.subjects[1:],
+        # The example prompt names every subject: `{sks}` for DreamBoothPipeline, the phrase for plain diffusers.
+        usage_prompt=_example_prompt(["{" + s.identifier + "}" for s in metadata.subjects[1:]], "{subject}"),
+        plain_prompt=_example_prompt([s.phrase for s in metadata.subjects[1:]], subject.phrase),
         repo_id=repo_id,
         adapter=metadata.adapter,
         subject_phrase=subject.phrase,
@@ -141,6 +144,11 @@ def write_model_card(
     path = Path(folder) / "README.md"
     card.save(path)
     return path
+
+
+def _example_prompt(others: list[str], first: str) -> str:
+    """ "a photo of sks dog on the beach", or with more subjects "a photo of sks dog and zwx cat on the beach"."""
+    return f"a photo of {' and '.join([first, *others])} on the beach"
 
 
 def _rows(values: dict, labels: dict[str, str], mode: str) -> list[tuple[str, str]]:

@@ -167,8 +167,10 @@ class DreamBoothTrainer:
             for concept in config.concepts_list
         ]
         auto = [index for index, identifier in enumerate(wanted) if identifier == AUTO_IDENTIFIER]
-        if any(identifier is not None for identifier in wanted):
-            self.identifier_source = "rare token (auto)" if auto else "given"
+        sources = [
+            "rare token (auto)" if index in auto else "given" if identifier else "from the prompt"
+            for index, identifier in enumerate(wanted)
+        ]
         if auto:
             prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
             taken = [identifier for identifier in wanted if identifier not in (None, AUTO_IDENTIFIER)]
@@ -184,6 +186,11 @@ class DreamBoothTrainer:
             logger.info("`--identifier auto` picked the rare tokens %s for the subjects.", ", ".join(tokens))
         config = config.with_concept_identifiers(wanted)
         identifiers = [subject.identifier for subject in self._subjects(config)]
+        if any(identifier is not None for identifier in wanted):  # how each subject's identifier was chosen
+            if len(set(sources)) == 1:
+                self.identifier_source = sources[0]
+            else:
+                self.identifier_source = ", ".join(f"{i}: {source}" for i, source in zip(identifiers, sources))
         repeated = sorted({identifier for identifier in identifiers if identifiers.count(identifier) > 1})
         if repeated:
             raise ValueError(

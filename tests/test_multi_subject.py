@@ -172,6 +172,8 @@ def test_two_subjects_train_into_one_model_that_knows_both(pipeline_dirs, two_su
     card = (output_dir / "README.md").read_text()
     assert "# DreamBooth full fine-tune: sks dog, zwx cat" in card
     assert "| **`zwx cat`** | `a photo of zwx cat` | `{zwx}` |" in card
+    assert 'pipe("a photo of {subject} and {zwx} on the beach")' in card  # DreamBoothPipeline
+    assert 'pipe("a photo of sks dog and zwx cat on the beach")' in card  # plain diffusers
 
     loaded = DreamBoothPipeline.from_pretrained(output_dir)
     assert loaded.fill_prompt("{sks} and {zwx}") == "sks dog and zwx cat"
@@ -208,6 +210,7 @@ def test_auto_gives_each_subject_its_own_rare_token(pipeline_dirs, two_subjects,
     first, second = (subject.identifier for subject in subjects)
     assert first != second
     assert [s.instance_prompt for s in subjects] == [f"a photo of {first} dog", f"a photo of {second} cat"]
+    assert "| identifier chosen | rare token (auto) |" in (output_dir / "README.md").read_text()
     saved = json.loads((output_dir / "dreambooth_config.json").read_text())
     assert [c["identifier"] for c in saved["concepts_list"]] == [first, second]  # a rerun uses the same tokens
 
