@@ -98,6 +98,8 @@ RUNS: dict[str, dict] = {
     # weights stay frozen (its embedding rows of the new token train, at the run's learning rate).
     "LoRA, prior, pivotal tuning": {**LORA, **PIVOTAL},
     "full, prior, pivotal tuning": {**PIVOTAL},
+    "LoRA, prior, pivotal tuning, embeddings lr 1e-2": {**LORA, **PIVOTAL, "text_encoder_lr": 1e-2},
+    "full, prior, pivotal tuning, embeddings lr 1e-2": {**PIVOTAL, "text_encoder_lr": 1e-2},
 }
 
 #: Runs whose binding and drift are also measured every `--eval_every` steps, for the plot; the others at the end.
