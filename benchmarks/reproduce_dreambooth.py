@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from diffusers_dreambooth import DreamBoothTrainer  # noqa: E402
 from diffusers_dreambooth.evaluation import evaluate_subject  # noqa: E402
@@ -50,7 +51,13 @@ from diffusers_dreambooth.toy.metrics import (  # noqa: E402
     subject_share,
 )
 from diffusers_dreambooth.toy.recipe import EVALUATION_PROMPTS  # noqa: E402
-from diffusers_dreambooth.toy.world import CLASS_PROMPT, SUBJECT_PROMPT, subject_photo_scenes  # noqa: E402
+from diffusers_dreambooth.toy.world import (  # noqa: E402
+    BACKGROUNDS,
+    CLASS_PROMPT,
+    IMAGE_SIZE,
+    SUBJECT_PROMPT,
+    subject_photo_scenes,
+)
 
 LORA = {"adapter": "lora", "learning_rate": 1e-3, "rank": 8}
 VARIED = ("white", "black", "pink", "gray")
@@ -98,6 +105,10 @@ RUNS: dict[str, dict] = {
     # weights stay frozen (its embedding rows of the new token train, at the run's learning rate).
     "LoRA, prior, pivotal tuning": {**LORA, **PIVOTAL},
     "full, prior, pivotal tuning": {**PIVOTAL},
+    # Issue #7: aspect-ratio buckets, on wide photos (`wide_photos`: the subject at one end of a 48x32 canvas), cropped
+    # to 32 px squares at random positions as usual, or trained whole in their 40x24 bucket.
+    "full + TE, prior, wide photos, square crops": {"wide_photos": True},
+    "full + TE, prior, wide photos, buckets": {"wide_photos": True, "aspect_ratio_buckets": True},
     "LoRA, prior, pivotal tuning, embeddings lr 1e-2": {**LORA, **PIVOTAL, "text_encoder_lr": 1e-2},
     "full, prior, pivotal tuning, embeddings lr 1e-2": {**PIVOTAL, "text_encoder_lr": 1e-2},
 }
@@ -112,6 +123,7 @@ PLOTTED = (
 )
 
 NUM_JUDGED = 32
+WIDE_PHOTO_WIDTH = 48
 RECONTEXT_BACKGROUND = "green"
 
 
@@ -149,8 +161,10 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
     else:
         data = dict(instance_data_dir=str(instance_dir))
         instance_dir.mkdir(parents=True)
+        wide = overrides.pop("wide_photos", False)
         for index, scene in enumerate(scenes):
-            scene.render().save(instance_dir / f"subject_{index}.png")
+            photo = wide_photo(scene, left=index % 2 == 0) if wide else scene.render()
+            photo.save(instance_dir / f"subject_{index}.png")
     instance_images = [scene.render() for scene in scenes]
     checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
     result = RunResult(name, seed)
@@ -208,6 +222,14 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
     logging.info("%s seed %d final (%.0f s): %s", name, seed, result.seconds, result.final)
     shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{_slug(name)}-seed{seed}.png")
     return result
+
+
+def wide_photo(scene, left: bool):
+    """The scene's 32 px photo pasted at the left or right end of a white 48x32 canvas: a wide photo whose square
+    crops cut the subject (a random 32 px crop keeps all of it only at one offset of 17)."""
+    canvas = Image.new("RGB", (WIDE_PHOTO_WIDTH, IMAGE_SIZE), BACKGROUNDS[scene.background])
+    canvas.paste(scene.render(), (0 if left else WIDE_PHOTO_WIDTH - IMAGE_SIZE, 0))
+    return canvas
 
 
 def base_model_figures(seed: int, base_model: str) -> dict:
