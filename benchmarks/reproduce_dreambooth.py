@@ -226,7 +226,7 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
 
 def wide_photo(scene, left: bool):
     """The scene's 32 px photo pasted at the left or right end of a white 48x32 canvas: a wide photo whose square
-    crops cut the subject (a random 32 px crop keeps all of it only at one offset of 17)."""
+    crops cut into (a random 32 px crop keeps the whole pasted photo at one offset of 17)."""
     canvas = Image.new("RGB", (WIDE_PHOTO_WIDTH, IMAGE_SIZE), BACKGROUNDS[scene.background])
     canvas.paste(scene.render(), (0 if left else WIDE_PHOTO_WIDTH - IMAGE_SIZE, 0))
     return canvas
