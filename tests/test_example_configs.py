@@ -14,6 +14,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "examples" / "configs"
 EXPECTED = {
     "sd15-full.yaml": ("stable-diffusion", "stable-diffusion-v1-5/stable-diffusion-v1-5", "full", 512),
     "sd15-lora.yaml": ("stable-diffusion", "stable-diffusion-v1-5/stable-diffusion-v1-5", "lora", 512),
+    "sd15-two-subjects.yaml": ("stable-diffusion", "stable-diffusion-v1-5/stable-diffusion-v1-5", "full", 512),
     "sd21-full.yaml": ("stable-diffusion", "stabilityai/stable-diffusion-2-1", "full", 768),
     "sdxl-lora.yaml": ("stable-diffusion-xl", "stabilityai/stable-diffusion-xl-base-1.0", "lora", 1024),
     "sd3-lora.yaml": ("stable-diffusion-3", "stabilityai/stable-diffusion-3-medium-diffusers", "lora", 512),
@@ -39,9 +40,11 @@ def test_config_parses_for_its_family(name):
     # The family's defaults fill what the file leaves out, and take nothing the file sets.
     filled = config.with_defaults(family.option_defaults[adapter])
     assert filled.resolution == resolution and filled.learning_rate == config.learning_rate
-    assert config.instance_prompt and config.max_train_steps
-    if config.with_prior_preservation:
-        assert config.class_prompt and config.class_data_dir and config.num_class_images
+    assert config.max_train_steps
+    for subject in config.subject_data():
+        assert subject.instance_data_dir and subject.instance_prompt
+        if config.with_prior_preservation:
+            assert subject.class_prompt and subject.class_data_dir and config.num_class_images
     if family_name.startswith("deepfloyd-if"):
         assert config.pre_compute_text_embeddings and config.tokenizer_max_length == 77
     if family_name == "deepfloyd-if-super-resolution":
