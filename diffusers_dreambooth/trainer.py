@@ -183,7 +183,12 @@ class DreamBoothTrainer:
                 )
             for index, token in zip(auto, tokens):
                 wanted[index] = token
-            logger.info("`--identifier auto` picked the rare tokens %s for the subjects.", ", ".join(tokens))
+                logger.info(
+                    "`--identifier auto` picked the rare token `%s` for `--concepts_list` entry %d (%r).",
+                    token,
+                    index,
+                    config.concepts_list[index]["instance_prompt"],
+                )
         config = config.with_concept_identifiers(wanted)
         identifiers = [subject.identifier for subject in self._subjects(config)]
         if any(identifier is not None for identifier in wanted):  # how each subject's identifier was chosen
