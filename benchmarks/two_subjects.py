@@ -51,6 +51,9 @@ B_SCENES = [
     Scene(B_SHAPE, B_COLOR, "white", x=15.0, y=18.0, size=9.5),
 ]
 RUNS = ("A alone", "B alone", "A + B together")
+#: The token `--identifier auto` gives B (the rarest of the toy tokenizer); the base model and run A are judged on
+#: B's prompt with it too, so every row asks the same question.
+AUTO_B_IDENTIFIER = "ack"
 
 
 def looks_like_b(checker: ToyChecker, images: list) -> float:
@@ -131,11 +134,6 @@ def run_one(name: str, seed: int, steps: int, output_dir: str) -> dict:
         image_grid([[Image.open(path) for path in sorted((run_dir / "samples").glob("sample_*.png"))]]).save(samples)
     logging.info("%s seed %d (%.0f s, identifiers %s): %s", name, seed, seconds, identifiers, figures)
     return {"run": name, "seed": seed, "steps": config.max_train_steps, "train_seconds": seconds, **figures}
-
-
-#: The token `--identifier auto` gives B (the rarest of the toy tokenizer); the base model and run A are judged on
-#: B's prompt with it too, so every row asks the same question.
-AUTO_B_IDENTIFIER = "ack"
 
 
 def base_figures(seed: int) -> dict:

@@ -358,20 +358,20 @@ class TrainingOrder:
     """
 
     def __init__(self, num_instance: int, num_class: int, seed: int) -> None:
-        self.subjects = [SubjectImages(0, num_instance, 0, num_class)]
-        self.num_instance = num_instance
-        self.num_class = num_class
-        self.seed = seed
-        self.length = max(num_instance, num_class)
-        self._permutations: dict[int, list[int]] = {}
+        self._set_up([SubjectImages(0, num_instance, 0, num_class)], seed)
 
     @classmethod
     def for_subjects(cls, subjects: list[SubjectImages], seed: int) -> TrainingOrder:
         """The order of a run with several subjects; with one, the same order as `TrainingOrder(...)`."""
-        order = cls(subjects[0].num_instance, subjects[0].num_class, seed)
-        order.subjects = list(subjects)
-        order.length = len(subjects) * max(max(s.num_instance, s.num_class) for s in subjects)
+        order = cls.__new__(cls)
+        order._set_up(list(subjects), seed)
         return order
+
+    def _set_up(self, subjects: list[SubjectImages], seed: int) -> None:
+        self.subjects = subjects
+        self.seed = seed
+        self.length = len(subjects) * max(max(s.num_instance, s.num_class) for s in subjects)
+        self._permutations: dict[int, list[int]] = {}
 
     def epoch_permutation(self, epoch: int) -> list[int]:
         """The order of epoch `epoch`'s items; the two latest epochs are kept, not drawn again at every step."""
