@@ -107,10 +107,6 @@ def run_one(name: str, seed: int, steps: int, output_dir: str) -> dict:
     concepts = {"A alone": [a_concept], "B alone": [b_concept], "A + B together": [a_concept, b_concept]}[name]
     config = toy_dreambooth_config(
         output_dir=run_dir,
-        instance_data_dir=None,
-        instance_prompt=None,
-        class_prompt=None,
-        class_data_dir=None,
         concepts_list=concepts,
         identifier="auto",
         seed=seed,

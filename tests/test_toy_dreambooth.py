@@ -40,6 +40,30 @@ def test_toy_recipe_points_at_bundled_files():
     assert config.with_prior_preservation and config.evaluate and config.class_prompt == CLASS_PROMPT
 
 
+def test_toy_recipe_with_a_concepts_list_drops_the_bundled_subject(tmp_path):
+    """Each entry names its own photos, prompts and class folder, so the recipe's one-subject fields step aside."""
+    concepts = [
+        {
+            "instance_data_dir": str(SUBJECT_PHOTOS_DIR),
+            "instance_prompt": SUBJECT_PROMPT,
+            "class_prompt": CLASS_PROMPT,
+            "class_data_dir": str(tmp_path / "stars"),
+        },
+        {
+            "instance_data_dir": str(SUBJECT_PHOTOS_DIR),
+            "instance_prompt": "a photo of zwx circle",
+            "class_prompt": "a photo of a circle",
+            "class_data_dir": str(tmp_path / "circles"),
+        },
+    ]
+    config = toy_dreambooth_config(output_dir=tmp_path, concepts_list=concepts)
+    assert config.instance_data_dir is None and config.instance_prompt is None and config.class_prompt is None
+    subjects = config.subject_data()
+    assert [s.instance_prompt for s in subjects] == [SUBJECT_PROMPT, "a photo of zwx circle"]
+    assert [s.class_prompt for s in subjects] == [CLASS_PROMPT, "a photo of a circle"]
+    assert [s.class_data_dir for s in subjects] == [str(tmp_path / "stars"), str(tmp_path / "circles")]
+
+
 @pytest.mark.slow
 def test_base_model_draws_what_full_prompts_ask(checker):
     """Shape, colour and background all right on the 144 full prompts: 0.97 for the shipped model (target 0.95)."""

@@ -39,7 +39,8 @@ def toy_dreambooth_config(
 ) -> DreamBoothConfig:
     """DreamBooth of the bundled subject on the bundled toy base model, with prior preservation and text-encoder
     training: 1,000 steps of batch 4 (plus 4 class images), 100 class images, sampling as the world needs
-    (20 steps, guidance 4). Class images go to `output_dir/class_images`. `overrides` set any other option."""
+    (20 steps, guidance 4). Class images go to `output_dir/class_images`. `overrides` set any other option; with a
+    `concepts_list` the bundled subject's photos, prompts and class folder are left out: each entry names its own."""
     output_dir = Path(output_dir)
     options: dict[str, Any] = dict(
         pretrained_model_name_or_path=str(BASE_MODEL_DIR),
@@ -72,4 +73,8 @@ def toy_dreambooth_config(
         evaluation_dino_model=str(CHECKER_DIR),
         evaluation_clip_model=str(CHECKER_DIR),
     )
+    if overrides.get("concepts_list") is not None:
+        options.update(instance_prompt=None, class_prompt=None, class_data_dir=None)
+        if instance_data_dir == SUBJECT_PHOTOS_DIR:
+            options["instance_data_dir"] = None
     return DreamBoothConfig(**{**options, **overrides})
