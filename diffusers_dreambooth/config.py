@@ -622,6 +622,8 @@ class DreamBoothConfig:
                 "`--prior_preservation_mode model` chooses how the prior-preservation loss is computed; add"
                 " `--with_prior_preservation` (and `--class_prompt`) to turn that loss on."
             )
+        if self.with_prior_preservation and self.prior_preservation_mode == "images" and self.num_class_images < 1:
+            raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
         if self.has_concepts:
             self._check_concept_priors()
             return
@@ -640,8 +642,6 @@ class DreamBoothConfig:
                     "`--with_prior_preservation` needs `--class_data_dir`, the folder where class images are read"
                     " and generated."
                 )
-            if self.num_class_images < 1:
-                raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
         elif self.class_prompt or self.class_data_dir:
             logger.warning("`--class_prompt`/`--class_data_dir` are ignored without `--with_prior_preservation`.")
 
@@ -663,8 +663,6 @@ class DreamBoothConfig:
                     f"`--with_prior_preservation` needs {' and '.join(missing)} in every `--concepts_list` entry;"
                     f" entry {index} ({concept['instance_prompt']!r}) has none (e.g. `a photo of dog`, `class-dog`)."
                 )
-        if self.with_prior_preservation and self.prior_preservation_mode == "images" and self.num_class_images < 1:
-            raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")
 
     def _check_pivotal_tuning(self) -> None:
         """`--train_text_encoder_ti` names the subject with its new tokens, through `{identifier}` in the prompts."""

@@ -104,6 +104,14 @@ def test_prior_preservation_needs_every_subjects_class(two_subjects):
     DreamBoothConfig(concepts_list=two_subjects, with_prior_preservation=True, prior_preservation_mode="model")
 
 
+def test_prior_preservation_needs_class_images_for_every_subject(two_subjects):
+    with pytest.raises(ValueError, match="`--num_class_images` must be at least 1, got 0"):
+        DreamBoothConfig(concepts_list=two_subjects, with_prior_preservation=True, num_class_images=0)
+    # The base model's own prediction reads no class images.
+    options = dict(with_prior_preservation=True, prior_preservation_mode="model", num_class_images=0)
+    DreamBoothConfig(concepts_list=two_subjects, **options)
+
+
 def test_one_class_folder_cannot_hold_two_class_prompts(two_subjects):
     two_subjects[1]["class_data_dir"] = two_subjects[0]["class_data_dir"]
     with pytest.raises(ValueError, match="two class prompts"):
