@@ -7,9 +7,12 @@ The base model draws circles of every colour for "a circle" (about 1/6 purple) a
 
 Runs, each the main job's recipe (`toy_dreambooth_config`: full fine-tune + text encoder, prior preservation, batch
 4, lr 1e-4, 100 class images per class): A alone and B alone for `--steps`, and A + B from one `--concepts_list`
-for twice as many steps, so that each subject sees as many examples as alone (a joint batch holds both subjects).
+for twice as many steps, so that each subject sees as many examples as alone (a joint batch holds both subjects), or
+for each of `--joint_steps`. `--runs` picks the runs.
 
     python benchmarks/two_subjects.py --seeds 0 --workers 2 --output_dir benchmarks/results/issue7-two-subjects
+    python benchmarks/two_subjects.py --runs "A + B together" --joint_steps 3000 --seeds 0 1 2 --workers 1 \
+        --output_dir benchmarks/results/issue7-two-subjects-longer
 
 Per run and seed, 32 images per prompt: A's binding ("a photo of sks star" judged A), B's binding ("a photo of ack
 circle" judged a purple circle), bleed (each subject's prompt judged the other subject), class drift ("a photo of a
@@ -51,6 +54,7 @@ B_SCENES = [
     Scene(B_SHAPE, B_COLOR, "white", x=15.0, y=18.0, size=9.5),
 ]
 RUNS = ("A alone", "B alone", "A + B together")
+RUN_ORDER = {name: index for index, name in enumerate(("base model", *RUNS))}
 #: The token `--identifier auto` gives B (the rarest of the toy tokenizer); the base model and run A are judged on
 #: B's prompt with it too, so every row asks the same question.
 AUTO_B_IDENTIFIER = "ack"
@@ -87,9 +91,9 @@ def b_photos(folder: Path) -> Path:
 
 
 def run_one(name: str, seed: int, steps: int, output_dir: str) -> dict:
-    """Train run `name` with `seed`; judge it; copy its sample grid next to the results."""
+    """Train run `name` with `seed` for `steps`; judge it; copy its sample grid next to the results."""
     torch.set_num_threads(1)
-    run_dir = Path(output_dir) / "runs" / f"{name.replace(' ', '-').replace('+', 'and')}-seed{seed}"
+    run_dir = Path(output_dir) / "runs" / f"{name.replace(' ', '-').replace('+', 'and')}-{steps}-steps-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     b_dir = b_photos(run_dir / "subject_b")
     a_concept = dict(
@@ -110,8 +114,8 @@ def run_one(name: str, seed: int, steps: int, output_dir: str) -> dict:
         concepts_list=concepts,
         identifier="auto",
         seed=seed,
-        max_train_steps=steps * len(concepts),
-        checkpointing_steps=steps * len(concepts),
+        max_train_steps=steps,
+        checkpointing_steps=steps,
         sample_prompts=None,  # one grid row per subject
         evaluate=False,
     )
@@ -146,23 +150,27 @@ def table(rows: list[dict]) -> str:
         "| run | steps | " + " | ".join(metrics) + " |",
         "| --- | --- | " + " | ".join("---" for _ in metrics) + " |",
     ]
-    for name in ("base model", *RUNS):
-        group = [row for row in rows if row["run"] == name]
-        if not group:
-            continue
+    for name, steps in sorted(
+        {(row["run"], row["steps"]) for row in rows}, key=lambda key: (RUN_ORDER[key[0]], key[1])
+    ):
+        group = [row for row in rows if row["run"] == name and row["steps"] == steps]
         cells = []
         for metric in metrics:
             values = [row[metric] for row in group]
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.2f}{spread}")
-        lines.append(f"| {name} | {group[0]['steps']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {steps:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=1000, help="Steps of a one-subject run; the joint run: twice.")
+    parser.add_argument("--steps", type=int, default=1000, help="Steps of a one-subject run.")
+    parser.add_argument(
+        "--joint_steps", type=int, nargs="+", help="Steps of the joint run, one run per value; default: twice --steps."
+    )
+    parser.add_argument("--runs", nargs="+", choices=("base model", *RUNS), default=("base model", *RUNS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output_dir", default="benchmarks/results/issue7-two-subjects")
     args = parser.parse_args()
@@ -173,10 +181,16 @@ def main() -> None:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         # The joint runs are the longest: start them first.
+        runs = [("A + B together", steps) for steps in args.joint_steps or [2 * args.steps]]
+        runs += [(name, args.steps) for name in ("A alone", "B alone")]
         jobs = [
-            pool.submit(run_one, name, seed, args.steps, str(output_dir)) for name in RUNS[::-1] for seed in args.seeds
+            pool.submit(run_one, name, seed, steps, str(output_dir))
+            for name, steps in runs
+            if name in args.runs
+            for seed in args.seeds
         ]
-        jobs += [pool.submit(base_figures, seed) for seed in args.seeds]
+        if "base model" in args.runs:
+            jobs += [pool.submit(base_figures, seed) for seed in args.seeds]
         rows = [job.result() for job in jobs]
     rows.sort(key=lambda row: (row["run"], row["seed"]))
     (output_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
