@@ -323,7 +323,9 @@ class DreamBoothConfig:
     )
 
     # Validation and logging
-    validation_prompt: str | None = _option(None, "Prompt for validation images during training.")
+    validation_prompt: str | None = _option(
+        None, "Prompt for validation images during training; `{subject}` (`{subject_2}`, ...) as in `sample_prompts`."
+    )
     num_validation_images: int = _option(4, "Validation images per validation run.")
     validation_steps: int | None = _option(
         None, "Run validation every N optimizer steps. Default: 100 (full); LoRA runs use validation_epochs."
@@ -343,7 +345,8 @@ class DreamBoothConfig:
     sample_prompts: list[str] | None = _option(
         None,
         "Rows of a sample grid written after training (samples/grid.png), `{subject}` standing for identifier and"
-        " class noun; the first row also gives the card's sample images. Default: no grid.",
+        " class noun (`{subject_2}`, ... for further subjects); the first row also gives the card's sample images."
+        " Default: no grid.",
     )
     report_to: str = _option("tensorboard", "Tracker(s): tensorboard, wandb, comet_ml, all or none.")
     logging_dir: str = _option("logs", "Tracker log folder, relative to output_dir.")
@@ -353,7 +356,9 @@ class DreamBoothConfig:
         False, "After training, compute the paper's DINO, CLIP-I, CLIP-T, PRES and DIV; they go into the model card."
     )
     evaluation_prompts: list[str] | None = _option(
-        None, "Evaluation prompts, `{subject}` standing for identifier and class noun; default: the paper's 25."
+        None,
+        "Evaluation prompts, `{subject}` standing for the evaluated subject's identifier and class noun; default: the"
+        " paper's 25.",
     )
     evaluation_images_per_prompt: int = _option(4, "Images generated per evaluation prompt (the paper: 4).")
     evaluation_dino_model: str = _option(
@@ -563,8 +568,9 @@ class DreamBoothConfig:
                 if IDENTIFIER_PLACEHOLDER in text:
                     raise ValueError(
                         f"`--{name}` contains `{IDENTIFIER_PLACEHOLDER}` ({text!r}), which is ambiguous with several"
-                        " subjects: write `{subject}` for the first subject, or `{<identifier>}` (e.g. `{sks}`) for a"
-                        " subject by its identifier."
+                        " subjects: write `{subject_1}`, `{subject_2}`, ... for the subjects in list order"
+                        " (`{subject}` is the first), or `{<identifier>}` (e.g. `{sks}`) for a subject by its"
+                        " identifier."
                     )
 
     def identifier_prompts(self, run_wide_only: bool = False) -> dict[str, str]:

@@ -37,9 +37,9 @@ CASCADE_SHARED_ARGUMENTS = ("prompt", "negative_prompt", "generator", "num_infer
 class DreamBoothPipeline:
     """A diffusers pipeline that knows its DreamBooth subject(s).
 
-    `{subject}` in a prompt stands for the subject's identifier and class noun ("sks dog"), and `{<identifier>}` for
-    the subject of that identifier ("{sks}"), which names each subject of a model trained with several
-    (`pipe.subjects` lists them); prompts without placeholders pass through unchanged. Every other argument goes to
+    `{subject}` in a prompt stands for the subject's identifier and class noun ("sks dog"); a model trained with
+    several (`pipe.subjects` lists them) names each by `{subject_N}` (from 1, in training order) or by its identifier,
+    `{<identifier>}` ("{sks}"). Prompts without placeholders pass through unchanged. Every other argument goes to
     the wrapped pipeline (`self.pipeline`) as it is.
 
     Example:
@@ -196,7 +196,7 @@ class DreamBoothPipeline:
 
     def fill_prompt(self, prompt: str | list[str]) -> str | list[str]:
         """The prompt(s) with `{subject}` replaced by the (first) subject's phrase, e.g. "sks dog", and
-        `{<identifier>}` by that subject's: with several subjects, `"{sks} next to {zwx}"`."""
+        `{subject_N}` or `{<identifier>}` by that subject's: with several subjects, `"{sks} next to {subject_2}"`."""
         if isinstance(prompt, str):
             return fill_subject(prompt, self.subjects)
         return [fill_subject(p, self.subjects) for p in prompt]

@@ -115,13 +115,16 @@ def check_relative_path(name: str | None, source: str) -> None:
         )
 
 
-def fill_subject(prompt: str, subjects: list[Subject]) -> str:
-    """Replace `{subject}` with the (first) subject's phrase, and `{name}` with a named subject's phrase."""
+def fill_subject(prompt: str, subjects: list[Subject], subject: Subject | None = None) -> str:
+    """Replace `{subject}` with `subject`'s phrase (default: the first subject's), `{subject_N}` with the N-th
+    subject's (from 1, in `--concepts_list` order: for identifiers `--identifier auto` picks), and `{name}` with a
+    named subject's."""
     if not subjects or "{" not in prompt:
         return prompt
-    prompt = prompt.replace(SUBJECT_PLACEHOLDER, subjects[0].phrase)
-    for subject in subjects:
-        prompt = prompt.replace("{" + subject.identifier + "}", subject.phrase)
+    prompt = prompt.replace(SUBJECT_PLACEHOLDER, (subject or subjects[0]).phrase)
+    for number, named in enumerate(subjects, start=1):
+        prompt = prompt.replace("{subject_" + str(number) + "}", named.phrase)
+        prompt = prompt.replace("{" + named.identifier + "}", named.phrase)
     return prompt
 
 

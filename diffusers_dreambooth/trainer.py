@@ -56,7 +56,7 @@ from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
 from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
-from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
+from .subject import SUBJECT_FILE_NAME, SUBJECT_PLACEHOLDER, Subject, SubjectMetadata, fill_subject, prompt_words
 from .validation import generate_images, generate_validation_images, image_grid, run_validation
 
 logger = logging.getLogger(__name__)
@@ -969,6 +969,7 @@ class DreamBoothTrainer:
                 self.seed,
                 self.accelerator.trackers,
                 sampling_inputs=self.family.sampling_inputs(),
+                prompt=fill_subject(self.config.validation_prompt, self._subjects(self.config)),
             )
         if self.ema is not None:
             self.ema.restore(self.trained_parameters)
@@ -1046,8 +1047,10 @@ class DreamBoothTrainer:
 
         metrics, num_prompts = {}, 0
         for subject, data, photos in zip(metadata.subjects, self.subject_data, self.subject_photos):
-            named = [subject, *metadata.subjects]  # `{subject}` is the one evaluated
-            prompts = [fill_subject(p, named) for p in config.evaluation_prompts or paper_prompts("{subject}")]
+            prompts = [  # `{subject}` is the one evaluated
+                fill_subject(p, metadata.subjects, subject)
+                for p in config.evaluation_prompts or paper_prompts(SUBJECT_PLACEHOLDER)
+            ]
             result = evaluate_subject(
                 generate,
                 [image.image for image in photos],

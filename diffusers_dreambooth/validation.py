@@ -121,10 +121,13 @@ def run_validation(
     seed: int,
     trackers: list,
     sampling_inputs: dict[str, Any] | None = None,
+    prompt: str | None = None,
 ) -> list[Path]:
-    """Generate validation images, write them as `validation/step-{step}/{i}.png`, log them; return the paths."""
-    logger.info("Validation at step %d: images of %r", step, config.validation_prompt)
-    images = generate_validation_images(pipeline, config, seed, sampling_inputs=sampling_inputs)
+    """Generate validation images of `prompt` (default: `validation_prompt`), write them as
+    `validation/step-{step}/{i}.png`, log them; return the paths."""
+    prompt = prompt or config.validation_prompt
+    logger.info("Validation at step %d: images of %r", step, prompt)
+    images = generate_validation_images(pipeline, config, seed, prompt=prompt, sampling_inputs=sampling_inputs)
     folder = Path(config.output_dir) / "validation" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -139,7 +142,7 @@ def run_validation(
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=config.validation_prompt) for image in images]})
+            tracker.log({"validation": [wandb.Image(image, caption=prompt) for image in images]})
     return paths
 
 

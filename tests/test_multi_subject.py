@@ -1,6 +1,7 @@
 """Several subjects in one run (`--concepts_list`): options, the training order, and training on the tiny SD model."""
 
 import json
+import logging
 import shutil
 from collections import Counter
 
@@ -221,6 +222,25 @@ def test_auto_gives_each_subject_its_own_rare_token(pipeline_dirs, two_subjects,
     assert "| identifier chosen | rare token (auto) |" in (output_dir / "README.md").read_text()
     saved = json.loads((output_dir / "dreambooth_config.json").read_text())
     assert [c["identifier"] for c in saved["concepts_list"]] == [first, second]  # a rerun uses the same tokens
+
+
+def test_validation_during_training_fills_each_subjects_placeholder(pipeline_dirs, two_subjects, tmp_path, caplog):
+    """`{subject_2}` names the second subject whatever token `--identifier auto` gave it, in step validation too."""
+    two_subjects[1]["instance_prompt"] = "a photo of {identifier} cat"
+    options = dict(
+        identifier="auto",
+        validation_prompt="{subject_2} next to {subject}",
+        validation_steps=1,
+        num_validation_images=1,
+    )
+    trainer = DreamBoothTrainer(config_for(pipeline_dirs["sd"], two_subjects, tmp_path / "out", **options))
+    with caplog.at_level(logging.INFO, logger="diffusers_dreambooth"):
+        trainer.train()
+
+    second = SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json").subjects[1].identifier
+    validated = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Validation at step")]
+    assert validated == [f"Validation at step {step}: images of '{second} cat next to sks dog'" for step in (1, 2)]
+    assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step-2").glob("*.png")) == ["0.png"]
 
 
 def test_two_subjects_with_one_identifier_are_refused(pipeline_dirs, two_subjects, tmp_path):

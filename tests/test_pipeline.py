@@ -47,6 +47,10 @@ def test_placeholder_is_filled_and_plain_prompts_pass_through():
     subjects = [Subject("sks", "dog", "a photo of sks dog"), Subject("zwx", "cat", "a photo of zwx cat")]
     assert fill_subject("a {subject} on the moon", subjects) == "a sks dog on the moon"
     assert fill_subject("{sks} and {zwx} at the beach", subjects) == "sks dog and zwx cat at the beach"
+    assert fill_subject("{subject_2} next to {subject_1}", subjects) == "zwx cat next to sks dog"
+    assert fill_subject("{subject_3}", subjects) == "{subject_3}"
+    # Evaluating the second subject: `{subject}` is it, the numbered and named placeholders stay as they are.
+    assert fill_subject("{subject} by {subject_1}", subjects, subjects[1]) == "zwx cat by sks dog"
     assert fill_subject("a dog on the moon", subjects) == "a dog on the moon"
 
 
