@@ -399,6 +399,7 @@ class DreamBoothConfig:
         self._check_concepts()
         self._check_subject_data()
         self._check_identifier()
+        self._check_subject_numbers()
         self._check_pivotal_tuning()
         self._check_prior_preservation()
         self._check_training()
@@ -571,6 +572,19 @@ class DreamBoothConfig:
                         " subjects: write `{subject_1}`, `{subject_2}`, ... for the subjects in list order"
                         " (`{subject}` is the first), or `{<identifier>}` (e.g. `{sks}`) for a subject by its"
                         " identifier."
+                    )
+
+    def _check_subject_numbers(self) -> None:
+        """`{subject_N}` in the run-wide prompts names one of the run's subjects."""
+        from .subject import NUMBERED_SUBJECT
+
+        count = len(self.subject_data())
+        for name, text in self.identifier_prompts(run_wide_only=True).items():
+            for number in NUMBERED_SUBJECT.findall(text):
+                if not 1 <= int(number) <= count:
+                    raise ValueError(
+                        f"`--{name}` names `{{subject_{number}}}` ({text!r}), but the run trains {count} subject(s):"
+                        f" number them from `{{subject_1}}` to `{{subject_{count}}}`, in `--concepts_list` order."
                     )
 
     def identifier_prompts(self, run_wide_only: bool = False) -> dict[str, str]:

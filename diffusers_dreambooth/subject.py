@@ -17,6 +17,8 @@ SUBJECT_FILE_NAME = "dreambooth.json"
 #: The sub-folder of a cascade's subject (DeepFloyd IF) that holds its trained super-resolution stage.
 SUPER_RESOLUTION_FOLDER = "stage_2"
 SUBJECT_PLACEHOLDER = "{subject}"
+#: `{subject_1}`, `{subject_2}`, ...: a subject by its place in `--concepts_list`.
+NUMBERED_SUBJECT = re.compile(r"\{subject_(\d+)\}")
 
 
 @dataclass
@@ -122,8 +124,9 @@ def fill_subject(prompt: str, subjects: list[Subject], subject: Subject | None =
     if not subjects or "{" not in prompt:
         return prompt
     prompt = prompt.replace(SUBJECT_PLACEHOLDER, (subject or subjects[0]).phrase)
-    for number, named in enumerate(subjects, start=1):
-        prompt = prompt.replace("{subject_" + str(number) + "}", named.phrase)
+    by_number = {str(number): named.phrase for number, named in enumerate(subjects, start=1)}
+    prompt = NUMBERED_SUBJECT.sub(lambda match: by_number.get(match.group(1), match.group(0)), prompt)
+    for named in subjects:
         prompt = prompt.replace("{" + named.identifier + "}", named.phrase)
     return prompt
 

@@ -89,6 +89,11 @@ def test_one_subject_without_concepts_list_is_the_top_level_options():
         (dict(identifier="sks"), "the same identifier"),
         (dict(validation_prompt="a photo of {identifier} dog", identifier="auto"), "ambiguous with several"),
         (dict(train_text_encoder_ti=True), "concepts_list"),
+        (
+            dict(sample_prompts=["{subject_1}", "{subject_3} at the beach"]),
+            r"`--sample_prompts\[1\]` names `\{subject_3\}`",
+        ),
+        (dict(validation_prompt="{subject_0}"), r"from `\{subject_1\}` to `\{subject_2\}`"),
     ],
 )
 def test_bad_concepts_fail_naming_the_option(two_subjects, change, message):
