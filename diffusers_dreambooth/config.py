@@ -579,12 +579,16 @@ class DreamBoothConfig:
         from .subject import NUMBERED_SUBJECT
 
         count = len(self.subject_data())
+        if count == 1:
+            valid = "write `{subject}` (or `{subject_1}`)"
+        else:
+            valid = f"number them from `{{subject_1}}` to `{{subject_{count}}}`, in `--concepts_list` order"
         for name, text in self.identifier_prompts(run_wide_only=True).items():
             for number in NUMBERED_SUBJECT.findall(text):
                 if not 1 <= int(number) <= count:
                     raise ValueError(
                         f"`--{name}` names `{{subject_{number}}}` ({text!r}), but the run trains {count} subject(s):"
-                        f" number them from `{{subject_1}}` to `{{subject_{count}}}`, in `--concepts_list` order."
+                        f" {valid}."
                     )
 
     def identifier_prompts(self, run_wide_only: bool = False) -> dict[str, str]:
