@@ -5,6 +5,7 @@ from .families import FAMILIES, DreamBoothFamily, family_for_pipeline
 from .losses import dreambooth_loss
 from .mixin import DreamBoothTrainingMixin, train_dreambooth
 from .pipeline import DreamBoothPipeline
+from .safeguards import DreamBoothInputError
 from .subject import Subject, SubjectMetadata
 from .trainer import DreamBoothTrainer
 
@@ -16,6 +17,7 @@ __all__ = [
     "SubjectMetadata",
     "DreamBoothConfig",
     "DreamBoothFamily",
+    "DreamBoothInputError",
     "DreamBoothPipeline",
     "DreamBoothTrainer",
     "DreamBoothTrainingMixin",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
 
@@ -56,4 +56,15 @@ def parse_config(args: list[str] | None = None) -> DreamBoothConfig:
         values = {k: v for k, v in vars(namespace).items() if k != "config"}
         return DreamBoothConfig(**values)
     except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        exit_with_input_error(error, parser.prog)
+
+
+def exit_with_input_error(error: BaseException, prog: str | None = None) -> NoReturn:
+    """Exit as argparse does on a bad flag: one line `<prog>: error: <message>` on stderr, exit status 2.
+
+    For mistakes in the run's options or inputs (`DreamBoothInputError`), which need no traceback.
+    """
+    prog = prog or Path(sys.argv[0]).name
+    message = " ".join(str(error).split("\n"))
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.exit(2)

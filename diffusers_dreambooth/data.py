@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .safeguards import DreamBoothInputError
+
 logger = logging.getLogger(__name__)
 
 # What PIL raises for files it cannot identify or decode (truncated, corrupt, not an image, unsupported mode).
@@ -75,7 +77,7 @@ def list_images(directory: str | Path) -> list[Path]:
     """Image files directly inside `directory`, sorted by name; hidden and partial files are skipped."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"Image folder `{directory}` does not exist. Create it or fix the path.")
+        raise DreamBoothInputError(f"Image folder `{directory}` does not exist. Create it or fix the path.")
     return sorted(
         path
         for path in directory.iterdir()
@@ -86,8 +88,8 @@ def list_images(directory: str | Path) -> list[Path]:
 def load_image(image: str | Path | Image.Image) -> Image.Image:
     """An RGB image with its EXIF orientation applied, transparency on white, 16-bit scaled to 8-bit.
 
-    Raises `UnreadableImageError` (a `ValueError`) naming the path if the file cannot be decoded, and a `ValueError`
-    if it is a decompression bomb (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`).
+    Raises `UnreadableImageError` (a `ValueError`) naming the path if the file cannot be decoded, and a
+    `DreamBoothInputError` if it is a decompression bomb (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`).
     """
     source = str(getattr(image, "filename", "") or "in-memory image") if isinstance(image, Image.Image) else str(image)
     return decode_image(image, source)
@@ -109,7 +111,7 @@ def decode_image(image: str | Path | Image.Image, source: str) -> Image.Image:
                 frame.load()  # decode every byte now, so a truncated file fails here rather than later
                 return to_rgb(ImageOps.exif_transpose(frame))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(
+        raise DreamBoothInputError(
             f"`{source}` is too large to decode safely: {error} Downscale the photo (for example to at most 4096"
             " pixels on its longer side) and retry, or, if you trust the file, raise `PIL.Image.MAX_IMAGE_PIXELS` in"
             " your script."
@@ -284,11 +286,7 @@ def load_folder_images(
     Unreadable files are skipped with a warning, so one bad photo does not stop training; a folder in which nothing
     is readable is an error.
     """
-    paths = list_images(directory)
-    if not paths or limit == 0:
-        raise ValueError(
-            f"No images found in `{directory}` (looked for {', '.join(IMAGE_EXTENSIONS)}). Put the photos there."
-        )
+    paths = folder_image_paths(directory, limit)
     images, skipped = [], []
     for path in paths:
         if limit is not None and len(images) >= limit:
@@ -299,11 +297,44 @@ def load_folder_images(
             logger.warning("Skipping `%s`: not a readable image (%s). Remove or replace it.", path, error.reason)
             skipped.append(path.name)
     if not images:
-        raise ValueError(
-            f"None of the images in `{directory}` could be read ({', '.join(skipped)}); they are empty, truncated"
-            " or not images. Replace them with readable photos."
-        )
+        raise nothing_readable_error(directory, skipped)
     return images
+
+
+def check_image_folder(directory: str | Path) -> None:
+    """Raise what `load_folder_images` would for `directory`, without keeping the images: a missing folder, one
+    without image files, a decompression bomb, or nothing readable. Every image is decoded (only decoding finds a
+    truncated file); unreadable ones are left for `load_folder_images` to warn about.
+
+    Run before any model is loaded, so that a bad folder fails in seconds rather than after the model loads.
+    """
+    paths = folder_image_paths(directory)
+    skipped = []
+    for path in paths:
+        try:
+            decode_image(path, str(path))
+        except UnreadableImageError:
+            skipped.append(path.name)
+    if len(skipped) == len(paths):
+        raise nothing_readable_error(directory, skipped)
+
+
+def folder_image_paths(directory: str | Path, limit: int | None = None) -> list[Path]:
+    """`list_images(directory)`; an error naming the folder if it holds none (or `limit` is 0)."""
+    paths = list_images(directory)
+    if not paths or limit == 0:
+        raise DreamBoothInputError(
+            f"No images found in `{directory}` (looked for {', '.join(IMAGE_EXTENSIONS)}). Put the photos there."
+        )
+    return paths
+
+
+def nothing_readable_error(directory: str | Path, skipped: list[str]) -> DreamBoothInputError:
+    """The error for a folder whose image files (`skipped`, by name) are all unreadable."""
+    return DreamBoothInputError(
+        f"None of the images in `{directory}` could be read ({', '.join(skipped)}); they are empty, truncated"
+        " or not images. Replace them with readable photos."
+    )
 
 
 def load_dataset_images(

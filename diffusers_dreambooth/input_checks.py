@@ -1,9 +1,10 @@
-"""Checks of a run's prompts and output folder that need the loaded pipeline or the file system.
+"""Checks of a run's inputs that need the file system or the loaded pipeline.
 
-`DreamBoothConfig` rejects bad option values when it is built; what depends on the base model's tokenizers, or on
-what an earlier run left in `--output_dir`, is checked here once the trainer has loaded the pipeline, before class
-images are generated or any step runs. Mistakes that make training impossible or dangerous raise; prompts that
-train worse than they could only warn.
+`DreamBoothConfig` rejects bad option values when it is built. `check_before_loading` then checks the paths (photo
+folders, model folder, `--output_dir`) and, for a local model folder, `--resolution` against its configs, before any
+weights load. What depends on the base model's tokenizers, or on what an earlier run left in `--output_dir`, is
+checked by `check_inputs` once the trainer has loaded the pipeline, before class images are generated or any step
+runs. Mistakes that make training impossible or dangerous raise; prompts that train worse than they could only warn.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from accelerate.state import PartialState
 
 from .config import CONFIG_NAME, DreamBoothConfig, SubjectData
-from .families import DreamBoothFamily
+from .data import check_image_folder
+from .families import DreamBoothFamily, family_class_named
+from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
 from .model_card import is_hub_id
+from .pipeline_loading import check_pipeline_source
+from .safeguards import DreamBoothInputError
 from .subject import Subject, prompt_words
 from .validation import sampling_scheduler
 
@@ -26,6 +32,65 @@ logger = logging.getLogger(__name__)
 
 #: Options that tell one run from another: resuming into a folder whose saved run differs in them mixes two runs.
 RUN_IDENTITY_FIELDS = ("instance_prompt", "concepts_list", "pretrained_model_name_or_path", "adapter")
+
+
+def check_before_loading(config: DreamBoothConfig) -> None:
+    """Raise `DreamBoothInputError` for bad paths before any model loads, so they fail in seconds.
+
+    `--pretrained_model_name_or_path` must be a Hub id or a pipeline folder, `--output_dir` must not be a file, each
+    subject's photo folder must hold a readable image and no decompression bomb, and for a local model folder
+    `--resolution` must be a multiple of the model's factor, read from its `config.json` files. `examples/train.py`
+    calls it first; the trainer checks the same things again where it needs them.
+    """
+    check_pipeline_source(config.pretrained_model_name_or_path)
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DreamBoothInputError(
+            f"`--output_dir={config.output_dir}` is an existing file, not a folder. Pass a folder path (a new one, or"
+            " the folder of the run to resume) for the run's outputs."
+        )
+    source = Path(config.pretrained_model_name_or_path)
+    if config.resolution is not None and source.is_dir() and not config.pretrained_vae_model_name_or_path:
+        factor = _folder_resolution_multiple(source)
+        if factor is not None:
+            check_resolution(config.resolution, factor)
+    for index, data in enumerate(config.subject_data()):
+        if data.instance_data_dir is None:  # `--dataset_name`
+            continue
+        try:
+            check_image_folder(data.instance_data_dir)
+        except DreamBoothInputError as error:
+            option = f"`--concepts_list` entry {index}" if config.has_concepts else "`--instance_data_dir`"
+            raise DreamBoothInputError(f"{option}: {error}") from error
+
+
+def check_resolution(resolution: int, factor: int) -> None:
+    """Raise `DreamBoothInputError` unless `--resolution` is a multiple of the model's `resolution_multiple`."""
+    if resolution % factor:
+        raise DreamBoothInputError(
+            f"`--resolution={resolution}` must be a multiple of {factor} for this model (the VAE's downsampling"
+            " factor, times the patch size of a transformer denoiser; for pixel-space DeepFloyd IF, the UNet's"
+            f" downsampling, and stage II's 4x low-resolution side); try {resolution // factor * factor or factor}."
+        )
+
+
+def _folder_resolution_multiple(folder: Path) -> int | None:
+    """The family's `resolution_multiple` for the pipeline saved in `folder`, from `model_index.json` and the
+    components' `config.json`; None where they do not tell (a pipeline we do not train, a missing or broken file:
+    loading the pipeline reports those)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        family = family_class_named(index["_class_name"])
+        if family is None:
+            return None
+        configs = {}
+        for name in ("vae", family.denoiser_name):
+            path = folder / name / "config.json"
+            if path.is_file():
+                configs[name] = json.loads(path.read_text(encoding="utf-8"))
+        return family.resolution_multiple_of(configs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
@@ -46,7 +111,8 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
                 continue
             check_class_noun(data, subject)
             if not config.train_text_encoder_ti:  # pivotal tuning's new tokens are added to the tokenizers later
-                check_identifier_tokens(subject.identifier, family)
+                prompt_text = f"{data.instance_prompt} {data.class_prompt or ''}"
+                check_identifier_tokens(subject.identifier, family, exclude=prompt_words(prompt_text))
     check_prompt_lengths(config, family)
 
 
@@ -155,11 +221,12 @@ def check_class_noun(config: DreamBoothConfig | SubjectData, subject: Subject) -
     )
 
 
-def check_identifier_tokens(identifier: str, family: DreamBoothFamily) -> None:
+def check_identifier_tokens(identifier: str, family: DreamBoothFamily, exclude: Iterable[str] = ()) -> None:
     """Warn when a tokenizer splits the identifier into several tokens.
 
     DreamBooth binds the subject to a rare token; an identifier made of several common pieces spreads it over
-    tokens that other words share.
+    tokens that other words share. The warning suggests the word `--identifier auto` would pick (the first of
+    `rare_token_identifiers`, never a word of `exclude`): one token in every tokenizer of the model.
     """
     split = {}
     for name, tokenizer in zip(family.tokenizer_names, family.tokenizers):
@@ -168,11 +235,17 @@ def check_identifier_tokens(identifier: str, family: DreamBoothFamily) -> None:
             split[name] = tokens
     if split:
         shown = "; ".join(f"`{name}`: {tokens}" for name, tokens in split.items())
+        try:
+            word = rare_token_identifiers(family.pipeline, count=1, exclude=[identifier, *exclude])[0]
+            suggestion = f", such as `{word}`, or pass `--identifier {AUTO_IDENTIFIER}` to pick one"
+        except ValueError:  # no rare single-token word in this model's tokenizers
+            suggestion = ""
         logger.warning(
             "The identifier `%s` of `--instance_prompt` is split into several tokens (%s). Use a rare word that is a"
-            " single token, such as `sks` (the community's habit), so the subject binds to one token.",
+            " single token in every tokenizer of this model%s, so the subject binds to one token.",
             identifier,
             shown,
+            suggestion,
         )
 
 

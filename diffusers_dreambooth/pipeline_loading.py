@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from .config import DreamBoothConfig
+from .safeguards import DreamBoothInputError
 
 
 def diffusers_pipeline_class(cls: type) -> type:
@@ -27,14 +28,7 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
     Weights load from safetensors only unless `config.allow_pickle`; a failure says in one line what was found.
     """
     source = config.pretrained_model_name_or_path
-    if not source:
-        raise ValueError("`--pretrained_model_name_or_path` is required: a Hub repo id or a local diffusers folder.")
-    local = Path(source)
-    if local.is_dir() and not (local / "model_index.json").is_file():
-        raise ValueError(
-            f"`--pretrained_model_name_or_path={source}` is a folder without `model_index.json`, so not a diffusers"
-            " pipeline. Point it at a folder written by `save_pretrained` (or a Hub repo id)."
-        )
+    check_pipeline_source(source)
     use_safetensors = None if config.allow_pickle else True
     overrides = {}
     if config.pretrained_vae_model_name_or_path:
@@ -60,6 +54,21 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             **overrides,
+        )
+
+
+def check_pipeline_source(source: str | None) -> None:
+    """Raise `DreamBoothInputError` if `--pretrained_model_name_or_path` is unset, or a folder without
+    `model_index.json`; a Hub id or a pipeline folder passes. Needs no weights, so it runs before loading."""
+    if not source:
+        raise DreamBoothInputError(
+            "`--pretrained_model_name_or_path` is required: a Hub repo id or a local diffusers folder."
+        )
+    local = Path(source)
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise DreamBoothInputError(
+            f"`--pretrained_model_name_or_path={source}` is a folder without `model_index.json`, so not a diffusers"
+            " pipeline. Point it at a folder written by `save_pretrained` (or a Hub repo id)."
         )
 
 

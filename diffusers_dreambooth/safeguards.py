@@ -3,6 +3,9 @@
 A signal does not kill the run mid-step: the trainer finishes the step, saves a checkpoint, and raises
 `TrainingInterrupted`, so `--resume_from_checkpoint latest` continues exactly where it stopped. A second Ctrl-C stops
 at once (the last complete checkpoint stays whole: checkpoints are written under a temporary name, then renamed).
+
+A mistake in the run's input raises `DreamBoothInputError` rather than a traceback deep inside training: the script
+prints it as one line.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ logger = logging.getLogger(__name__)
 
 #: Signals that ask a run to save a checkpoint and stop: Ctrl-C, and what job schedulers send before killing a job.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class DreamBoothInputError(ValueError):
+    """A mistake in the run's options or input files, such as a missing photo folder or a model folder that is not a
+    pipeline; the message names the option or file and the fix.
+
+    `examples/train.py` prints it as one line, `<prog>: error: <message>`, and exits with 2 as argparse does for a bad
+    flag; any other exception is a bug and keeps its traceback. A `ValueError`, so `except ValueError` still catches
+    it.
+    """
 
 
 class TrainingInterrupted(Exception):

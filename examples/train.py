@@ -9,8 +9,14 @@ import logging
 import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
-from diffusers_dreambooth.cli import parse_config
-from diffusers_dreambooth.safeguards import DiskSpaceError, NonFiniteLossError, TrainingInterrupted
+from diffusers_dreambooth.cli import exit_with_input_error, parse_config
+from diffusers_dreambooth.input_checks import check_before_loading
+from diffusers_dreambooth.safeguards import (
+    DiskSpaceError,
+    DreamBoothInputError,
+    NonFiniteLossError,
+    TrainingInterrupted,
+)
 from diffusers_dreambooth.toy import toy_dreambooth_config
 
 
@@ -22,7 +28,10 @@ def main() -> None:
     else:
         config = parse_config()
     try:
+        check_before_loading(config)  # paths and --resolution, before the model loads
         DreamBoothTrainer(config).train()
+    except DreamBoothInputError as error:  # the user's mistake: one `error:` line, exit 2 as for a bad flag
+        exit_with_input_error(error)
     except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint is saved; exit as the signal would
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from diffusers_dreambooth.data import UnreadableImageError, load_folder_images, load_image, to_training_image
+from diffusers_dreambooth.data import (
+    UnreadableImageError,
+    check_image_folder,
+    load_folder_images,
+    load_image,
+    to_training_image,
+)
+from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 EXIF_ORIENTATION = 0x0112
 WHITE = (255, 255, 255)
@@ -276,7 +283,7 @@ def test_folder_with_a_limit_still_returns_limit_readable_images(tmp_path, caplo
 
 
 def test_missing_folder_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"`.*no_such_folder` does not exist\. Create it or fix the path\."):
+    with pytest.raises(DreamBoothInputError, match=r"`.*no_such_folder` does not exist\. Create it or fix the path\."):
         load_folder_images(tmp_path / "no_such_folder", PROMPT, RESOLUTION, "bilinear")
 
 
@@ -285,7 +292,7 @@ def test_folder_without_images_is_an_error(tmp_path, contents):
     for name in contents:
         (tmp_path / name).write_text("not an image")
 
-    with pytest.raises(ValueError, match=f"No images found in `{re.escape(str(tmp_path))}`"):
+    with pytest.raises(DreamBoothInputError, match=f"No images found in `{re.escape(str(tmp_path))}`"):
         load_folder_images(tmp_path, PROMPT, RESOLUTION, "bilinear")
 
 
@@ -293,7 +300,7 @@ def test_folder_where_every_file_is_unreadable_is_an_error(tmp_path):
     zero_bytes(tmp_path / "empty.png")
     text_file(tmp_path / "photo.jpg")
 
-    with pytest.raises(ValueError, match=re.escape(f"`{tmp_path}` could be read (empty.png, photo.jpg)")):
+    with pytest.raises(DreamBoothInputError, match=re.escape(f"`{tmp_path}` could be read (empty.png, photo.jpg)")):
         load_folder_images(tmp_path, PROMPT, RESOLUTION, "bilinear")
 
 
@@ -310,7 +317,8 @@ def png_declaring_size(path, width: int, height: int) -> None:
 def test_decompression_bomb_is_an_error_naming_the_file(tmp_path):
     png_declaring_size(tmp_path / "bomb.png", 100_000, 100_000)
 
-    with pytest.raises(ValueError, match=r"bomb\.png` is too large to decode safely: .*10000000000 pixels") as raised:
+    too_large = r"bomb\.png` is too large to decode safely: .*10000000000 pixels"
+    with pytest.raises(DreamBoothInputError, match=too_large) as raised:
         load_image(tmp_path / "bomb.png")
 
     assert "Downscale the photo" in str(raised.value)
@@ -323,6 +331,19 @@ def test_decompression_bomb_in_a_folder_stops_rather_than_skips(tmp_path):
 
     with pytest.raises(ValueError, match=r"bomb\.png` is too large"):
         load_folder_images(tmp_path, PROMPT, RESOLUTION, "bilinear")
+    with pytest.raises(DreamBoothInputError, match=r"bomb\.png` is too large"):
+        check_image_folder(tmp_path)  # the same, before any model loads
+
+
+def test_folder_check_before_loading_passes_a_folder_with_one_readable_photo_quietly(tmp_path, caplog):
+    write_good(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        check_image_folder(tmp_path)  # `load_folder_images` warns about `empty.png` later, once
+    assert caplog.text == ""
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(DreamBoothInputError, match=re.escape(f"`{tmp_path}` could be read (empty.png)")):
+        check_image_folder(tmp_path)
 
 
 @pytest.mark.parametrize("side", [12, 200], ids=["warning-between-1x-and-2x-the-limit", "error-above-2x"])

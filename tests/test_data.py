@@ -21,6 +21,7 @@ from diffusers_dreambooth.data import (
     resize_to_resolution,
     step_generator,
 )
+from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 EXIF_ORIENTATION = 0x0112
 RED = (255, 0, 0)
@@ -304,7 +305,7 @@ def test_list_images_sorts_and_skips_hidden_partial_and_other_files(tmp_path):
 
 
 def test_list_images_of_a_missing_folder_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(DreamBoothInputError, match="missing"):
         list_images(tmp_path / "missing")
 
 

@@ -10,11 +10,19 @@ import torch
 from conftest import tiny_config
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import (
+    DreamBoothConfig,
+    DreamBoothInputError,
+    DreamBoothPipeline,
+    DreamBoothTrainer,
+    family_for_pipeline,
+)
 from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.config import CONFIG_NAME
-from diffusers_dreambooth.input_checks import check_inputs, check_output_dir
+from diffusers_dreambooth.identifiers import rare_token_identifiers
+from diffusers_dreambooth.input_checks import check_before_loading, check_inputs, check_output_dir
 from diffusers_dreambooth.subject import Subject, SubjectMetadata
+from diffusers_dreambooth.testing_utils import DEFAULT_CORPUS, build_t5_tokenizer
 
 SUBJECT = dict(instance_data_dir="photos", instance_prompt="a photo of sks dog")
 # Words the tiny tokenizer keeps whole: 5 + 18 * 4 + 3 = 80 tokens, 82 with start and end; 77 keep the first 75.
@@ -155,7 +163,23 @@ def test_identifier_split_into_several_tokens_warns(families, tmp_path, caplog):
     config = tiny_config("sd", tmp_path, tmp_path / "out", instance_prompt="a photo of qzxv dog")
     text = warnings_of(caplog, config, families["sd"])
     assert "The identifier `qzxv` of `--instance_prompt` is split into several tokens" in text
-    assert "`tokenizer`: ['q', 'z', 'x', 'v</w>']" in text and "`sks`" in text
+    assert "`tokenizer`: ['q', 'z', 'x', 'v</w>']" in text
+    rare = rare_token_identifiers(families["sd"].pipeline, count=1, exclude=["qzxv", "a", "photo", "of", "dog"])[0]
+    assert f"such as `{rare}`, or pass `--identifier auto` to pick one" in text
+
+
+def test_identifier_hint_is_one_token_in_every_tokenizer(pipeline_dirs, tmp_path, caplog):
+    """Issue #19: a T5 tokenizer that splits `sks` must not be told to use `sks`."""
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["flux"])
+    pipeline.tokenizer_2 = build_t5_tokenizer(tmp_path / "t5", [text.replace("sks", "") for text in DEFAULT_CORPUS])
+    assert pipeline.tokenizer_2.tokenize("sks") == ["▁", "s", "k", "s"]
+    config = tiny_config("flux", tmp_path, tmp_path / "out", instance_prompt="a photo of sks dog")
+    text = warnings_of(caplog, config, family_for_pipeline(pipeline))
+    assert "The identifier `sks` of `--instance_prompt` is split into several tokens" in text
+    assert "`tokenizer_2`: ['▁', 's', 'k', 's']" in text and "`sks`," not in text
+    suggested = text.split("such as `")[1].split("`")[0]
+    assert all(len(tokenizer.tokenize(suggested)) == 1 for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2))
+    assert suggested not in ("a", "photo", "of", "dog") and "`--identifier auto`" in text
 
 
 def test_identifier_split_names_both_sdxl_tokenizers(families, tmp_path, caplog):
@@ -250,6 +274,17 @@ def test_unreadable_saved_config_warns_and_passes(tmp_path, caplog):
 
 
 # Model paths: one line that says what was found and what is expected
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux", "if", "if_sr"])
+def test_resolution_is_checked_against_the_model_folder_before_loading(pipeline_dirs, instance_dir, tmp_path, name):
+    """The factor read from the folder's configs is the loaded family's `resolution_multiple`."""
+    factor = family_for_pipeline(DiffusionPipeline.from_pretrained(pipeline_dirs[name])).resolution_multiple
+    check_before_loading(tiny_config(pipeline_dirs[name], instance_dir, tmp_path / "out", resolution=8 * factor))
+    bad = 8 * factor + 1
+    config = tiny_config(pipeline_dirs[name], instance_dir, tmp_path / "out", resolution=bad)
+    with pytest.raises(DreamBoothInputError, match=rf"`--resolution={bad}` must be a multiple of {factor} "):
+        check_before_loading(config)
 
 
 def test_a_folder_that_is_not_a_pipeline_fails(instance_dir, tmp_path):

@@ -32,4 +32,9 @@ def family_for_pipeline(pipeline: DiffusionPipeline) -> DreamBoothFamily:
     )
 
 
-__all__ = ["FAMILIES", "DreamBoothFamily", "ImageConditioning", "family_for_pipeline"]
+def family_class_named(class_name: str | None) -> type[DreamBoothFamily] | None:
+    """The family that trains the pipeline class named `class_name` (as `model_index.json` names it), or None."""
+    return next((family for family in FAMILIES if class_name in family.pipeline_class_names), None)
+
+
+__all__ = ["FAMILIES", "DreamBoothFamily", "ImageConditioning", "family_class_named", "family_for_pipeline"]

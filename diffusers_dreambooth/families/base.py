@@ -8,6 +8,7 @@ encoded, how the noisy input and the regression target are built, and which modu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,6 +31,11 @@ FLOW_MATCHING_OPTIONS = ("weighting_scheme", "precondition_outputs", "max_sequen
 def height_and_width(resolution: int | tuple[int, int]) -> tuple[int, int]:
     """`(height, width)` of a training image: a `resolution` square, or an aspect-ratio bucket as it is."""
     return (resolution, resolution) if isinstance(resolution, int) else resolution
+
+
+def latent_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent along a side: the VAE halves the size in each block after the first."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 @dataclass
@@ -177,12 +183,21 @@ class DreamBoothFamily:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return latent_scale_factor(self.vae.config)
 
     @property
     def resolution_multiple(self) -> int:
         """What the training resolution must be a multiple of: the pixel size of one latent (or one latent patch)."""
-        return self.vae_scale_factor
+        configs = {self.denoiser_name: self.denoiser.config}
+        if self.vae is not None:
+            configs["vae"] = self.vae.config
+        return self.resolution_multiple_of(configs)
+
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """`resolution_multiple` from the components' configs (`vae`, and the denoiser under its `denoiser_name`), so
+        that a local model folder's `config.json` files can be checked before any weights load."""
+        return latent_scale_factor(configs["vae"])
 
     def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
         """`(channels, height, width)` of one training example's sample, as `encode_image_distribution` returns it,

@@ -25,6 +25,7 @@ time, about 13 as a variance). The trained level is recorded with the subject, a
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,10 +106,10 @@ class DeepFloydIFFamily(DreamBoothFamily):
         """Channels of the images the UNet denoises (3)."""
         return self.denoiser.config.in_channels
 
-    @property
-    def resolution_multiple(self) -> int:
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
         """The UNet's total downsampling: IF works on pixels, without a VAE."""
-        return 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+        return 2 ** (len(configs[cls.denoiser_name]["block_out_channels"]) - 1)
 
     def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
         return (self.image_channels, *height_and_width(resolution))
@@ -205,10 +206,10 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
         """The UNet reads the noisy image and the upscaled low-resolution one side by side: half its input."""
         return self.denoiser.config.in_channels // 2
 
-    @property
-    def resolution_multiple(self) -> int:
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
         """The UNet's downsampling and the 4x low-resolution side of a pair."""
-        return math.lcm(super().resolution_multiple, LOW_RESOLUTION_FACTOR)
+        return math.lcm(super().resolution_multiple_of(configs), LOW_RESOLUTION_FACTOR)
 
     def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
         return (2 * self.image_channels, *height_and_width(resolution))

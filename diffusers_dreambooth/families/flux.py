@@ -13,12 +13,13 @@ the model is trained at. Models without guidance embedding (FLUX.1-schnell) igno
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import FluxPipeline
 
-from .base import ImageConditioning
+from .base import ImageConditioning, latent_scale_factor
 from .flow_matching import FlowMatchingFamily
 
 if TYPE_CHECKING:
@@ -81,10 +82,10 @@ class FluxFamily(FlowMatchingFamily):
 
     # Components
 
-    @property
-    def resolution_multiple(self) -> int:
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
         """One 2x2 patch of latents: Flux packs latents into 2x2 patches."""
-        return self.vae_scale_factor * 2
+        return latent_scale_factor(configs["vae"]) * 2
 
     def trained_text_encoder_names(self, adapter: str) -> tuple[str, ...]:
         """CLIP only, full or LoRA: diffusers' Flux scripts keep T5 frozen."""

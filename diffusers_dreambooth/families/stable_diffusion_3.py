@@ -7,12 +7,13 @@ The objective is that of diffusers' `train_dreambooth_sd3.py` and `train_dreambo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from .base import ImageConditioning
+from .base import ImageConditioning, latent_scale_factor
 from .flow_matching import FlowMatchingFamily
 
 if TYPE_CHECKING:
@@ -78,9 +79,10 @@ class StableDiffusion3Family(FlowMatchingFamily):
 
     # Components
 
-    @property
-    def resolution_multiple(self) -> int:
-        return self.vae_scale_factor * self.denoiser.config.patch_size
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """One patch of latents."""
+        return latent_scale_factor(configs["vae"]) * configs[cls.denoiser_name]["patch_size"]
 
     def check_sample_size(self, height: int, width: int) -> None:
         """The transformer's positional embedding covers at most `pos_embed_max_size` patches a side."""
