@@ -146,26 +146,7 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
         overrides["instance_prompt"] = "a photo of {identifier} star"
     run_dir = Path(output_dir) / "runs" / f"{_slug(name)}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    count = overrides.pop("instance_count", 4)
-    scenes = subject_photo_scenes(count, seed=0, backgrounds=overrides.pop("instance_backgrounds", ("white",)))
-    instance_dir = run_dir / "subject"
-    background_captions = overrides.pop("background_captions", False)
-    if background_captions:
-        first_captioned = count // 2 if background_captions == "half" else 0
-        captions = [
-            f"{SUBJECT_PROMPT} on a {scene.background} background" if index >= first_captioned else SUBJECT_PROMPT
-            for index, scene in enumerate(scenes)
-        ]
-        write_image_folder(instance_dir, [(s, s.render(), c) for s, c in zip(scenes, captions)], captions=True)
-        data = dict(instance_data_dir=None, dataset_name=str(instance_dir), caption_column="text")
-    else:
-        data = dict(instance_data_dir=str(instance_dir))
-        instance_dir.mkdir(parents=True)
-        wide = overrides.pop("wide_photos", False)
-        for index, scene in enumerate(scenes):
-            photo = wide_photo(scene, left=index % 2 == 0) if wide else scene.render()
-            photo.save(instance_dir / f"subject_{index}.png")
-    instance_images = [scene.render() for scene in scenes]
+    data, instance_images = write_subject_photos_for_run(run_dir, overrides)
     checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
     result = RunResult(name, seed)
     start = time.perf_counter()
@@ -191,17 +172,72 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
         result.train_seconds += time.perf_counter() - train_start
         identifier = trainer.config.identifier or "sks"
         subject_prompt = SUBJECT_PROMPT.replace("sks", identifier)
-        subject_images = generate(pipeline, [subject_prompt] * NUM_JUDGED, seed=1000 + seed)
-        class_images = generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)
-        point = dict(
-            step=step, binding=subject_share(checker, subject_images), drift=subject_share(checker, class_images)
-        )
+        point = dict(step=step, **judge_binding_and_drift(pipeline, checker, subject_prompt, seed))
         result.identifier = identifier
         result.curve.append(point)
         logging.info("%s seed %d: %s", name, seed, point)
-    recontext_prompt = f"{subject_prompt} on a {RECONTEXT_BACKGROUND} background"
-    recontext = generate(pipeline, [recontext_prompt] * NUM_JUDGED, seed=3000 + seed)
-    paper = evaluate_subject(
+    result.final = dict(
+        result.curve[-1],
+        prior=judge_prior(pipeline, checker, seed),
+        **judge_recontext(pipeline, checker, subject_prompt, seed),
+        **judge_paper_metrics(pipeline, checker, instance_images, identifier, seed),
+    )
+    result.seconds = time.perf_counter() - start
+    logging.info("%s seed %d final (%.0f s): %s", name, seed, result.seconds, result.final)
+    shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{_slug(name)}-seed{seed}.png")
+    return result
+
+
+def write_subject_photos_for_run(run_dir: Path, overrides: dict) -> tuple[dict, list[Image.Image]]:
+    """Write the run's subject photos under `run_dir/subject`, popping this script's own keys from `overrides`;
+    return the data options of `toy_dreambooth_config` and the photos as rendered (the DINO and CLIP-I reference)."""
+    count = overrides.pop("instance_count", 4)
+    scenes = subject_photo_scenes(count, seed=0, backgrounds=overrides.pop("instance_backgrounds", ("white",)))
+    instance_dir = run_dir / "subject"
+    background_captions = overrides.pop("background_captions", False)
+    if background_captions:
+        first_captioned = count // 2 if background_captions == "half" else 0
+        captions = [
+            f"{SUBJECT_PROMPT} on a {scene.background} background" if index >= first_captioned else SUBJECT_PROMPT
+            for index, scene in enumerate(scenes)
+        ]
+        write_image_folder(instance_dir, [(s, s.render(), c) for s, c in zip(scenes, captions)], captions=True)
+        data = dict(instance_data_dir=None, dataset_name=str(instance_dir), caption_column="text")
+    else:
+        data = dict(instance_data_dir=str(instance_dir))
+        instance_dir.mkdir(parents=True)
+        wide = overrides.pop("wide_photos", False)
+        for index, scene in enumerate(scenes):
+            photo = wide_photo(scene, left=index % 2 == 0) if wide else scene.render()
+            photo.save(instance_dir / f"subject_{index}.png")
+    return data, [scene.render() for scene in scenes]
+
+
+def judge_binding_and_drift(pipeline, checker: ToyChecker, subject_prompt: str, seed: int) -> dict:
+    """Binding: share of `subject_prompt` images judged the subject; drift: the same for "a photo of a star"."""
+    subject_images = generate(pipeline, [subject_prompt] * NUM_JUDGED, seed=1000 + seed)
+    class_images = generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)
+    return dict(binding=subject_share(checker, subject_images), drift=subject_share(checker, class_images))
+
+
+def judge_prior(pipeline, checker: ToyChecker, seed: int) -> float:
+    """All-three accuracy on the world's 144 full prompts (divide by the base model's for "prior kept")."""
+    return prior_accuracy(pipeline, checker, seed=4000 + seed)
+
+
+def judge_recontext(pipeline, checker: ToyChecker, subject_prompt: str, seed: int) -> dict:
+    """The subject on a background its photos never had: shares judged the subject, and on that background."""
+    prompt = f"{subject_prompt} on a {RECONTEXT_BACKGROUND} background"
+    recontext = generate(pipeline, [prompt] * NUM_JUDGED, seed=3000 + seed)
+    return dict(
+        recontext_subject=subject_share(checker, recontext),
+        recontext_background=background_share(checker, recontext, RECONTEXT_BACKGROUND),
+    )
+
+
+def judge_paper_metrics(pipeline, checker: ToyChecker, instance_images: list, identifier: str, seed: int) -> dict:
+    """The paper's DINO, CLIP-I, CLIP-T, PRES and DIV, with the checker as DINO and CLIP."""
+    return evaluate_subject(
         lambda prompts, s: generate(pipeline, prompts, seed=s),
         instance_images,
         [p.replace("{subject}", f"{identifier} star") for p in EVALUATION_PROMPTS],
@@ -210,18 +246,7 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
         dino=checker,
         clip=ToyAttributeEmbedder(checker),
         seed=seed,
-    )
-    result.final = dict(
-        result.curve[-1],
-        prior=prior_accuracy(pipeline, checker, seed=4000 + seed),
-        recontext_subject=subject_share(checker, recontext),
-        recontext_background=background_share(checker, recontext, RECONTEXT_BACKGROUND),
-        **paper.as_dict(),
-    )
-    result.seconds = time.perf_counter() - start
-    logging.info("%s seed %d final (%.0f s): %s", name, seed, result.seconds, result.final)
-    shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{_slug(name)}-seed{seed}.png")
-    return result
+    ).as_dict()
 
 
 def wide_photo(scene, left: bool):
@@ -239,9 +264,8 @@ def base_model_figures(seed: int, base_model: str) -> dict:
     pipeline.set_progress_bar_config(disable=True)
     checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
     return dict(
-        prior=prior_accuracy(pipeline, checker, seed=4000 + seed),
-        binding=subject_share(checker, generate(pipeline, [SUBJECT_PROMPT] * NUM_JUDGED, seed=1000 + seed)),
-        drift=subject_share(checker, generate(pipeline, [CLASS_PROMPT] * NUM_JUDGED, seed=2000 + seed)),
+        prior=judge_prior(pipeline, checker, seed),
+        **judge_binding_and_drift(pipeline, checker, SUBJECT_PROMPT, seed),
     )
 
 
