@@ -15,6 +15,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from .config import DreamBoothConfig
+from .safeguards import DreamBoothInputError
 
 logger = logging.getLogger(__name__)
 
@@ -27,29 +28,59 @@ SAMPLING_SCHEDULERS = {
 
 
 def is_flow_matching(scheduler: SchedulerMixin) -> bool:
-    """Whether `scheduler` samples a flow-matching model (SD3's `FlowMatchEulerDiscreteScheduler`, ...)."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+    """Whether `scheduler` samples a flow-matching model: SD3's and Flux's `FlowMatchEulerDiscreteScheduler`, or a
+    DPM-Solver++ already in its flow mode (`use_flow_sigmas`, `flow_prediction`, as Sana ships it)."""
+    config = scheduler.config
+    return (
+        type(scheduler).__name__.startswith("FlowMatch")
+        or bool(config.get("use_flow_sigmas"))
+        or config.get("prediction_type") == "flow_prediction"
+    )
+
+
+class FlowDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+    """DPM-Solver++ in its flow mode that reads the pipeline's `mu` as the flow-matching scheduler it stands in for.
+
+    `FluxPipeline` passes `mu` (its resolution-dependent shift) whatever the scheduler. The flow-matching scheduler
+    shifts by `exp(mu)` (`time_shift_type="exponential"`, FLUX.1-dev) or `mu` (`"linear"`) when it has
+    `use_dynamic_shifting`, and ignores `mu` for its fixed `shift` otherwise (FLUX.1-schnell); DPM-Solver++ itself
+    accepts only the first and asserts on the others, so this does all three.
+    """
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        if mu is not None and not self.config.use_dynamic_shifting:
+            mu = None  # a fixed shift: `flow_shift` stays the model's `shift`
+        elif mu is not None and self.config.time_shift_type == "linear":
+            self.config.flow_shift, mu = float(mu), None
+        super().set_timesteps(num_inference_steps, device=device, mu=mu, timesteps=timesteps)
 
 
 def sampling_scheduler(name: str, scheduler: SchedulerMixin) -> SchedulerMixin:
     """The scheduler class `name`, configured from the pipeline's `scheduler`.
 
-    A flow-matching model gets DPM-Solver++ in its flow mode, with the model's timestep shift; DDPM and DDIM cannot
-    sample it and raise. A scheduler with `use_dynamic_shifting` (Flux) passes it on: the pipeline's `mu` for the
-    image size then sets DPM-Solver++'s shift, as it sets the model's own scheduler's.
+    A flow-matching model gets DPM-Solver++ in its flow mode with the model's timestep shift
+    (`FlowDPMSolverMultistepScheduler`, which follows the pipeline's `mu` as the model's own scheduler does); DDPM and
+    DDIM cannot sample it and raise.
     """
     if not is_flow_matching(scheduler):
         return SAMPLING_SCHEDULERS[name].from_config(scheduler.config)
     if name != "DPMSolverMultistepScheduler":
-        raise ValueError(
+        raise DreamBoothInputError(
             f"`{name}` cannot sample a flow-matching model (its scheduler is `{type(scheduler).__name__}`); pass"
             " `DPMSolverMultistepScheduler` or `pipeline` as `--validation_scheduler`/`--prior_generation_scheduler`."
         )
-    return DPMSolverMultistepScheduler.from_config(
-        scheduler.config,
+    config = scheduler.config
+    return FlowDPMSolverMultistepScheduler.from_config(
+        config,
         use_flow_sigmas=True,
         prediction_type="flow_prediction",
-        flow_shift=scheduler.config.get("shift", 1.0),
+        flow_shift=config.get("shift", config.get("flow_shift", 1.0)),
     )
 
 
@@ -111,7 +142,7 @@ def load_validation_image(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError) as error:
-        raise ValueError(f"`--validation_images`: cannot read `{path}` as an image ({error}).") from error
+        raise DreamBoothInputError(f"`--validation_images`: cannot read `{path}` as an image ({error}).") from error
 
 
 def run_validation(

@@ -6,7 +6,7 @@ The shared end-to-end assertions run for Flux in `test_training.py` (`TestFlux`)
 import pytest
 import torch
 from conftest import TINY_RESOLUTION, tiny_config
-from diffusers import DiffusionPipeline, FluxPipeline, FluxTransformer2DModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors import safe_open
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
@@ -246,17 +246,55 @@ def test_training_guidance_changes_the_update(pipeline_dirs, instance_dir, tmp_p
 # Sampling
 
 
-def test_dpm_solver_samples_flux_with_its_resolution_dependent_shift(pipeline):
+#: The scheduler configurations Flux checkpoints ship: FLUX.1-dev's (and Kontext's) resolution-dependent exponential
+#: shift, FLUX.1-schnell's fixed shift of 1 (`FluxPipeline` still passes `mu`), a default
+#: `FlowMatchEulerDiscreteScheduler()`, and the linear dynamic shift the scheduler also offers.
+FLUX_SCHEDULERS = {
+    "dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+    "schnell": dict(shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15),
+    "default": dict(),
+    "linear dynamic shift": dict(use_dynamic_shifting=True, time_shift_type="linear", base_shift=2.0, max_shift=4.0),
+}
+
+
+@pytest.mark.parametrize("scheduler_config", FLUX_SCHEDULERS.values(), ids=FLUX_SCHEDULERS.keys())
+def test_dpm_solver_samples_flux_as_its_own_scheduler_does(pipeline, scheduler_config):
     def generate(steps: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         size = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION}
         return pipeline(PROMPT, num_inference_steps=steps, generator=generator, output_type="pt", **size).images
 
-    reference = generate(200)  # the pipeline's FlowMatchEulerDiscreteScheduler, near the ODE's solution
     original = pipeline.scheduler
     try:
-        pipeline.scheduler = sampling_scheduler("DPMSolverMultistepScheduler", original)
-        assert pipeline.scheduler.config.use_dynamic_shifting  # the pipeline's `mu` sets the shift per size
+        pipeline.scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+        reference = generate(200)  # the model's own scheduler, near the ODE's solution
+        pipeline.scheduler = sampling_scheduler("DPMSolverMultistepScheduler", pipeline.scheduler)
         assert (generate(25) - reference).abs().max() < 0.01
     finally:
         pipeline.scheduler = original
+
+
+def test_a_flux_base_with_a_fixed_shift_trains_samples_and_validates(pipeline_dirs, instance_dir, tmp_path):
+    """FLUX.1-schnell's scheduler: class images, validation and card samples all sample it (they once asserted in
+    DPM-Solver++ after the last step, losing the run)."""
+    base = DiffusionPipeline.from_pretrained(pipeline_dirs["flux"])
+    base.scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS["schnell"])
+    base.save_pretrained(tmp_path / "schnell")
+    config = tiny_config(
+        tmp_path / "schnell",
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        with_prior_preservation=True,
+        class_data_dir=str(tmp_path / "class"),
+        class_prompt="a photo of dog",
+        num_class_images=2,
+        validation_prompt="a photo of sks dog",
+        validation_steps=2,
+        num_validation_images=1,
+    )
+    DreamBoothTrainer(config).train()
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert (tmp_path / "out" / "validation" / "step-2" / "0.png").is_file()
+    assert (tmp_path / "out" / "samples" / "sample_0.png").is_file()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

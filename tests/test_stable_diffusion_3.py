@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_config
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
@@ -288,18 +288,29 @@ def test_flow_matching_options_are_ignored_with_a_warning_on_ddpm_models(
 # Sampling
 
 
-def test_dpm_solver_samples_the_flow_model_as_its_own_scheduler_does(pipeline):
+#: The scheduler configurations SD3 checkpoints ship (SD3 Medium and every SD3.5: a fixed shift of 3), a fixed shift
+#: of 1, and the resolution-dependent shift `StableDiffusion3Pipeline` also supports.
+SD3_SCHEDULERS = {
+    "sd3 and sd3.5": dict(shift=3.0),
+    "shift 1": dict(shift=1.0),
+    "dynamic shift": dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+}
+
+
+@pytest.mark.parametrize("scheduler_config", SD3_SCHEDULERS.values(), ids=SD3_SCHEDULERS.keys())
+def test_dpm_solver_samples_the_flow_model_as_its_own_scheduler_does(pipeline, scheduler_config):
     def generate(steps: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         return pipeline(PROMPT, num_inference_steps=steps, generator=generator, output_type="pt").images
 
-    reference = generate(100)  # the pipeline's FlowMatchEulerDiscreteScheduler, near the ODE's solution
     original = pipeline.scheduler
     try:
-        pipeline.scheduler = sampling_scheduler("DPMSolverMultistepScheduler", original)
+        pipeline.scheduler = own = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+        reference = generate(100)  # the model's own scheduler, near the ODE's solution
+        pipeline.scheduler = sampling_scheduler("DPMSolverMultistepScheduler", own)
         assert (generate(25) - reference).abs().max() < 0.01
         # DPM-Solver++ configured for DDPM, as `from_config` alone builds it, samples another process.
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(own.config)
         assert (generate(25) - reference).abs().max() > 0.1
     finally:
         pipeline.scheduler = original
