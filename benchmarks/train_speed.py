@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer  # noqa: E402
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, finishing  # noqa: E402
 from diffusers_dreambooth.pipeline_loading import load_base_pipeline  # noqa: E402
 from diffusers_dreambooth.prior import generate_class_images  # noqa: E402
 
@@ -130,8 +130,9 @@ PHASES = {
     "_run_loop": "training_loop",
     "_save_final": "saving",
 }
-#: Methods called inside a phase: timed only (validation in the loop, sample images while saving).
-NESTED = {"_validate": "validation", "_write_samples": "samples"}
+#: Methods called inside a phase: timed only (validation in the loop; sample images, a stage after the final save).
+NESTED = {"_validate": "validation"}
+FINISHING_STAGES = {"write_samples": "samples"}
 
 #: Options a `--matrix` run passes on to each setting's subprocess.
 PASSED_VALUES = (
@@ -559,6 +560,8 @@ def run_once(args: argparse.Namespace) -> dict:
             timer.wrap(trainer, attribute, phase, track_memory=True)
         for attribute, phase in NESTED.items():
             timer.wrap(trainer, attribute, phase)
+        for attribute, phase in FINISHING_STAGES.items():  # `finish_subject` looks them up in the module per call
+            timer.wrap(finishing, attribute, phase)
         timer.wrap(trainer, "_optimizer_step", "step")
         if split:
             timer.wrap(trainer, "_micro_step", "forward")
@@ -613,7 +616,7 @@ def end_to_end(timer: PhaseTimer, load_seconds: float, floor_in_loop: float) -> 
         "total_s": load_seconds + train_seconds,
         "train_s": train_seconds,
         "phases_s": phases,
-        "nested_s": {phase: timer.total(phase) for phase in NESTED.values()},
+        "nested_s": {phase: timer.total(phase) for phase in [*NESTED.values(), *FINISHING_STAGES.values()]},
         "interleaved_floor_s": floor_in_loop,
     }
 

@@ -16,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .safeguards import DreamBoothInputError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -57,7 +59,7 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
     if not path.is_dir() and (Path(output_dir) / path.name).is_dir():
         path = Path(output_dir) / path.name
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise DreamBoothInputError(
             f"`--resume_from_checkpoint={resume_from_checkpoint}` is not a checkpoint folder; pass `latest` or one"
             f" of: {', '.join(p.name for p in list_checkpoints(output_dir)) or 'no checkpoints yet'}."
         )

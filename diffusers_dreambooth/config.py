@@ -857,6 +857,12 @@ class DreamBoothConfig:
             f.write("\n")
 
     @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> DreamBoothConfig:
+        """The options a run saved with `to_json_file` (`dreambooth_config.json` beside its weights)."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DreamBoothConfig:
         """Build a config from a dict, naming any key that is not an option."""
         known = {f.name for f in fields(cls)}

@@ -22,12 +22,16 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .safeguards import DreamBoothInputError
+
+if TYPE_CHECKING:
+    from .config import DreamBoothConfig, SubjectData
 
 logger = logging.getLogger(__name__)
 
@@ -534,3 +538,29 @@ def mix_seed(seed: int, *values: int, salt: int = 0) -> int:
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu", salt: int = 2) -> torch.Generator:
     """A generator for the random draws of micro-step `step` (noise, timesteps, crops)."""
     return torch.Generator(device=device).manual_seed(mix_seed(seed, step, salt=salt))
+
+
+def load_subject_photos(
+    config: DreamBoothConfig, data: SubjectData, buckets: list[tuple[int, int]] | None = None
+) -> list[TrainingImage]:
+    """One subject's photos, from its folder or `--dataset_name`, with `{identifier}` filled in their captions."""
+    from .identifiers import fill_identifier
+
+    size, mode = config.resolution, config.image_interpolation_mode
+    if data.instance_data_dir is not None:
+        photos = load_folder_images(data.instance_data_dir, data.instance_prompt, size, mode, buckets=buckets)
+    else:
+        photos = load_dataset_images(
+            config.dataset_name,
+            config.dataset_config_name,
+            config.image_column,
+            config.caption_column,
+            data.instance_prompt,
+            size,
+            mode,
+            config.cache_dir,
+            buckets=buckets,
+        )
+    for image in photos:  # per-image captions of `--caption_column` may name `{identifier}` too
+        image.prompt = fill_identifier(image.prompt, data.identifier, "caption_column")
+    return photos

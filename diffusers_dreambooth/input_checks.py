@@ -120,7 +120,7 @@ def check_push_target(config: DreamBoothConfig, base_model: str | None) -> None:
     """Raise before training if `--push_to_hub` of a LoRA subject would fail at the end: its base model must be on
     the Hub for anyone to load the adapter."""
     if config.push_to_hub and config.adapter == "lora" and not is_hub_id(str(base_model or "")):
-        raise ValueError(
+        raise DreamBoothInputError(
             f"`--push_to_hub` with `--adapter lora`: the base model `{base_model}` is a local folder, so nobody could"
             " load the pushed adapter. Push the base model to the Hub and train from its repo id, or leave out"
             " `--push_to_hub`."
@@ -158,7 +158,7 @@ def check_output_dir(config: DreamBoothConfig) -> None:
         action = f"`--resume_from_checkpoint={config.resume_from_checkpoint}` would resume a different run"
     else:
         action = f"`--output_dir={config.output_dir}` holds a different run, which this one would overwrite"
-    raise ValueError(
+    raise DreamBoothInputError(
         f"{action}: `{path}` was written by a run with other options ({details}). Pass a new `--output_dir` for"
         " this run, use the options of the run saved there, or delete that file to overwrite the old run."
     )

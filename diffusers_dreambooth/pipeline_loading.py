@@ -93,4 +93,4 @@ def _readable_load_errors(option: str, source: str) -> Iterator[None]:
             hint = "It is not a local folder; check the Hub repo id (and `--revision`), your network and your token."
         else:
             hint = "Point it at a folder written by `save_pretrained`."
-        raise OSError(f"Could not load `--{option}={source}`: {reason} {hint}") from error
+        raise DreamBoothInputError(f"Could not load `--{option}={source}`: {reason} {hint}") from error

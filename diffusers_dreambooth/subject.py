@@ -91,10 +91,13 @@ class SubjectMetadata:
             check_relative_path(name, SUBJECT_FILE_NAME)
 
     def to_json_file(self, directory: str | os.PathLike) -> str:
+        """Write `directory/dreambooth.json` atomically: a crash leaves the old record or the new, never half."""
         path = os.path.join(directory, SUBJECT_FILE_NAME)
-        with open(path, "w", encoding="utf-8") as f:
+        partial = f"{path}.partial"
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump(asdict(self), f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(partial, path)
         return path
 
     @classmethod

@@ -28,7 +28,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import CONFIG_NAME, DreamBoothConfig, SubjectData, concept_has_placeholder
+from .config import CONFIG_NAME, DreamBoothConfig, concept_has_placeholder
 from .data import (
     BucketedTrainingOrder,
     SubjectImages,
@@ -37,27 +37,32 @@ from .data import (
     aspect_ratio_buckets,
     crop_and_flip,
     has_fixed_crop,
-    load_dataset_images,
     load_folder_images,
+    load_subject_photos,
     mix_seed,
     step_generator,
 )
 from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
-from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
 from .families import ImageConditioning, family_for_pipeline
-from .hub import default_repo_name, push_subject_folder
-from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, fill_identifier, rare_token_identifiers
-from .input_checks import check_inputs
+from .finishing import FinishingJob, finish_subject
+from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, rare_token_identifiers
+from .input_checks import check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
-from .model_card import write_model_card
 from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
-from .safeguards import NonFiniteLossError, StopRequest, TrainingInterrupted, check_free_space, stop_requests
-from .subject import SUBJECT_FILE_NAME, SUBJECT_PLACEHOLDER, Subject, SubjectMetadata, fill_subject, prompt_words
-from .validation import generate_images, generate_validation_images, image_grid, run_validation
+from .safeguards import (
+    DreamBoothInputError,
+    NonFiniteLossError,
+    StopRequest,
+    TrainingInterrupted,
+    check_free_space,
+    stop_requests,
+)
+from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
+from .validation import run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +145,7 @@ class DreamBoothTrainer:
         self.identifier_source = None
         if config.train_text_encoder_ti:  # pivotal tuning: the new tokens, added to the tokenizers before training
             if not self.family.textual_inversion_keys:
-                raise ValueError(
+                raise DreamBoothInputError(
                     "`--train_text_encoder_ti` (pivotal tuning) supports Stable Diffusion 1.x/2.x and SDXL, whose CLIP"
                     f" text encoders diffusers' `load_textual_inversion` extends; not {self.family.name} (T5 encoders"
                     " are not supported). Remove it, or name the subject with `--identifier` instead."
@@ -177,7 +182,7 @@ class DreamBoothTrainer:
             exclude = [*prompt_words(prompts), *taken]
             tokens = rare_token_identifiers(self.pipeline, count=len(auto), exclude=exclude)
             if len(tokens) < len(auto):
-                raise ValueError(
+                raise DreamBoothInputError(
                     f"`--identifier auto` found {len(tokens)} rare tokens for {len(auto)} subjects; set `identifier`"
                     " in the entries of `--concepts_list` that need one."
                 )
@@ -198,7 +203,7 @@ class DreamBoothTrainer:
                 self.identifier_source = ", ".join(f"{i}: {source}" for i, source in zip(identifiers, sources))
         repeated = sorted({identifier for identifier in identifiers if identifiers.count(identifier) > 1})
         if repeated:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"Several subjects of `--concepts_list` have the identifier {', '.join(map(repr, repeated))}; each"
                 " subject needs its own, or they train into one. Give each entry a different identifier word."
             )
@@ -232,7 +237,7 @@ class DreamBoothTrainer:
         config, accelerator = self.config, self.accelerator
         missing = missing_class_images(class_data_dir, config.num_class_images)
         if missing and not self.family.generates_from_prompt:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--class_data_dir={class_data_dir}` holds fewer than `--num_class_images="
                 f"{config.num_class_images}` images, and `{type(self.pipeline).__name__}` cannot generate them from"
                 " `--class_prompt` alone (it needs an input image). Put class images at `--resolution` there: for a"
@@ -294,14 +299,7 @@ class DreamBoothTrainer:
         return seeds[0]
 
     def _check_resolution(self) -> None:
-        factor = self.family.resolution_multiple
-        if self.config.resolution % factor:
-            raise ValueError(
-                f"`--resolution={self.config.resolution}` must be a multiple of {factor} for this model (the VAE's"
-                " downsampling factor, times the patch size of a transformer denoiser; for pixel-space DeepFloyd IF,"
-                " the UNet's downsampling, and stage II's 4x low-resolution side);"
-                f" try {self.config.resolution // factor * factor or factor}."
-            )
+        check_resolution(self.config.resolution, self.family.resolution_multiple)
 
     def _aspect_ratio_buckets(self) -> list[tuple[int, int]] | None:
         """The bucket sizes of `--aspect_ratio_buckets` (`data.aspect_ratio_buckets`), or None without it.
@@ -313,14 +311,14 @@ class DreamBoothTrainer:
         if not config.aspect_ratio_buckets:
             return None
         if not family.supports_aspect_ratio_buckets:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--aspect_ratio_buckets` is not supported for {family.name}: it trains at square sizes only."
                 " Remove the option; images are then resized and cropped to `--resolution` squares."
             )
         multiple = family.resolution_multiple
         step = config.bucket_step or max(multiple, config.resolution // 16 // multiple * multiple)
         if step % multiple or config.resolution % step:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--bucket_step={step}` must be a multiple of {multiple} (this model's `resolution_multiple`) that"
                 f" divides `--resolution={config.resolution}`; try {multiple}."
             )
@@ -340,7 +338,7 @@ class DreamBoothTrainer:
         class_slices: dict[str, tuple[int, int]] = {}
         slices = []
         for index, data in enumerate(self.subject_data):
-            photos = self._load_subject_photos(data)
+            photos = load_subject_photos(config, data, buckets)
             for image in photos:
                 image.subject = index
             self.subject_photos.append(photos)
@@ -372,28 +370,6 @@ class DreamBoothTrainer:
                 self.seed,
             )
 
-    def _load_subject_photos(self, data: SubjectData) -> list[TrainingImage]:
-        """One subject's photos, from its folder or `--dataset_name`, with `{identifier}` filled in captions."""
-        config, buckets = self.config, self.buckets
-        size, mode = config.resolution, config.image_interpolation_mode
-        if data.instance_data_dir is not None:
-            photos = load_folder_images(data.instance_data_dir, data.instance_prompt, size, mode, buckets=buckets)
-        else:
-            photos = load_dataset_images(
-                config.dataset_name,
-                config.dataset_config_name,
-                config.image_column,
-                config.caption_column,
-                data.instance_prompt,
-                size,
-                mode,
-                config.cache_dir,
-                buckets=buckets,
-            )
-        for image in photos:  # per-image captions of `--caption_column` may name `{identifier}` too
-            image.prompt = fill_identifier(image.prompt, data.identifier, "caption_column")
-        return photos
-
     def _set_up_trainable_modules(self) -> None:
         """Freeze everything, then unfreeze the denoiser (and text encoders) or add LoRA adapters to them."""
         config, family = self.config, self.family
@@ -423,7 +399,7 @@ class DreamBoothTrainer:
         else:
             for name, module in self.trained.items():
                 if module.dtype != torch.float32:
-                    raise ValueError(
+                    raise DreamBoothInputError(
                         f"Full fine-tuning needs float32 weights, but the pipeline's `{name}` is {module.dtype}"
                         " (mixed precision keeps float32 master weights). Load the pipeline with"
                         " `torch_dtype=torch.float32`, or train `--adapter lora`."
@@ -1002,79 +978,12 @@ class DreamBoothTrainer:
             self.token_embeddings.save(staging)
         config.to_json_file(staging / CONFIG_NAME)
         metadata = self.subject_metadata()
-        self._write_samples(staging, metadata)
-        if config.evaluate:
-            metadata.evaluation = self._evaluate(metadata)
         metadata.to_json_file(staging)
-        repo_id = config.hub_model_id or default_repo_name(output_dir)
-        write_model_card(staging, metadata, repo_id, token=config.hub_token)
         checkpoints.publish_final(staging, output_dir, last=SUBJECT_FILE_NAME)
         logger.info("Saved the trained subject to %s", output_dir)
-        if config.push_to_hub:
-            push_subject_folder(output_dir, repo_id, token=config.hub_token)
-
-    def _write_samples(self, output_dir: Path, metadata: SubjectMetadata) -> None:
-        """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation, else the
-        instance prompt), and with `--sample_prompts`, `samples/grid.png` with one row per prompt."""
-        config = self.config
-        if not config.num_validation_images or not self.family.generates_from_prompt:
-            return
-        # By default the validation prompt, or each subject's instance prompt (a grid row each for several).
-        default = (
-            [config.validation_prompt] if config.validation_prompt else [s.instance_prompt for s in metadata.subjects]
-        )
-        prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or default]
-        with self.accelerator.autocast():
-            rows = [generate_validation_images(self.pipeline, config, self.seed, prompt=p) for p in prompts]
-        (output_dir / "samples").mkdir(exist_ok=True)
-        metadata.sample_prompt = prompts[0]
-        metadata.sample_images = [f"samples/sample_{index}.png" for index in range(len(rows[0]))]
-        for name, image in zip(metadata.sample_images, rows[0]):
-            image.save(output_dir / name)
-        if len(rows) > 1:
-            metadata.sample_grid, metadata.sample_grid_prompts = "samples/grid.png", prompts
-            image_grid(rows).save(output_dir / metadata.sample_grid)
-
-    def _evaluate(self, metadata: SubjectMetadata) -> dict[str, float]:
-        """The paper's metrics of the trained subject (`diffusers_dreambooth.evaluation`), for its card; with several
-        subjects, each subject's, named `<identifier class>: <metric>`."""
-        config = self.config
-        dino, clip = load_evaluation_models(config.evaluation_dino_model, config.evaluation_clip_model)
-
-        def generate(batch: list[str], seed: int) -> list:
-            with self.accelerator.autocast():
-                return generate_images(self.pipeline, config, batch, seed)
-
-        metrics, num_prompts = {}, 0
-        for subject, data, photos in zip(metadata.subjects, self.subject_data, self.subject_photos):
-            prompts = [  # `{subject}` is the one evaluated
-                fill_subject(p, metadata.subjects, subject)
-                for p in config.evaluation_prompts or paper_prompts(SUBJECT_PLACEHOLDER)
-            ]
-            result = evaluate_subject(
-                generate,
-                [image.image for image in photos],
-                prompts,
-                class_prompt=data.class_prompt,
-                identifier=subject.identifier,
-                dino=dino,
-                clip=clip,
-                images_per_prompt=config.evaluation_images_per_prompt,
-                seed=self.seed,
-            )
-            logger.info("Evaluation of `%s`: %s", subject.phrase, result.as_dict())
-            values = result.as_dict()
-            values.pop("num_images")
-            prefix = f"{subject.phrase}: " if len(metadata.subjects) > 1 else ""
-            metrics.update((prefix + name, value) for name, value in values.items())
-            num_prompts = len(prompts)
-        models = {"DINO model": config.evaluation_dino_model, "CLIP model": config.evaluation_clip_model}
-        return {
-            **metrics,
-            "images per prompt": config.evaluation_images_per_prompt,
-            "prompts": num_prompts,
-            **{name: describe_evaluation_model(value) for name, value in models.items()},
-        }
+        photos = [[image.image for image in subject_photos] for subject_photos in self.subject_photos]
+        job = FinishingJob(self.pipeline, config, output_dir, metadata, self.seed, photos, accelerator.autocast)
+        finish_subject(job, job.requested_stages())
 
     def subject_metadata(self) -> SubjectMetadata:
         """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""

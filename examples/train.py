@@ -10,6 +10,7 @@ import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import exit_with_input_error, parse_config
+from diffusers_dreambooth.finishing import FinishingError
 from diffusers_dreambooth.input_checks import check_before_loading
 from diffusers_dreambooth.safeguards import (
     DiskSpaceError,
@@ -36,6 +37,9 @@ def main() -> None:
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)
     except (DiskSpaceError, NonFiniteLossError) as error:  # the run stopped before harm: earlier checkpoints are whole
+        logging.error("%s", error)
+        sys.exit(1)
+    except FinishingError as error:  # the trained subject is saved; a stage after it (samples, card, push) failed
         logging.error("%s", error)
         sys.exit(1)
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import tiny_config
 
-from diffusers_dreambooth import DreamBoothTrainer
+from diffusers_dreambooth import DreamBoothInputError, DreamBoothTrainer
 from diffusers_dreambooth.checkpoints import (
     TRAINER_STATE_NAME,
     checkpoint_step,
@@ -85,13 +85,13 @@ def test_resolve_an_absolute_path_outside_the_output_dir(tmp_path):
 def test_resolve_a_missing_checkpoint_lists_the_existing_ones(tmp_path):
     make_checkpoints(tmp_path, 2, 4)
 
-    with pytest.raises(FileNotFoundError, match="checkpoint-3") as error:
+    with pytest.raises(DreamBoothInputError, match="checkpoint-3") as error:
         resolve_checkpoint(tmp_path, "checkpoint-3")
     assert "checkpoint-2, checkpoint-4" in str(error.value)
 
 
 def test_resolve_a_missing_checkpoint_without_any_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoints yet"):
+    with pytest.raises(DreamBoothInputError, match="no checkpoints yet"):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-3"))
 
 

@@ -310,10 +310,12 @@ def test_a_pipeline_of_an_unsupported_family_fails_naming_the_supported_ones(ins
 def test_a_hub_id_while_offline_says_to_download_it_first(instance_dir, tmp_path):
     config = tiny_config("some-org/not-cached-model", instance_dir, tmp_path / "out", cache_dir=str(tmp_path))
     with pytest.raises(
-        OSError, match=r"^Could not load `--pretrained_model_name_or_path=some-org/not-cached-model`: "
+        DreamBoothInputError, match=r"^Could not load `--pretrained_model_name_or_path=some-org/not-cached-model`: "
     ):
         DreamBoothTrainer(config).train()
-    with pytest.raises(OSError, match=r"the Hub is offline \(HF_HUB_OFFLINE\).*hf download some-org/not-cached-mod"):
+    with pytest.raises(
+        DreamBoothInputError, match=r"the Hub is offline \(HF_HUB_OFFLINE\).*hf download some-org/not-cached-mod"
+    ):
         DreamBoothTrainer(config).train()
 
 
@@ -330,7 +332,9 @@ def pickled_pipeline_dir(pipeline_dirs, tmp_path):
 
 def test_pickle_weights_are_refused_unless_allowed(pickled_pipeline_dir, instance_dir, tmp_path):
     config = tiny_config(pickled_pipeline_dir, instance_dir, tmp_path / "out", max_train_steps=1)
-    with pytest.raises(OSError, match=r"only in pickle files \(`\.bin`\).*pass `--allow_pickle` if you trust them"):
+    with pytest.raises(
+        DreamBoothInputError, match=r"only in pickle files \(`\.bin`\).*pass `--allow_pickle` if you trust them"
+    ):
         DreamBoothTrainer(config).train()
     allowed = tiny_config(pickled_pipeline_dir, instance_dir, tmp_path / "out", max_train_steps=1, allow_pickle=True)
     DreamBoothTrainer(allowed).train()

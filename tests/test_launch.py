@@ -147,7 +147,7 @@ def test_only_the_main_process_writes_checkpoints_cards_and_uploads(pipeline_dir
     # The hook sees the main process's writes: checkpoints, the card, validation images, the upload.
     for name in ("checkpoint-1", "checkpoint-3"):
         assert f"rename {output_dir / f'.{name}.partial'} -> {output_dir / name}" in main
-    assert f"write {output_dir / '.final.partial' / 'README.md'}" in main
+    assert f"write {output_dir / 'README.md'}" in main
     assert f"write {output_dir / 'validation' / 'step-1' / '0.png'}" in main
     assert f"connect {hub_address}" in main
     assert commits == 1

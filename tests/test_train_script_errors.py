@@ -72,6 +72,29 @@ def test_a_mistake_is_one_error_line_with_exit_status_2(pipeline_dirs, tmp_path,
     assert "Loading pipeline components" not in output  # failed before the base model loaded
 
 
+#: Mistakes only the loaded model reveals: `--resolution` against another VAE, an option the family cannot train
+#: with, and a push nobody could load (a LoRA on a local base).
+MISTAKES_FOUND_AFTER_LOADING = {
+    "resolution_with_another_vae": (
+        lambda dirs: {"pretrained_vae_model_name_or_path": f"{dirs['sd']}/vae", "resolution": TINY_RESOLUTION + 1},
+        "must be a multiple of 2",
+    ),
+    "option_of_another_family": (lambda dirs: {"adapter": "lora", "lora_blocks": "1"}, "`--lora_blocks`"),
+    "push_of_a_lora_on_a_local_base": (
+        lambda dirs: {"adapter": "lora", "push_to_hub": True},
+        "nobody could load the pushed adapter",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MISTAKES_FOUND_AFTER_LOADING)
+def test_a_mistake_found_once_the_model_is_loaded_is_one_error_line_too(pipeline_dirs, tmp_path, name):
+    changed, expected = MISTAKES_FOUND_AFTER_LOADING[name]
+    output = run_with_a_mistake(pipeline_dirs, tmp_path, changed(pipeline_dirs), expected)
+    assert "Loading pipeline components" in output
+
+
 def run_with_a_mistake(pipeline_dirs: dict[str, str], tmp_path: Path, changed: dict, expected: str) -> str:
     """Run `examples/train.py` on the tiny SD pipeline with the `changed` options; check that it exits with 2 and
     prints one `error:` line holding `expected` and no traceback. Returns stdout and stderr."""

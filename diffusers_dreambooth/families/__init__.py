@@ -2,6 +2,7 @@
 
 from diffusers import DiffusionPipeline
 
+from ..safeguards import DreamBoothInputError
 from .base import DreamBoothFamily, ImageConditioning
 from .deepfloyd_if import DeepFloydIFFamily, DeepFloydIFSuperResolutionFamily
 from .flux import FluxFamily
@@ -27,7 +28,7 @@ def family_for_pipeline(pipeline: DiffusionPipeline) -> DreamBoothFamily:
         if any(name in family.pipeline_class_names for name in class_names):
             return family(pipeline)
     supported = ", ".join(name for family in FAMILIES for name in family.pipeline_class_names)
-    raise ValueError(
+    raise DreamBoothInputError(
         f"DreamBooth training does not support `{type(pipeline).__name__}`. Supported pipelines: {supported}."
     )
 

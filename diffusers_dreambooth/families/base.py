@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin
 from peft.utils import get_peft_model_state_dict
 
 from ..losses import snr_loss_weights
+from ..safeguards import DreamBoothInputError
 from ..validation import load_validation_image
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class DreamBoothFamily:
         The trainer calls it once the family's defaults are in `config`, before any image is generated or encoded.
         """
         if config.lora_blocks:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--lora_blocks` numbers the transformer blocks of SD3-style models; {self.name} has a"
                 f" `{self.denoiser_name}`. Choose its layers with `--lora_target_modules` instead."
             )
@@ -118,7 +119,7 @@ class DreamBoothFamily:
         else:
             for name in ("validation_images", "class_labels_conditioning"):
                 if getattr(config, name):
-                    raise ValueError(
+                    raise DreamBoothInputError(
                         f"`--{name}` is diffusers' option for DeepFloyd IF stage II (super-resolution); {self.name}"
                         " samples from prompts alone. Remove it."
                     )
@@ -126,19 +127,19 @@ class DreamBoothFamily:
     def check_prompt_only_sampling_unused(self, config: DreamBoothConfig) -> None:
         """Refuse what would sample this image-conditioned stage from a prompt alone; validation needs its images."""
         if config.evaluate:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--evaluate` samples the pipeline from prompts alone, but `{type(self.pipeline).__name__}` also"
                 " needs an input image. Remove it; evaluate the cascade that feeds this stage."
             )
         if config.validation_prompt and not config.validation_images:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--validation_prompt` needs `--validation_images` with `{type(self.pipeline).__name__}`: it upscales"
                 " images, so pass the low-resolution images to upscale (as diffusers' IF stage II command does)."
             )
         for path in config.validation_images or []:
             load_validation_image(path)  # a missing or unreadable file fails now, not at the first validation
         if config.class_labels_conditioning not in (None, "timesteps"):
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--class_labels_conditioning={config.class_labels_conditioning}`: diffusers' scripts know only"
                 " `timesteps`. Remove it: this stage is conditioned on `--sr_noise_level`."
             )
@@ -268,7 +269,7 @@ class DreamBoothFamily:
             return noisy, noise
         if self.prediction_type == "v_prediction":
             return noisy, self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(
+        raise DreamBoothInputError(
             f"The base model's scheduler has `prediction_type={self.prediction_type!r}`; DreamBooth training"
             " supports `epsilon` and `v_prediction`."
         )

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import SchedulerMixin
 
+from ..safeguards import DreamBoothInputError
 from .base import DreamBoothFamily, ImageConditioning, height_and_width
 
 if TYPE_CHECKING:
@@ -85,14 +86,16 @@ class DeepFloydIFFamily(DreamBoothFamily):
         only) and a Kohya export (SD and SDXL UNets only)."""
         super().configure(config)
         if self.pipeline.text_encoder is None:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`{type(self.pipeline).__name__}` was loaded without its T5 `text_encoder`, which training needs to"
                 " encode the prompts. Load the pipeline with its text encoder."
             )
         if config.output_kohya_format:
-            raise ValueError(f"`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not {self.name} ones.")
+            raise DreamBoothInputError(
+                f"`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not {self.name} ones."
+            )
         if config.train_text_encoder and config.adapter == "lora":
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--train_text_encoder` with `--adapter lora` is not supported for {self.name}: diffusers'"
                 f" `{type(self.pipeline).__name__}.load_lora_weights` cannot load a LoRA of the T5 text encoder, so"
                 " nobody could use it. Train the UNet's LoRA alone (drop `--train_text_encoder`), or fine-tune T5 with"
@@ -189,7 +192,7 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
         super().configure(config)
         steps = self.pipeline.image_noising_scheduler.config.num_train_timesteps
         if not 0 <= config.sr_noise_level < steps:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--sr_noise_level={config.sr_noise_level}` must be a timestep of the pipeline's"
                 f" `image_noising_scheduler`, from 0 to {steps - 1}; the DreamBooth paper's low level is 0."
             )

@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from ..safeguards import DreamBoothInputError
 from .base import DreamBoothFamily
 
 if TYPE_CHECKING:
@@ -35,12 +36,14 @@ class FlowMatchingFamily(DreamBoothFamily):
     def configure(self, config: DreamBoothConfig) -> None:
         """Take the flow-matching options; reject the DDPM-only `--snr_gamma` and UNet-only `--output_kohya_format`."""
         if config.snr_gamma is not None:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"`--snr_gamma` (min-SNR weighting) applies to DDPM models; {self.name} trains by flow matching,"
                 " weighted by `--weighting_scheme` (`sigma_sqrt` or `cosmap` weight the loss). Remove `--snr_gamma`."
             )
         if config.output_kohya_format:
-            raise ValueError(f"`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not {self.name} ones.")
+            raise DreamBoothInputError(
+                f"`--output_kohya_format` exports SD 1.x/2.x and SDXL LoRAs only, not {self.name} ones."
+            )
         self.weighting_scheme = config.weighting_scheme
         self.logit_mean, self.logit_std, self.mode_scale = config.logit_mean, config.logit_std, config.mode_scale
         self.precondition_outputs = bool(config.precondition_outputs)

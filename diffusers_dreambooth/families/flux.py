@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import FluxPipeline
 
+from ..safeguards import DreamBoothInputError
 from .base import ImageConditioning, latent_scale_factor
 from .flow_matching import FlowMatchingFamily
 
@@ -73,7 +74,7 @@ class FluxFamily(FlowMatchingFamily):
     def configure(self, config: DreamBoothConfig) -> None:
         """The flow-matching options and the training guidance; `--lora_blocks` numbers SD3's blocks only."""
         if config.lora_blocks:
-            raise ValueError(
+            raise DreamBoothInputError(
                 "`--lora_blocks` is an option of SD3; choose Flux's LoRA layers with `--lora_layers` (module names"
                 " such as `transformer_blocks.0.attn.to_q`)."
             )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import DiffusionPipeline
 
+from ..safeguards import DreamBoothInputError
 from .base import ImageConditioning, latent_scale_factor
 from .flow_matching import FlowMatchingFamily
 
@@ -72,7 +73,7 @@ class StableDiffusion3Family(FlowMatchingFamily):
             blocks = [int(block) for block in config.lora_blocks.split(",")]
             num_layers = self.denoiser.config.num_layers
             if max(blocks) >= num_layers:
-                raise ValueError(
+                raise DreamBoothInputError(
                     f"`--lora_blocks={config.lora_blocks}` names a block the transformer does not have: it has"
                     f" {num_layers}, numbered 0 to {num_layers - 1}."
                 )
@@ -89,7 +90,7 @@ class StableDiffusion3Family(FlowMatchingFamily):
         limit = self.denoiser.config.pos_embed_max_size
         patches = max(height, width) // self.resolution_multiple
         if limit is not None and patches > limit:
-            raise ValueError(
+            raise DreamBoothInputError(
                 f"An aspect-ratio bucket of {width}x{height} pixels is {patches} patches long, more than this"
                 f" transformer's `pos_embed_max_size={limit}`. Lower `--bucket_max_aspect_ratio` or `--resolution`."
             )
