@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from safetensors.torch import load_file, save_file
 
 from diffusers_dreambooth import DreamBoothTrainer
 
@@ -151,14 +153,50 @@ def test_saved_dora_adapter_of_the_denoiser_draws_the_same_images_in_plain_diffu
     torch.testing.assert_close(generate(plain), generate(trained), atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="diffusers 0.42 loads a text encoder's LoRA through transformers' `load_adapter`, which maps PEFT's"
-    " `lora_magnitude_vector` key to `lora_magnitude_vector.default_0`, not `....default_0.weight`: the text"
-    " encoder's DoRA magnitudes stay at their initial value (the denoiser's load, through PEFT, is right).",
-)
+def magnitudes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """DoRA magnitude vectors by module name, whatever the adapter is called (`default`, `default_0`, ...)."""
+    return {
+        name: child.lora_magnitude_vector[adapter].weight
+        for name, child in module.named_modules()
+        if hasattr(child, "lora_magnitude_vector")
+        for adapter in child.lora_magnitude_vector
+    }
+
+
 def test_saved_dora_adapter_of_the_text_encoder_draws_the_same_images_in_plain_diffusers(pipeline_dirs, tmp_path):
     _, trained = lora_run(pipeline_dirs, tmp_path, use_dora=True)
+    # The text encoder's magnitudes carry the parameter's `.weight` (what transformers' `load_adapter` maps onto it);
+    # the denoiser's keep PEFT's key, which diffusers loads through PEFT.
+    keys = [key for key in load_file(tmp_path / "out" / LORA_WEIGHT_NAME_SAFE) if "lora_magnitude_vector" in key]
+    assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder"}
+    assert all(key.endswith(".lora_magnitude_vector.weight") == key.startswith("text_encoder.") for key in keys)
     plain = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
     plain.load_lora_weights(tmp_path / "out")
+
+    for name in ("unet", "text_encoder"):
+        loaded, training = magnitudes(getattr(plain, name)), magnitudes(getattr(trained, name))
+        assert loaded.keys() == training.keys() and loaded, name
+        for module_name, magnitude in training.items():
+            torch.testing.assert_close(loaded[module_name], magnitude, atol=0, rtol=0, msg=f"{name}.{module_name}")
     torch.testing.assert_close(generate(plain), generate(trained), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("saved_keys", ["current", "before-suffix"])
+def test_dora_with_a_text_encoder_resumes_to_the_weights_of_an_unbroken_run(pipeline_dirs, tmp_path, saved_keys):
+    options = {"use_dora": True, "checkpointing_steps": 1}
+    lora_run(pipeline_dirs, tmp_path / "unbroken", max_train_steps=3, **options)
+    lora_run(pipeline_dirs, tmp_path / "resumed", max_train_steps=2, **options)
+    checkpoint = tmp_path / "resumed" / "out" / "checkpoint-2" / LORA_WEIGHT_NAME_SAFE
+    if saved_keys == "before-suffix":  # a checkpoint written before text-encoder magnitudes got `.weight` resumes too
+        state_dict = {
+            key.removesuffix(".weight") if "magnitude" in key else key: value
+            for key, value in load_file(checkpoint).items()
+        }
+        assert any(key.endswith("lora_magnitude_vector") and key.startswith("text_encoder.") for key in state_dict)
+        save_file(state_dict, checkpoint)
+    lora_run(pipeline_dirs, tmp_path / "resumed", max_train_steps=3, resume_from_checkpoint="latest", **options)
+
+    unbroken = load_file(tmp_path / "unbroken" / "out" / LORA_WEIGHT_NAME_SAFE)
+    resumed = load_file(tmp_path / "resumed" / "out" / LORA_WEIGHT_NAME_SAFE)
+    assert resumed.keys() == unbroken.keys()
+    assert [key for key, value in unbroken.items() if not torch.equal(resumed[key], value)] == []

@@ -307,14 +307,22 @@ class DreamBoothFamily:
         """Write `pytorch_lora_weights.safetensors` with diffusers' `save_lora_weights`, for `load_lora_weights`.
 
         Keys keep PEFT's names (`unet.<module>.lora_A.weight`), as diffusers' SD3 and Flux scripts save them; every
-        diffusers LoRA loader reads them, and resuming loads them back without conversion.
+        diffusers LoRA loader reads them, and resuming loads them back without conversion. One exception: a text
+        encoder's DoRA magnitudes are saved as `<module>.lora_magnitude_vector.weight`, the parameter's own name.
 
         `modules` maps pipeline attribute names (`unet` or `transformer`, `text_encoder`, ...) to the modules holding
         PEFT adapters; each becomes the `{name}_lora_layers` argument of the pipeline's `save_lora_weights`.
         """
         kwargs = {}
         for name, module in modules.items():
-            kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+            state_dict = get_peft_model_state_dict(module)
+            if name in self.text_encoder_names:
+                # peft's key mapping in transformers' `load_adapter` only loads a DoRA magnitude saved with `.weight`.
+                state_dict = {
+                    f"{key}.weight" if key.endswith(".lora_magnitude_vector") else key: value
+                    for key, value in state_dict.items()
+                }
+            kwargs[f"{name}_lora_layers"] = state_dict
             kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         type(self.pipeline).save_lora_weights(directory, **kwargs)
 
