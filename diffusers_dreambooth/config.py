@@ -45,6 +45,59 @@ SamplingScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler", "DDI
 #: Timestep densities and loss weightings of flow-matching training (`diffusers.training_utils`, SD3 paper Sec. 3.1).
 WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
+#: `--optimizer` values, compared case-insensitively as diffusers' scripts do (their READMEs write `adamW`).
+OPTIMIZERS = ("AdamW", "prodigy")
+
+#: `--aspect_ratio_buckets` given alone (or `true` in a config file): buckets computed from `--resolution`.
+AUTO_BUCKETS = "auto"
+
+#: Options of diffusers' DreamBooth scripts that this trainer parses but cannot honour yet, with why and what to do
+#: instead. Setting one to anything but its default stops the run before any model loads.
+UNSUPPORTED_OPTIONS = {
+    "do_edm_style_training": "EDM-style SDXL training is not implemented; remove the flag",
+    "do_fp8_training": "FP8 training is not implemented (it also needs a CUDA GPU of compute capability 8.9 or"
+    " higher); remove the flag and train in `--mixed_precision bf16`",
+    "bnb_quantization_config_path": "quantized (bitsandbytes) base models are not supported yet; remove the option"
+    " and train the LoRA on the unquantized base, e.g. in `--mixed_precision bf16`",
+    "remote_text_encoder": "prompt embeddings from a remote endpoint are not implemented; remove the flag: with frozen"
+    " text encoders, prompts are encoded once before training and the encoders then leave the GPU",
+    "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
+    " before training and then leave the GPU",
+    "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
+    "enable_vae_tiling": "VAE tiling of validation images is not implemented; remove the flag",
+    "caption_dropout": "dropping captions (unconditional training) is not implemented yet; remove the option",
+    "vae_encode_mode": "latents are sampled from the VAE's posterior (`sample`); the posterior's `mode` is not"
+    " implemented",
+    "cond_image_column": "image-to-image training (a condition image per example, FLUX.1 Kontext) is not supported"
+    " yet",
+    "validation_image": "image-to-image validation needs image-to-image training, which is not supported yet",
+    "text_encoder_out_layers": "it picks FLUX.2's text-encoder layers, and FLUX.2 is not a supported family yet",
+    "pretrained_tokenizer_4_name_or_path": "it names HiDream's Llama tokenizer, and HiDream is not a supported family"
+    " yet",
+    "pretrained_text_encoder_4_name_or_path": "it names HiDream's Llama text encoder, and HiDream is not a supported"
+    " family yet",
+    "complex_human_instruction": "it is Sana's prompt prefix, and Sana is not a supported family yet",
+    "system_prompt": "it is Lumina 2's system prompt, and Lumina 2 is not a supported family yet",
+}
+
+
+def parse_bucket_sizes(text: str) -> list[tuple[int, int]]:
+    """The `(height, width)` sizes of diffusers' `--aspect_ratio_buckets` list, `"H,W;H,W;..."`.
+
+    Example: `parse_bucket_sizes("1024,1024;768,1360")` is `[(1024, 1024), (768, 1360)]`.
+    """
+    sizes = []
+    for pair in text.split(";"):
+        sides = [side.strip() for side in pair.split(",")]
+        if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 for side in sides):
+            raise ValueError(
+                f"`--aspect_ratio_buckets` takes height,width pairs separated by `;` (e.g. `1024,1024;768,1360`), or"
+                f" no value for buckets computed from `--resolution`; `{pair.strip()}` in `{text}` is not a pair of"
+                " positive whole numbers."
+            )
+        sizes.append((int(sides[0]), int(sides[1])))
+    return list(dict.fromkeys(sizes))
+
 
 def concept_has_placeholder(concept: dict[str, Any]) -> bool:
     """Whether a `--concepts_list` entry's prompts hold `{identifier}`."""
@@ -191,8 +244,15 @@ class DreamBoothConfig:
     )
     center_crop: bool = _option(False, "Center-crop images instead of cropping at a random position.")
     random_flip: bool = _option(False, "Flip images horizontally at random.")
-    aspect_ratio_buckets: bool = _option(
-        False, "Crop each image to the bucket (about resolution**2 pixels) closest to its aspect ratio, not a square."
+    aspect_ratio_buckets: str | None = _option(
+        None,
+        "Crop each image to the bucket closest to its aspect ratio, not a square: alone, buckets of about"
+        " resolution**2 pixels; or diffusers' list of height,width pairs, e.g. `1024,1024;768,1360;1360,768`.",
+        nargs="?",
+        const=AUTO_BUCKETS,
+    )
+    use_aspect_ratio_buckets: bool = _option(
+        False, "Same as --aspect_ratio_buckets alone (the name in diffusers' FLUX.2 klein and Z-Image scripts)."
     )
     bucket_step: int | None = _option(
         None, "With --aspect_ratio_buckets: bucket sides are multiples of this. Default: resolution/16 (64 at 1024)."
@@ -237,7 +297,7 @@ class DreamBoothConfig:
     lr_warmup_steps: int = _option(500, "Warm-up steps of the learning-rate schedule.")
     lr_num_cycles: int = _option(1, "Hard restarts of `cosine_with_restarts`.")
     lr_power: float = _option(1.0, "Power of the `polynomial` schedule.")
-    optimizer: Literal["AdamW", "adamw", "prodigy", "Prodigy"] = _option("AdamW", "Optimizer: AdamW or prodigy.")
+    optimizer: str = _option("AdamW", "Optimizer: AdamW or prodigy (any case, as in diffusers' scripts).")
     use_8bit_adam: bool = _option(False, "Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes`).")
     adam_beta1: float = _option(0.9, "Adam beta1.")
     adam_beta2: float = _option(0.999, "Adam beta2.")
@@ -298,6 +358,11 @@ class DreamBoothConfig:
     cache_latents: bool = _option(
         False, "Accepted for compatibility; latents of images whose crop never changes are always cached."
     )
+    offload: bool = _option(
+        False,
+        "Accepted for compatibility: on a GPU the VAE and frozen text encoders always leave it while no step runs"
+        " them (latents and prompts cached); a VAE that encodes random crops every step stays.",
+    )
     enable_xformers_memory_efficient_attention: bool = _option(
         False, "Use xFormers attention (needs xformers); PyTorch SDPA is used otherwise."
     )
@@ -341,6 +406,12 @@ class DreamBoothConfig:
         None,
         "Classifier-free guidance of class, validation, sample and evaluation images; default: the pipeline's. Flux:"
         " the distilled guidance it samples and trains with (default 3.5, as diffusers' Flux scripts).",
+    )
+    final_validation_prompt: str | None = _option(
+        None, "Prompt of the sample images written after training when --validation_prompt is unset."
+    )
+    skip_final_inference: bool = _option(
+        False, "Write no sample images after training (the `samples` stage); validation during training still runs."
     )
     sample_prompts: list[str] | None = _option(
         None,
@@ -387,6 +458,33 @@ class DreamBoothConfig:
         False, "Also write the LoRA as `pytorch_lora_weights_kohya.safetensors` (AUTOMATIC1111/ComfyUI format)."
     )
     do_edm_style_training: bool = _option(False, "EDM-style SDXL training; not supported.")
+    do_fp8_training: bool = _option(False, "FP8 training (diffusers' FLUX.2 and Z-Image scripts); not supported.")
+    bnb_quantization_config_path: str | None = _option(
+        None, "JSON file of a bitsandbytes config quantizing the base model; not supported yet."
+    )
+    remote_text_encoder: bool = _option(False, "Prompt embeddings from a remote endpoint (FLUX.2); not supported.")
+    fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
+    enable_npu_flash_attention: bool = _option(False, "Flash attention on Ascend NPUs; not supported.")
+    enable_vae_tiling: bool = _option(False, "VAE tiling of validation images (Sana); not supported.")
+    caption_dropout: float = _option(0.0, "Probability of training on an empty caption (FLUX.2 klein); not supported.")
+    vae_encode_mode: Literal["sample", "mode"] = _option(
+        "sample", "Latent of an image: a sample of the VAE's posterior; `mode` (FLUX.1 Kontext's default) is refused."
+    )
+    cond_image_column: str | None = _option(
+        None, "Column of `dataset_name` with condition images (FLUX.1 Kontext image-to-image); not supported yet."
+    )
+    validation_image: str | None = _option(None, "Condition image of image-to-image validation; not supported yet.")
+    text_encoder_out_layers: list[int] | None = _option(
+        None, "FLUX.2's text-encoder layers (diffusers' default 10 20 30); FLUX.2 is not supported yet."
+    )
+    pretrained_tokenizer_4_name_or_path: str | None = _option(
+        None, "HiDream's Llama tokenizer (diffusers' default: meta-llama/Meta-Llama-3.1-8B-Instruct); not supported."
+    )
+    pretrained_text_encoder_4_name_or_path: str | None = _option(
+        None, "HiDream's Llama text encoder (diffusers' default as the tokenizer's); not supported yet."
+    )
+    complex_human_instruction: str | None = _option(None, "Sana's prompt prefix; Sana is not supported yet.")
+    system_prompt: str | None = _option(None, "Lumina 2's system prompt; Lumina 2 is not supported yet.")
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
@@ -504,15 +602,20 @@ class DreamBoothConfig:
         self._check_buckets()
 
     def _check_buckets(self) -> None:
-        """`--bucket_*` options need `--aspect_ratio_buckets`; the bucket shape must be possible."""
-        if not self.aspect_ratio_buckets:
+        """`--aspect_ratio_buckets` is off (None), `auto` (given alone, or `true` in a file) or diffusers' list of
+        sizes, kept as `"H,W;H,W"`; `--bucket_*` options shape the `auto` buckets only, which must be possible."""
+        self.aspect_ratio_buckets = self._normalized_buckets()
+        if self.aspect_ratio_buckets != AUTO_BUCKETS:
             changed = [
                 f"`--{name}`"
                 for name, default in (("bucket_step", None), ("bucket_max_aspect_ratio", 2.0))
                 if getattr(self, name) != default
             ]
             if changed:
-                logger.warning("%s ignored: it applies with `--aspect_ratio_buckets` only.", ", ".join(changed))
+                logger.warning(
+                    "%s ignored: it shapes the buckets `--aspect_ratio_buckets` computes when given alone.",
+                    ", ".join(changed),
+                )
             return
         if self.bucket_max_aspect_ratio < 1.0:
             raise ValueError(
@@ -521,6 +624,27 @@ class DreamBoothConfig:
             )
         if self.bucket_step is not None and self.bucket_step < 1:
             raise ValueError(f"`--bucket_step` must be a positive number of pixels, got {self.bucket_step}.")
+
+    def _normalized_buckets(self) -> str | None:
+        value = self.aspect_ratio_buckets
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", AUTO_BUCKETS):
+            value = AUTO_BUCKETS
+        elif value is True:
+            value = AUTO_BUCKETS
+        elif value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "")):
+            value = None
+        if value is None and self.use_aspect_ratio_buckets:
+            return AUTO_BUCKETS
+        if value in (None, AUTO_BUCKETS):
+            return value
+        return ";".join(f"{height},{width}" for height, width in parse_bucket_sizes(str(value)))
+
+    @property
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The `(height, width)` sizes of an explicit `--aspect_ratio_buckets` list; None when off or `auto`."""
+        if self.aspect_ratio_buckets in (None, AUTO_BUCKETS):
+            return None
+        return parse_bucket_sizes(self.aspect_ratio_buckets)
 
     def _check_identifier(self) -> None:
         """`{identifier}` in a prompt needs `--identifier`; the identifier must be one word."""
@@ -594,7 +718,8 @@ class DreamBoothConfig:
     def identifier_prompts(self, run_wide_only: bool = False) -> dict[str, str]:
         """The prompts where `{identifier}` is filled in, by option name (list items indexed: `sample_prompts[0]`,
         `concepts_list[1].instance_prompt`); `run_wide_only` leaves out the subjects' own prompts."""
-        names = ("validation_prompt",) if run_wide_only else ("instance_prompt", "class_prompt", "validation_prompt")
+        run_wide = ("validation_prompt", "final_validation_prompt")
+        names = run_wide if run_wide_only else ("instance_prompt", "class_prompt", *run_wide)
         prompts = {name: getattr(self, name) for name in names}
         for name in ("sample_prompts", "evaluation_prompts"):
             prompts.update((f"{name}[{i}]", p) for i, p in enumerate(getattr(self, name) or []))
@@ -636,6 +761,7 @@ class DreamBoothConfig:
             instance_prompt=fill(self.instance_prompt),
             class_prompt=fill(self.class_prompt),
             validation_prompt=fill(self.validation_prompt),
+            final_validation_prompt=fill(self.final_validation_prompt),
             sample_prompts=None if self.sample_prompts is None else [fill(p) for p in self.sample_prompts],
             evaluation_prompts=None if self.evaluation_prompts is None else [fill(p) for p in self.evaluation_prompts],
         )
@@ -749,6 +875,8 @@ class DreamBoothConfig:
             raise ValueError(f"`--learning_rate` must be positive, got {self.learning_rate}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"`--checkpoints_total_limit` must be at least 1, got {self.checkpoints_total_limit}.")
+        if self.optimizer.lower() not in [name.lower() for name in OPTIMIZERS]:
+            raise ValueError(f"Unknown `--optimizer={self.optimizer}`; choose one of {', '.join(OPTIMIZERS)}.")
         if self.use_8bit_adam and self.optimizer.lower() != "adamw":
             raise ValueError(f"`--use_8bit_adam` only applies to AdamW, got `--optimizer={self.optimizer}`.")
         if self.local_rank != -1:
@@ -817,12 +945,15 @@ class DreamBoothConfig:
             )
 
     def _check_unsupported(self) -> None:
-        unsupported = {
-            "do_edm_style_training": "EDM-style training is not supported",
-        }
-        for name, reason in unsupported.items():
-            if getattr(self, name):
-                raise ValueError(f"`--{name}` is not supported: {reason}. Remove the flag.")
+        """Stop on an option of diffusers' scripts that this trainer cannot honour (`UNSUPPORTED_OPTIONS`)."""
+        defaults = {option.name: option.default for option in fields(self)}
+        for name, reason in UNSUPPORTED_OPTIONS.items():
+            value = getattr(self, name)
+            if value == defaults[name]:
+                continue
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            given = f"`--{name}`" if value is True else f"`--{name}={shown}`"
+            raise ValueError(f"{given} is not supported: {reason}.")
 
     # Derived values and serialisation
 

@@ -9,8 +9,9 @@ resolution are upscaled with a warning, unreadable files in a folder are skipped
 bombs, missing or empty folders (or folders where nothing is readable) stop with an error naming the file or folder.
 
 With aspect-ratio bucketing (`--aspect_ratio_buckets`), each image is instead assigned the bucket (a height and width
-of about `resolution**2` pixels, see `aspect_ratio_buckets`) closest to its aspect ratio, resized to cover it, and
-cropped to it rather than to a square; `BucketedTrainingOrder` then builds every batch from one bucket.
+of about `resolution**2` pixels, see `aspect_ratio_buckets`, or one of an explicit list) closest to its aspect ratio,
+resized to cover it, and cropped to it rather than to a square; `BucketedTrainingOrder` then builds every batch from
+one bucket.
 """
 
 from __future__ import annotations

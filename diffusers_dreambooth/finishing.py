@@ -68,11 +68,12 @@ class FinishingJob:
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     def requested_stages(self) -> list[str]:
-        """The stages the run's options ask for: samples (when the model samples from prompts and
-        `--num_validation_images` is not 0), `--evaluate`, the card, `--push_to_hub`."""
+        """The stages the run's options ask for: samples (when the model samples from prompts, without
+        `--skip_final_inference`, and `--num_validation_images` is not 0), `--evaluate`, the card, `--push_to_hub`."""
         config = self.config
+        samples = bool(config.num_validation_images) and not config.skip_final_inference
         wanted = {
-            "samples": bool(config.num_validation_images) and family_for_pipeline(self.pipeline).generates_from_prompt,
+            "samples": samples and family_for_pipeline(self.pipeline).generates_from_prompt,
             "evaluation": config.evaluate,
             "card": True,
             "push": config.push_to_hub,
@@ -104,12 +105,12 @@ def finish_subject(job: FinishingJob, stages: Sequence[str]) -> None:
 
 
 def write_samples(job: FinishingJob) -> None:
-    """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation prompt, else the
-    instance prompt), and with `--sample_prompts` or several subjects `samples/grid.png`, one row per prompt."""
+    """Sample images for the model card: `samples/sample_{i}.png` of the first prompt (the validation prompt, else
+    `--final_validation_prompt`, else the instance prompt), and with `--sample_prompts` or several subjects
+    `samples/grid.png`, one row per prompt."""
     config, metadata = job.config, job.metadata
-    default = (
-        [config.validation_prompt] if config.validation_prompt else [s.instance_prompt for s in metadata.subjects]
-    )
+    prompt = config.validation_prompt or config.final_validation_prompt
+    default = [prompt] if prompt else [s.instance_prompt for s in metadata.subjects]
     prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or default]
     with job.autocast():
         rows = [generate_validation_images(job.pipeline, config, job.seed, prompt=p) for p in prompts]

@@ -39,8 +39,9 @@ def check_before_loading(config: DreamBoothConfig) -> None:
 
     `--pretrained_model_name_or_path` must be a Hub id or a pipeline folder, `--output_dir` must not be a file, each
     subject's photo folder must hold a readable image and no decompression bomb, and for a local model folder
-    `--resolution` must be a multiple of the model's factor, read from its `config.json` files. `examples/train.py`
-    calls it first; the trainer checks the same things again where it needs them.
+    `--resolution` (and each size of an `--aspect_ratio_buckets` list) must be a multiple of the model's factor, read
+    from its `config.json` files. `examples/train.py` calls it first; the trainer checks the same things again where
+    it needs them.
     """
     check_pipeline_source(config.pretrained_model_name_or_path)
     output_dir = Path(config.output_dir)
@@ -50,10 +51,13 @@ def check_before_loading(config: DreamBoothConfig) -> None:
             " the folder of the run to resume) for the run's outputs."
         )
     source = Path(config.pretrained_model_name_or_path)
-    if config.resolution is not None and source.is_dir() and not config.pretrained_vae_model_name_or_path:
+    factor = None
+    if source.is_dir() and not config.pretrained_vae_model_name_or_path:
         factor = _folder_resolution_multiple(source)
-        if factor is not None:
-            check_resolution(config.resolution, factor)
+    if factor is not None and config.resolution is not None:
+        check_resolution(config.resolution, factor)
+    if factor is not None and config.bucket_sizes is not None:
+        check_bucket_sizes(config.bucket_sizes, factor)
     for index, data in enumerate(config.subject_data()):
         if data.instance_data_dir is None:  # `--dataset_name`
             continue
@@ -72,6 +76,18 @@ def check_resolution(resolution: int, factor: int) -> None:
             " factor, times the patch size of a transformer denoiser; for pixel-space DeepFloyd IF, the UNet's"
             f" downsampling, and stage II's 4x low-resolution side); try {resolution // factor * factor or factor}."
         )
+
+
+def check_bucket_sizes(sizes: list[tuple[int, int]], factor: int) -> None:
+    """Raise `DreamBoothInputError` unless both sides of every explicit `--aspect_ratio_buckets` size are multiples of
+    the model's `resolution_multiple`."""
+    for height, width in sizes:
+        if height % factor or width % factor:
+            fixed = ",".join(str(max(factor, round(side / factor) * factor)) for side in (height, width))
+            raise DreamBoothInputError(
+                f"`--aspect_ratio_buckets` pair `{height},{width}` (height,width) must have both sides multiples of"
+                f" {factor} for this model (its `resolution_multiple`); try `{fixed}`."
+            )
 
 
 def _folder_resolution_multiple(folder: Path) -> int | None:

@@ -46,7 +46,7 @@ from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .families import ImageConditioning, family_for_pipeline
 from .finishing import FinishingJob, finish_subject
 from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, rare_token_identifiers
-from .input_checks import check_inputs, check_resolution
+from .input_checks import check_bucket_sizes, check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
@@ -302,7 +302,8 @@ class DreamBoothTrainer:
         check_resolution(self.config.resolution, self.family.resolution_multiple)
 
     def _aspect_ratio_buckets(self) -> list[tuple[int, int]] | None:
-        """The bucket sizes of `--aspect_ratio_buckets` (`data.aspect_ratio_buckets`), or None without it.
+        """The bucket sizes of `--aspect_ratio_buckets`: its explicit list, or given alone those computed from
+        `--resolution` (`data.aspect_ratio_buckets`); None without it.
 
         The step defaults to `resolution / 16` rounded to the family's `resolution_multiple` (64 pixels at 1024, the
         step of SDXL's training sizes), so that latents stay divisible by most of the denoiser's downsampling.
@@ -316,13 +317,17 @@ class DreamBoothTrainer:
                 " Remove the option; images are then resized and cropped to `--resolution` squares."
             )
         multiple = family.resolution_multiple
-        step = config.bucket_step or max(multiple, config.resolution // 16 // multiple * multiple)
-        if step % multiple or config.resolution % step:
-            raise DreamBoothInputError(
-                f"`--bucket_step={step}` must be a multiple of {multiple} (this model's `resolution_multiple`) that"
-                f" divides `--resolution={config.resolution}`; try {multiple}."
-            )
-        buckets = aspect_ratio_buckets(config.resolution, step, config.bucket_max_aspect_ratio)
+        buckets = config.bucket_sizes
+        if buckets is not None:
+            check_bucket_sizes(buckets, multiple)
+        else:
+            step = config.bucket_step or max(multiple, config.resolution // 16 // multiple * multiple)
+            if step % multiple or config.resolution % step:
+                raise DreamBoothInputError(
+                    f"`--bucket_step={step}` must be a multiple of {multiple} (this model's `resolution_multiple`)"
+                    f" that divides `--resolution={config.resolution}`; try {multiple}."
+                )
+            buckets = aspect_ratio_buckets(config.resolution, step, config.bucket_max_aspect_ratio)
         for height, width in buckets:
             family.check_sample_size(height, width)
         logger.info("Aspect-ratio buckets (height x width): %s", ", ".join(f"{h}x{w}" for h, w in buckets))
@@ -1005,7 +1010,9 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
-        if config.aspect_ratio_buckets:  # recorded only when on: cards and records of square runs stay as they were
+        if config.bucket_sizes:  # an explicit list: its most elongated bucket, long side over short
+            training["aspect_ratio_buckets"] = round(max(max(size) / min(size) for size in config.bucket_sizes), 2)
+        elif config.aspect_ratio_buckets:  # recorded only when on: cards and records of square runs stay as they were
             training["aspect_ratio_buckets"] = config.bucket_max_aspect_ratio
         if "sr_noise_level" in self.family.option_defaults[config.adapter]:
             training["sr_noise_level"] = config.sr_noise_level  # what `DreamBoothPipeline` upscales at

@@ -5,11 +5,13 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 from PIL import Image
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
+from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.data import (
     BucketedTrainingOrder,
     TrainingOrder,
@@ -19,7 +21,9 @@ from diffusers_dreambooth.data import (
     has_fixed_crop,
     to_training_image,
 )
+from diffusers_dreambooth.input_checks import check_before_loading
 from diffusers_dreambooth.losses import dreambooth_loss
+from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 #: The tiny models' buckets at resolution 32 with the default step (32 / 16 = 2 pixels), landscape half.
 TINY_LANDSCAPE = [(32, 32), (30, 34), (28, 36), (26, 38), (24, 40), (24, 42), (22, 44)]
@@ -165,6 +169,71 @@ def test_bucket_options_are_checked(tmp_path):
         DreamBoothConfig(**base, aspect_ratio_buckets=True, bucket_max_aspect_ratio=0.5)
     with pytest.raises(ValueError, match="bucket_step"):
         DreamBoothConfig(**base, aspect_ratio_buckets=True, bucket_step=0)
+
+
+SUBJECT_FLAGS = ["--instance_data_dir", "dog", "--instance_prompt", "a photo of sks dog"]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], None),
+        (["--aspect_ratio_buckets"], "auto"),  # the switch: buckets computed from --resolution
+        (["--aspect_ratio_buckets=true"], "auto"),
+        (["--use_aspect_ratio_buckets"], "auto"),  # diffusers' FLUX.2 klein and Z-Image name for the switch
+        (["--aspect_ratio_buckets", "32,32; 32,64;64,32"], "32,32;32,64;64,32"),  # diffusers' list, height,width
+        (["--use_aspect_ratio_buckets", "--aspect_ratio_buckets=32,32;32,64"], "32,32;32,64"),
+    ],
+)
+def test_aspect_ratio_buckets_is_a_switch_or_diffusers_list(flags, expected):
+    config = parse_config(SUBJECT_FLAGS + flags)
+    assert config.aspect_ratio_buckets == expected
+    sizes = None if expected in (None, "auto") else [tuple(map(int, pair.split(","))) for pair in expected.split(";")]
+    assert config.bucket_sizes == sizes
+
+
+@pytest.mark.parametrize("value, expected", [(True, "auto"), (False, None), ("32,32;32,64", "32,32;32,64")])
+def test_config_files_take_the_switch_or_the_list(tmp_path, value, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"instance_data_dir": "dog", "instance_prompt": "a photo of sks dog", "aspect_ratio_buckets": value}
+        )
+    )
+    assert parse_config(["--config", str(path)]).aspect_ratio_buckets == expected
+
+
+@pytest.mark.parametrize("value", ["32x32", "32,32;", "32,32,32", "0,32", "a,b"])
+def test_a_malformed_bucket_list_is_one_error_naming_the_option(capsys, value):
+    with pytest.raises(SystemExit) as raised:
+        parse_config(SUBJECT_FLAGS + ["--aspect_ratio_buckets", value])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "`--aspect_ratio_buckets`" in error and "height,width" in error
+
+
+def test_a_bucket_the_model_cannot_take_stops_before_loading_and_in_the_trainer(pipeline_dirs, tmp_path):
+    images = mixed_photos(tmp_path / "photos")
+    config = tiny_config(pipeline_dirs["sd"], images, tmp_path / "out", aspect_ratio_buckets="32,32;24,47")
+    with pytest.raises(DreamBoothInputError, match=r"`--aspect_ratio_buckets` pair `24,47` .* try `24,48`"):
+        check_before_loading(config)  # reads the model folder's configs: nothing loads
+    with pytest.raises(DreamBoothInputError, match="`24,47`"):
+        DreamBoothTrainer(config).train()
+
+
+def test_training_on_a_listed_bucket_set(pipeline_dirs, tmp_path):
+    images = mixed_photos(tmp_path / "photos")  # wide, tall, nearly square, square
+    listed = [(32, 32), (24, 48), (48, 24)]  # height, width
+    config = bucket_run(
+        pipeline_dirs, "sd", images, tmp_path, aspect_ratio_buckets="32,32;24,48;48,24", max_train_steps=2
+    )
+    trainer = DreamBoothTrainer(config)
+    trainer.train()
+    assert trainer.buckets == listed
+    assert sorted(image.bucket for image in trainer.instance_images) == sorted(
+        [(24, 48), (48, 24), (32, 32), (32, 32)]
+    )
+    assert trainer.global_step == 2
 
 
 def test_bucket_step_must_fit_the_model(pipeline_dirs, tmp_path):

@@ -1,6 +1,7 @@
 """After the last step the trained subject is saved whole before samples, evaluation, card and push; a failure in any
 of them costs nothing trained, is reported with the command that redoes it, and that command redoes it."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -130,3 +131,19 @@ def test_the_training_script_exits_non_zero_when_a_stage_fails(pipeline_dirs, sq
     assert "The trained subject is saved whole" in last_line and "--stages push" in last_line
     assert (output_dir / "samples" / "sample_0.png").is_file() and (output_dir / "README.md").is_file()
     assert_subject_loads_and_generates(output_dir)
+
+
+def test_final_validation_prompt_draws_the_samples_and_skip_final_inference_drops_them(
+    pipeline_dirs, square_instance_dir, tmp_path
+):
+    """diffusers' `--final_validation_prompt` (when `--validation_prompt` is unset) and `--skip_final_inference`."""
+    options = dict(evaluate=False, sample_prompts=None, num_validation_images=1)
+    prompt = "a photo of {subject} on the moon"
+    config = finishing_config(pipeline_dirs, square_instance_dir, tmp_path / "out", final_validation_prompt=prompt)
+    DreamBoothTrainer(dataclasses.replace(config, **options)).train()
+    metadata = SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json")
+    assert metadata.sample_prompt == "a photo of sks dog on the moon" and len(metadata.sample_images) == 1
+
+    skipped = dataclasses.replace(config, **options, skip_final_inference=True)
+    job = finishing.FinishingJob(None, skipped, tmp_path / "out", metadata, seed=0, subject_photos=[])
+    assert job.requested_stages() == ["card"]

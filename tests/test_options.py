@@ -85,6 +85,7 @@ def test_bf16_full_fine_tune_keeps_fp32_master_weights(pipeline_dirs, instance_d
         {"gradient_checkpointing": True, "train_text_encoder": True},
         {"random_flip": True, "center_crop": True},
         {"lr_scheduler": "cosine", "lr_warmup_steps": 1, "scale_lr": True},
+        {"offload": True, "cache_latents": True, "optimizer": "adamW"},  # as diffusers' FLUX.2 and Z-Image READMEs
     ],
     ids=lambda options: ",".join(options),
 )

@@ -92,7 +92,8 @@ class StableDiffusion3Family(FlowMatchingFamily):
         if limit is not None and patches > limit:
             raise DreamBoothInputError(
                 f"An aspect-ratio bucket of {width}x{height} pixels is {patches} patches long, more than this"
-                f" transformer's `pos_embed_max_size={limit}`. Lower `--bucket_max_aspect_ratio` or `--resolution`."
+                f" transformer's `pos_embed_max_size={limit}`. Lower `--bucket_max_aspect_ratio` or `--resolution`"
+                " (or, with an `--aspect_ratio_buckets` list, shorten that size)."
             )
 
     def trained_text_encoder_names(self, adapter: str) -> tuple[str, ...]:
