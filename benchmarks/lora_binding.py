@@ -98,6 +98,69 @@ VARIANTS: dict[str, dict] = {
     REFERENCE_NAME: {"train_text_encoder": True},
 }
 
+#: The second round: no single change binds (round one), so combine what gives the identifier a trainable signal
+#: (pivotal embeddings, a text-encoder LoRA with its MLP) with more of the denoiser adapted, a lighter prior loss,
+#: and the runs without the prior that show how fast each adapter learns the subject at all.
+ALL_TARGETS = f"{ATTENTION},{FEED_FORWARD},{CONVOLUTIONS}"
+TE_MLP = {"train_text_encoder": True, "text_encoder_lora_targets": "q_proj,k_proj,v_proj,out_proj,fc1,fc2"}
+PIVOTAL_1E2 = {**PIVOTAL, "text_encoder_lr": 1e-2}
+COMBINATIONS: dict[str, dict] = {
+    "all targets, pivotal 1e-2": {**BASE, "lora_target_modules": ALL_TARGETS, **PIVOTAL_1E2},
+    "all targets, pivotal 1e-2, rank 32": {**BASE, "lora_target_modules": ALL_TARGETS, **PIVOTAL_1E2, "rank": 32},
+    "all targets, pivotal 1e-2, lr 3e-3": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **PIVOTAL_1E2,
+        "learning_rate": 3e-3,
+    },
+    "all targets, pivotal 1e-2, alpha 16": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **PIVOTAL_1E2,
+        "lora_alpha": 16,
+    },
+    "pivotal 3e-2": {**BASE, **PIVOTAL, "text_encoder_lr": 3e-2},
+    "all targets, TE LoRA + MLP 1e-3": {**BASE, "lora_target_modules": ALL_TARGETS, **TE_MLP, "text_encoder_lr": 1e-3},
+    "all targets, TE LoRA + MLP 3e-3": {**BASE, "lora_target_modules": ALL_TARGETS, **TE_MLP, "text_encoder_lr": 3e-3},
+    "all targets, rank 16, TE LoRA + MLP 1e-3": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **TE_MLP,
+        "text_encoder_lr": 1e-3,
+        "rank": 16,
+    },
+    "all targets, TE LoRA + MLP 1e-3, prior weight 0.5": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **TE_MLP,
+        "text_encoder_lr": 1e-3,
+        "prior_loss_weight": 0.5,
+    },
+    "all targets, pivotal 1e-2, prior weight 0.5": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **PIVOTAL_1E2,
+        "prior_loss_weight": 0.5,
+    },
+    "all targets, pivotal 1e-2, prior weight 0.25": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **PIVOTAL_1E2,
+        "prior_loss_weight": 0.25,
+    },
+    "no prior": {**BASE, "with_prior_preservation": False},
+    "no prior, all targets": {**BASE, "lora_target_modules": ALL_TARGETS, "with_prior_preservation": False},
+    "no prior, all targets, pivotal 1e-2": {
+        **BASE,
+        "lora_target_modules": ALL_TARGETS,
+        **PIVOTAL_1E2,
+        "with_prior_preservation": False,
+    },
+    "full, pivotal 1e-2": {"adapter": "full", "train_text_encoder": False, **PIVOTAL_1E2},
+    "full, no TE": {"adapter": "full", "train_text_encoder": False},
+}
+VARIANTS.update(COMBINATIONS)
+
 #: Keys of each run's record in results.json and the table's columns; `prior_kept` is prior over the base model's.
 COLUMNS = [
     ("binding", "binding ↑"),

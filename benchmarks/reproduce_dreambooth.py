@@ -59,7 +59,18 @@ from diffusers_dreambooth.toy.world import (  # noqa: E402
     subject_photo_scenes,
 )
 
-LORA = {"adapter": "lora", "learning_rate": 1e-3, "rank": 8}
+#: The LoRA runs of the first ablation: rank 8 on the attention layers at lr 1e-3, the main job's prompt and prior
+#: weight (not `toy_dreambooth_config(adapter="lora")`'s recipe, whose other settings are named to keep these runs).
+LORA = {
+    "adapter": "lora",
+    "learning_rate": 1e-3,
+    "rank": 8,
+    "lora_target_modules": None,
+    "train_text_encoder_ti": False,
+    "text_encoder_lr": None,
+    "instance_prompt": SUBJECT_PROMPT,
+    "prior_loss_weight": 1.0,
+}
 VARIED = ("white", "black", "pink", "gray")
 PIVOTAL = {
     "train_text_encoder": False,

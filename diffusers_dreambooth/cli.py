@@ -10,6 +10,16 @@ from typing import Any, NoReturn
 from transformers import HfArgumentParser
 
 from .config import DreamBoothConfig, read_options_file
+from .toy import toy_dreambooth_config
+
+#: Flags that name a base model, a subject or an options file (see `names_a_subject`).
+SUBJECT_OPTIONS = (
+    "--pretrained_model_name_or_path",
+    "--config",
+    "--instance_data_dir",
+    "--concepts_list",
+    "--dataset_name",
+)
 
 
 def build_parser() -> HfArgumentParser:
@@ -32,17 +42,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def parse_config(args: list[str] | None = None) -> DreamBoothConfig:
+def parse_config(args: list[str] | None = None, defaults: dict[str, Any] | None = None) -> DreamBoothConfig:
     """Parse command-line flags (and an optional `--config` file) into a validated `DreamBoothConfig`.
 
     Unknown flags, unknown keys in the file and invalid combinations exit with a message naming them. Flags must be
     spelt out: argparse's prefix matching is off, so a misspelt flag fails instead of setting another option.
+    `defaults` replace the options' own defaults (a `--config` file and the flags override them).
     """
     args = sys.argv[1:] if args is None else list(args)
     parser = build_parser()
     pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre_parser.add_argument("--config", default=None)
     known, _ = pre_parser.parse_known_args(args)
+    if defaults:
+        parser.set_defaults(**defaults)
     try:
         if known.config is not None:
             file_values = read_config_file(known.config)
@@ -57,6 +70,22 @@ def parse_config(args: list[str] | None = None) -> DreamBoothConfig:
         return DreamBoothConfig(**values)
     except (ValueError, FileNotFoundError) as error:
         exit_with_input_error(error, parser.prog)
+
+
+def names_a_subject(args: list[str]) -> bool:
+    """Whether the flags name a base model, a subject or an options file; without any, `examples/train.py` trains the
+    bundled subject on the bundled toy model (`parse_toy_config`)."""
+    return any(arg.split("=")[0] in SUBJECT_OPTIONS for arg in args)
+
+
+def parse_toy_config(args: list[str]) -> DreamBoothConfig:
+    """The bundled subject on the toy model, `toy_dreambooth_config` for the flags' `--adapter` (`lora`: the toy LoRA
+    recipe) and `--output_dir`, with every other flag given on top of it."""
+    pre_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre_parser.add_argument("--adapter", default="full", choices=("full", "lora"))
+    pre_parser.add_argument("--output_dir", default=None)
+    known, _ = pre_parser.parse_known_args(args)
+    return parse_config(args, defaults=toy_dreambooth_config(known.output_dir, adapter=known.adapter).to_dict())
 
 
 def exit_with_input_error(error: BaseException, prog: str | None = None) -> NoReturn:

@@ -1,15 +1,17 @@
 """Train a DreamBooth subject: `accelerate launch examples/train.py --pretrained_model_name_or_path ... [flags]`.
 
 Takes the flags of diffusers' `examples/dreambooth/train_dreambooth*.py` (LoRA with `--adapter lora`), or
-`--config run.yaml`. See `python examples/train.py --help`. With no arguments at all it trains the bundled example
-subject (a striped star, `sks star`) on the bundled toy base model into `toy-sks-star/`, in a few minutes on a CPU.
+`--config run.yaml`. See `python examples/train.py --help`. With no base model or subject named it trains the bundled
+example subject (a striped star, `sks star`) on the bundled toy base model, in a few minutes on a CPU: into
+`toy-sks-star/` (full fine-tune), or with `--adapter lora` the toy LoRA recipe into `toy-sks-star-lora/`; other flags
+go on top.
 """
 
 import logging
 import sys
 
 from diffusers_dreambooth import DreamBoothTrainer
-from diffusers_dreambooth.cli import exit_with_input_error, parse_config
+from diffusers_dreambooth.cli import exit_with_input_error, names_a_subject, parse_config, parse_toy_config
 from diffusers_dreambooth.finishing import FinishingError
 from diffusers_dreambooth.input_checks import check_before_loading
 from diffusers_dreambooth.safeguards import (
@@ -18,16 +20,16 @@ from diffusers_dreambooth.safeguards import (
     NonFiniteLossError,
     TrainingInterrupted,
 )
-from diffusers_dreambooth.toy import toy_dreambooth_config
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if len(sys.argv) == 1:
-        logging.info("No options: training the bundled subject on the bundled toy model (see --help for options).")
-        config = toy_dreambooth_config()
-    else:
-        config = parse_config()
+    args = sys.argv[1:]
+    if names_a_subject(args):
+        config = parse_config(args)
+    else:  # e.g. no flags at all, or `--adapter lora`
+        logging.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
+        config = parse_toy_config(args)
     try:
         check_before_loading(config)  # paths and --resolution, before the model loads
         DreamBoothTrainer(config).train()

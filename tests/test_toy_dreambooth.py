@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from diffusers_dreambooth import DreamBoothPipeline, DreamBoothTrainer
+from diffusers_dreambooth.cli import names_a_subject, parse_toy_config
 from diffusers_dreambooth.toy import BASE_MODEL_DIR, CHECKER_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
 from diffusers_dreambooth.toy.checker import ToyChecker
 from diffusers_dreambooth.toy.metrics import generate, prior_accuracy, subject_share
@@ -94,6 +95,38 @@ def test_main_job_trains_the_bundled_subject_and_keeps_the_class(tmp_path, check
     class_images = generate(trained, [CLASS_PROMPT] * NUM_JUDGED, seed=2)
     assert subject_share(checker, class_images) <= DRIFT_AT_MOST
     assert sum(j.shape == "star" for j in checker.judge(class_images)) / NUM_JUDGED >= CLASS_STARS_AT_LEAST
+
+
+def test_the_lora_recipe_is_the_main_jobs_variant_with_adapter_lora():
+    """`examples/train.py --adapter lora` (no base model named) trains `toy_dreambooth_config(adapter="lora")`."""
+    config = toy_dreambooth_config(adapter="lora")
+    assert config.adapter == "lora" and config.output_dir == "toy-sks-star-lora"
+    assert config.class_data_dir == str(Path("toy-sks-star-lora") / "class_images")
+    assert config.train_text_encoder_ti and not config.train_text_encoder and config.rank <= 32
+    assert "conv1" in config.lora_target_modules.split(",") and config.max_train_steps == 1000
+    assert parse_toy_config(["--adapter", "lora"]).to_dict() == config.to_dict()
+    assert parse_toy_config([]).to_dict() == toy_dreambooth_config().to_dict()
+    assert parse_toy_config(["--adapter=lora", "--max_train_steps=10"]).max_train_steps == 10
+    assert not names_a_subject(["--adapter", "lora"]) and names_a_subject(["--pretrained_model_name_or_path=x"])
+
+
+@pytest.mark.slow
+def test_main_job_with_adapter_lora_binds_the_subject_and_keeps_the_class(tmp_path, checker):
+    """`accelerate launch examples/train.py --adapter lora`: the toy LoRA recipe binds as the full main job does
+    (RESULTS.md, issue #20); the saved adapter and embeddings load in `DreamBoothPipeline`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", str(TRAIN_SCRIPT)]
+    subprocess.run([*command, "--adapter", "lora"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    output_dir = tmp_path / "toy-sks-star-lora"
+    assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert Image.open(output_dir / "samples" / "grid.png").size == (4 * 128, 5 * 128)
+
+    subject = DreamBoothPipeline.from_pretrained(output_dir)
+    trained = subject.pipeline
+    trained.set_progress_bar_config(disable=True)
+    prompt = subject.fill_prompt("a photo of {subject}")
+    assert subject_share(checker, generate(trained, [prompt] * NUM_JUDGED, seed=1)) >= BINDING_AT_LEAST
+    assert subject_share(checker, generate(trained, [CLASS_PROMPT] * NUM_JUDGED, seed=2)) <= DRIFT_AT_MOST
 
 
 @pytest.mark.slow
