@@ -47,7 +47,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from reproduce_dreambooth import LORA, PIVOTAL, _mean_spread, _slug  # noqa: E402
+from reproduce_dreambooth import LORA, PIVOTAL, mean_spread, slug  # noqa: E402
 
 #: The old default of RESULTS.md's ablation, "LoRA, prior": rank 8 (alpha 8), lr 1e-3, attention only, TE frozen.
 BASE = {**LORA, "train_text_encoder": False}
@@ -237,12 +237,13 @@ def _train_and_judge(task: dict, result: dict) -> None:
         judge_paper_metrics,
         judge_prior,
         judge_recontext,
+        segment_config,
         write_subject_photos_for_run,
     )
 
     from diffusers_dreambooth import DreamBoothTrainer
     from diffusers_dreambooth.families.stable_diffusion import StableDiffusionFamily
-    from diffusers_dreambooth.toy import CHECKER_DIR, SUBJECT_PROMPT, toy_dreambooth_config
+    from diffusers_dreambooth.toy import CHECKER_DIR, SUBJECT_PROMPT
     from diffusers_dreambooth.toy.checker import ToyChecker
 
     overrides = dict(task["overrides"])
@@ -256,19 +257,7 @@ def _train_and_judge(task: dict, result: dict) -> None:
     steps, every, seed = task["steps"], task["eval_every"], task["seed"]
     pipeline = None
     for step in [*range(every, steps, every), steps]:
-        config = toy_dreambooth_config(
-            output_dir=run_dir,
-            pretrained_model_name_or_path=task["base_model"],
-            **data,
-            seed=seed,
-            max_train_steps=step,
-            checkpointing_steps=every,
-            checkpoints_total_limit=1,
-            resume_from_checkpoint="latest",
-            num_validation_images=4 if step == steps else 0,
-            evaluate=False,
-            **overrides,
-        )
+        config = segment_config(run_dir, task["base_model"], data, overrides, seed, step, every, last=step == steps)
         trainer = DreamBoothTrainer(config)
         train_start = time.perf_counter()
         pipeline = trainer.train()
@@ -426,7 +415,7 @@ def table(records: list[dict]) -> str:
     if base:
         cells = {"binding": [r["final"]["binding"] for r in base], "drift": [r["final"]["drift"] for r in base]}
         cells["prior_kept"] = [1.0] * len(base)
-        row = " | ".join(_mean_spread(cells[key]) if key in cells else "" for key, _ in COLUMNS)
+        row = " | ".join(mean_spread(cells[key]) if key in cells else "" for key, _ in COLUMNS)
         lines.append(f"| {BASE_FIGURES} | {len(base)} | 0 | {row} |")
     for name in variant_names(records):
         runs = [r for r in records if r["name"] == name]
@@ -441,7 +430,7 @@ def table(records: list[dict]) -> str:
         cells = []
         for key, _ in COLUMNS:
             values = [final[key] for final in finals if final.get(key) is not None]
-            cells.append(_mean_spread(values) if values else "")
+            cells.append(mean_spread(values) if values else "")
         seeds = f"{len([r for r in runs if r['status'] == 'done'])} of {len(runs)}" + (
             f" ({statuses})" if statuses else ""
         )
@@ -608,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = []
     for seed in args.seeds:  # every variant's first seed first, so a first look at the log comes early
         for name in [BASE_FIGURES, *names]:
-            slug = f"{_slug(name)}-seed{seed}"
+            run_name = f"{slug(name)}-seed{seed}"
             tasks.append(
                 dict(
                     name=name,
@@ -619,10 +608,10 @@ def main(argv: list[str] | None = None) -> None:
                     prior_every=args.prior_every or args.eval_every,
                     device=args.device,
                     base_model=args.base_model,
-                    run_dir=str(work_dir / slug),
-                    task_path=str(work_dir / "tasks" / f"{slug}.json"),
-                    result_path=str(work_dir / "tasks" / f"{slug}-result.json"),
-                    log_path=str(work_dir / "logs" / f"{slug}.log"),
+                    run_dir=str(work_dir / run_name),
+                    task_path=str(work_dir / "tasks" / f"{run_name}.json"),
+                    result_path=str(work_dir / "tasks" / f"{run_name}-result.json"),
+                    log_path=str(work_dir / "logs" / f"{run_name}.log"),
                 )
             )
     (work_dir / "tasks").mkdir(parents=True, exist_ok=True)

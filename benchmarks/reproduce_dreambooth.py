@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffusers_dreambooth import DreamBoothTrainer  # noqa: E402
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer  # noqa: E402
 from diffusers_dreambooth.evaluation import evaluate_subject  # noqa: E402
 from diffusers_dreambooth.toy import BASE_MODEL_DIR, CHECKER_DIR, toy_dreambooth_config, write_image_folder  # noqa: E402
 from diffusers_dreambooth.toy.checker import ToyChecker  # noqa: E402
@@ -149,13 +149,33 @@ class RunResult:
     identifier: str = "sks"
 
 
+def segment_config(
+    run_dir: Path, base_model: str, data: dict, overrides: dict, seed: int, step: int, segment: int, last: bool
+) -> DreamBoothConfig:
+    """The run trained up to `step`, resuming the checkpoint of the segment before (checkpoints every `segment`
+    steps); card samples after the last segment only, evaluation by the caller."""
+    return toy_dreambooth_config(
+        output_dir=run_dir,
+        pretrained_model_name_or_path=base_model,
+        **data,
+        seed=seed,
+        max_train_steps=step,
+        checkpointing_steps=segment,
+        checkpoints_total_limit=1,
+        resume_from_checkpoint="latest",
+        num_validation_images=4 if last else 0,
+        evaluate=False,
+        **overrides,
+    )
+
+
 def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, base_model: str) -> RunResult:
     """Train run `name` with `seed` in segments; judge after each; return the curve and the final figures."""
     torch.set_num_threads(1)
     overrides = dict(RUNS[name])
     if overrides.get("identifier"):
         overrides["instance_prompt"] = "a photo of {identifier} star"
-    run_dir = Path(output_dir) / "runs" / f"{_slug(name)}-seed{seed}"
+    run_dir = Path(output_dir) / "runs" / f"{slug(name)}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     data, instance_images = write_subject_photos_for_run(run_dir, overrides)
     checker = ToyChecker.from_pretrained(CHECKER_DIR).eval()
@@ -164,19 +184,7 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
     pipeline = None
     segment = eval_every if name in PLOTTED else steps
     for step in range(segment, steps + 1, segment):
-        config = toy_dreambooth_config(
-            output_dir=run_dir,
-            pretrained_model_name_or_path=base_model,
-            **data,
-            seed=seed,
-            max_train_steps=step,
-            checkpointing_steps=segment,
-            checkpoints_total_limit=1,
-            resume_from_checkpoint="latest",
-            num_validation_images=4 if step == steps else 0,
-            evaluate=False,
-            **overrides,
-        )
+        config = segment_config(run_dir, base_model, data, overrides, seed, step, segment, last=step == steps)
         trainer = DreamBoothTrainer(config)
         train_start = time.perf_counter()
         pipeline = trainer.train()
@@ -195,7 +203,7 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, output_dir: str, 
     )
     result.seconds = time.perf_counter() - start
     logging.info("%s seed %d final (%.0f s): %s", name, seed, result.seconds, result.final)
-    shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{_slug(name)}-seed{seed}.png")
+    shutil.copy(run_dir / "samples" / "grid.png", Path(output_dir) / f"grid-{slug(name)}-seed{seed}.png")
     return result
 
 
@@ -280,11 +288,11 @@ def base_model_figures(seed: int, base_model: str) -> dict:
     )
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).replace("--", "-").strip("-")
 
 
-def _mean_spread(values: list[float]) -> str:
+def mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
@@ -319,7 +327,7 @@ def table(results: list[RunResult], base: list[dict]) -> str:
     }
     lines.append(
         "| base model (no training) | "
-        + " | ".join(_mean_spread(base_row[key]) if key in base_row else "" for key, _ in COLUMNS)
+        + " | ".join(mean_spread(base_row[key]) if key in base_row else "" for key, _ in COLUMNS)
         + " |"
     )
     for name in RUNS:
@@ -332,7 +340,7 @@ def table(results: list[RunResult], base: list[dict]) -> str:
             final = dict(run.final, prior_kept=prior_kept, train_seconds=run.train_seconds)
             for key, _ in COLUMNS:
                 values[key].append(final[key])
-        lines.append(f"| {name} | " + " | ".join(_mean_spread(values[key]) for key, _ in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(mean_spread(values[key]) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -346,7 +354,7 @@ def curve_table(results: list[RunResult], metric: str = "binding") -> str:
     header = [f"{name} (`{by_name[name][0].identifier}`)" for name in names]
     lines = [f"| {metric} at step | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(names)]
     for i, step in enumerate(steps):
-        cells = [_mean_spread([r.curve[i][metric] for r in by_name[name]]) for name in names]
+        cells = [mean_spread([r.curve[i][metric] for r in by_name[name]]) for name in names]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
