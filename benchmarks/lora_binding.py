@@ -47,7 +47,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from reproduce_dreambooth import LORA, PIVOTAL, mean_spread, slug  # noqa: E402
+from reproduce_dreambooth import JUDGED_COLUMNS, LORA, PIVOTAL, mean_spread, slug  # noqa: E402
 
 #: The old default of RESULTS.md's ablation, "LoRA, prior": rank 8 (alpha 8), lr 1e-3, attention only, TE frozen.
 BASE = {**LORA, "train_text_encoder": False}
@@ -162,20 +162,7 @@ COMBINATIONS: dict[str, dict] = {
 VARIANTS.update(COMBINATIONS)
 
 #: Keys of each run's record in results.json and the table's columns; `prior_kept` is prior over the base model's.
-COLUMNS = [
-    ("binding", "binding ↑"),
-    ("drift", "drift ↓"),
-    ("prior_kept", "prior kept ↑"),
-    ("recontext_subject", "recontext: subject ↑"),
-    ("recontext_background", "recontext: green ↑"),
-    ("DINO", "DINO ↑"),
-    ("CLIP-I", "CLIP-I ↑"),
-    ("CLIP-T", "CLIP-T ↑"),
-    ("PRES", "PRES ↓"),
-    ("DIV", "DIV ↑"),
-    ("train_seconds", "train s"),
-    ("seconds", "run s"),
-]
+COLUMNS = [*JUDGED_COLUMNS, ("train_seconds", "train s"), ("seconds", "run s")]
 BASE_FIGURES = "base model (no training)"
 
 

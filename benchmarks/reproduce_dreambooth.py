@@ -298,8 +298,8 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-COLUMNS = [
-    ("train_seconds", "train s"),
+#: What the toy checker judges of a trained run: the keys of a run's record and the table's column titles.
+JUDGED_COLUMNS = [
     ("binding", "binding ↑"),
     ("drift", "drift ↓"),
     ("prior_kept", "prior kept ↑"),
@@ -311,6 +311,7 @@ COLUMNS = [
     ("PRES", "PRES ↓"),
     ("DIV", "DIV ↑"),
 ]
+COLUMNS = [("train_seconds", "train s"), *JUDGED_COLUMNS]
 
 
 def table(results: list[RunResult], base: list[dict]) -> str:
