@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from importlib.resources import files
 from pathlib import Path
@@ -43,6 +44,7 @@ TRAINING_LABELS = {
     "ema_decay": "EMA of the weights, decay",
     "rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
+    "lora_target_modules": "LoRA target modules",
     "sr_noise_level": "noise-augmentation level of the low-resolution input",
     "seed": "seed",
 }
@@ -96,7 +98,7 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=template,
-        title=f"DreamBooth {mode}: {', '.join(s.phrase for s in metadata.subjects)}",
+        title=_markdown_text(f"DreamBooth {mode}: {', '.join(s.phrase for s in metadata.subjects)}"),
         subjects=metadata.subjects,
         other_subjects=metadata.subjects[1:],
         # The example prompt names every subject: `{sks}` for DreamBoothPipeline, the phrase for plain diffusers.
@@ -162,4 +164,10 @@ def _format(value) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
-    return str(value)
+    return _markdown_text(str(value))
+
+
+def _markdown_text(text: str) -> str:
+    """`text` for Markdown outside code spans: pivotal tuning's tokens (`<s0>`) would otherwise render as HTML tags,
+    that is, not at all."""
+    return html.escape(text, quote=False)

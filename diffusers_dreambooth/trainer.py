@@ -1010,6 +1010,8 @@ class DreamBoothTrainer:
         }
         if config.adapter == "lora":
             training.update(rank=config.rank, lora_alpha=config.lora_scale_alpha)
+            if config.lora_target_modules:  # recorded only when not the family's default, as buckets below
+                training["lora_target_modules"] = config.lora_target_modules
         if config.bucket_sizes:  # an explicit list: its most elongated bucket, long side over short
             training["aspect_ratio_buckets"] = round(max(max(size) / min(size) for size in config.bucket_sizes), 2)
         elif config.aspect_ratio_buckets:  # recorded only when on: cards and records of square runs stay as they were

@@ -59,6 +59,28 @@ def test_card_matches_golden_file(metadata, repo_id, license, golden):
     assert str(card) == (GOLDEN / golden).read_text()
 
 
+def test_pivotal_tokens_show_in_the_cards_text_and_the_lora_targets_are_recorded():
+    """`<s0>` outside code would render as an (unknown) HTML tag, that is, not at all."""
+    training = {**LORA_SDXL.training, "identifier": "<s0>", "lora_target_modules": "to_k,to_q,conv1"}
+    pivotal = dataclasses.replace(
+        LORA_SDXL, subjects=[Subject("<s0>", "dog", "a photo of <s0> dog", "a photo of dog")], training=training
+    )
+    card = str(render_model_card(pivotal, "user/s0-dog", pivotal.sample_images, pivotal.sample_prompt))
+    assert "# DreamBooth LoRA adapter: &lt;s0&gt; dog\n" in card
+    assert "| identifier | &lt;s0&gt; |" in card and "| LoRA target modules | to_k,to_q,conv1 |" in card
+    assert "**`<s0> dog`**" in card  # inside code it stays as written
+
+
+def test_a_lora_run_records_non_default_target_modules(pipeline_dirs, instance_dir, tmp_path):
+    targets = "to_k,to_q,to_v,to_out.0,conv1"
+    options = dict(adapter="lora", num_validation_images=0, lora_target_modules=targets)
+    DreamBoothTrainer(tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out", **options)).train()
+    assert (
+        SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json").training["lora_target_modules"] == targets
+    )
+    assert f"| LoRA target modules | {targets} |" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_card_metadata_is_what_the_hub_expects():
     card = ModelCard(str(render_model_card(LORA_SDXL, "user/sks-dog", LORA_SDXL.sample_images, license="mit")))
     data = card.data.to_dict()
