@@ -730,6 +730,14 @@ class DreamBoothConfig:
                 )
         return {name: text for name, text in prompts.items() if text is not None}
 
+    def prompt_vocabulary(self) -> list[str]:
+        """Every word of the prompts in `identifier_prompts` (`{identifier}` left out): what an automatic identifier
+        must never be."""
+        from .identifiers import IDENTIFIER_PLACEHOLDER
+        from .subject import prompt_words
+
+        return prompt_words(" ".join(self.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " "))
+
     def with_concept_identifiers(self, identifiers: list[str | None]) -> DreamBoothConfig:
         """A copy whose `--concepts_list` entries have their identifiers set (None: read from the prompt) and
         `{identifier}` filled in; with one subject, the run-wide prompts' `{identifier}` too."""

@@ -34,25 +34,26 @@ logger = logging.getLogger(__name__)
 RUN_IDENTITY_FIELDS = ("instance_prompt", "concepts_list", "pretrained_model_name_or_path", "adapter")
 
 
-def check_before_loading(config: DreamBoothConfig) -> None:
+def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False) -> None:
     """Raise `DreamBoothInputError` for bad paths before any model loads, so they fail in seconds.
 
-    `--pretrained_model_name_or_path` must be a Hub id or a pipeline folder, `--output_dir` must not be a file, each
-    subject's photo folder must hold a readable image and no decompression bomb, and for a local model folder
-    `--resolution` (and each size of an `--aspect_ratio_buckets` list) must be a multiple of the model's factor, read
-    from its `config.json` files. `examples/train.py` calls it first; the trainer checks the same things again where
-    it needs them.
+    `--pretrained_model_name_or_path` must be a Hub id or a pipeline folder (unless the caller passes a loaded
+    pipeline: `pipeline_given`), `--output_dir` must not be a file, each subject's photo folder must hold a readable
+    image and no decompression bomb, and for a local model folder `--resolution` (and each size of an
+    `--aspect_ratio_buckets` list) must be a multiple of the model's factor, read from its `config.json` files.
+    `DreamBoothTrainer.train` calls it first; the trainer checks resolution and buckets again against the loaded model.
     """
-    check_pipeline_source(config.pretrained_model_name_or_path)
+    if not pipeline_given:
+        check_pipeline_source(config.pretrained_model_name_or_path)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(
             f"`--output_dir={config.output_dir}` is an existing file, not a folder. Pass a folder path (a new one, or"
             " the folder of the run to resume) for the run's outputs."
         )
-    source = Path(config.pretrained_model_name_or_path)
+    source = Path(config.pretrained_model_name_or_path or "")
     factor = None
-    if source.is_dir() and not config.pretrained_vae_model_name_or_path:
+    if not pipeline_given and source.is_dir() and not config.pretrained_vae_model_name_or_path:
         factor = _folder_resolution_multiple(source)
     if factor is not None and config.resolution is not None:
         check_resolution(config.resolution, factor)
@@ -127,8 +128,7 @@ def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
                 continue
             check_class_noun(data, subject)
             if not config.train_text_encoder_ti:  # pivotal tuning's new tokens are added to the tokenizers later
-                prompt_text = f"{data.instance_prompt} {data.class_prompt or ''}"
-                check_identifier_tokens(subject.identifier, family, exclude=prompt_words(prompt_text))
+                check_identifier_tokens(subject.identifier, family, exclude=config.prompt_vocabulary())
     check_prompt_lengths(config, family)
 
 

@@ -45,8 +45,8 @@ from .data import (
 from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .families import ImageConditioning, family_for_pipeline
 from .finishing import FinishingJob, finish_subject
-from .identifiers import AUTO_IDENTIFIER, IDENTIFIER_PLACEHOLDER, rare_token_identifiers
-from .input_checks import check_bucket_sizes, check_inputs, check_resolution
+from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
+from .input_checks import check_before_loading, check_bucket_sizes, check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
@@ -61,7 +61,7 @@ from .safeguards import (
     check_free_space,
     stop_requests,
 )
-from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject, prompt_words
+from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
 from .validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class DreamBoothTrainer:
     def train(self) -> DiffusionPipeline:
         """Run the whole job: class images, caches, the loop, checkpoints, validation, final save."""
         config = self.config
+        check_before_loading(config, pipeline_given=self.pipeline is not None)  # bad paths fail before any loading
         self.accelerator = accelerator = self._make_accelerator()
         resume_dir = checkpoints.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
         self.seed = self._resolve_seed(resume_dir)
@@ -158,8 +159,7 @@ class DreamBoothTrainer:
             return config
         identifier, self.identifier_source = config.identifier, "given"
         if identifier == AUTO_IDENTIFIER:
-            prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
-            identifier = rare_token_identifiers(self.pipeline, count=1, exclude=prompt_words(prompts))[0]
+            identifier = rare_token_identifiers(self.pipeline, count=1, exclude=config.prompt_vocabulary())[0]
             self.identifier_source = "rare token (auto)"
             logger.info("`--identifier auto` picked the rare token `%s` of the base model's tokenizers.", identifier)
         return config.with_identifier(identifier)
@@ -177,9 +177,8 @@ class DreamBoothTrainer:
             for index, identifier in enumerate(wanted)
         ]
         if auto:
-            prompts = " ".join(config.identifier_prompts().values()).replace(IDENTIFIER_PLACEHOLDER, " ")
             taken = [identifier for identifier in wanted if identifier not in (None, AUTO_IDENTIFIER)]
-            exclude = [*prompt_words(prompts), *taken]
+            exclude = [*config.prompt_vocabulary(), *taken]
             tokens = rare_token_identifiers(self.pipeline, count=len(auto), exclude=exclude)
             if len(tokens) < len(auto):
                 raise DreamBoothInputError(

@@ -13,7 +13,6 @@ import sys
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import exit_with_input_error, names_a_subject, parse_config, parse_toy_config
 from diffusers_dreambooth.finishing import FinishingError
-from diffusers_dreambooth.input_checks import check_before_loading
 from diffusers_dreambooth.safeguards import (
     DiskSpaceError,
     DreamBoothInputError,
@@ -31,7 +30,6 @@ def main() -> None:
         logging.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
         config = parse_toy_config(args)
     try:
-        check_before_loading(config)  # paths and --resolution, before the model loads
         DreamBoothTrainer(config).train()
     except DreamBoothInputError as error:  # the user's mistake: one `error:` line, exit 2 as for a bad flag
         exit_with_input_error(error)

@@ -360,3 +360,11 @@ def test_pushing_a_lora_of_a_local_base_model_fails_before_training(pipeline_dir
     assert (
         not list_checkpoints(tmp_path / "out") and not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
     )
+
+
+def test_an_output_dir_that_is_a_file_stops_the_python_api_before_loading(pipeline_dirs, instance_dir, tmp_path):
+    """`DreamBoothTrainer.train` runs the same checks as `examples/train.py`, before any model loads."""
+    (tmp_path / "out").write_text("")
+    config = tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out")
+    with pytest.raises(DreamBoothInputError, match="is an existing file, not a folder"):
+        DreamBoothTrainer(config).train()
