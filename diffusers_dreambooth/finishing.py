@@ -27,7 +27,7 @@ from . import checkpoints
 from .config import CONFIG_NAME, DreamBoothConfig
 from .data import load_subject_photos
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
-from .families import family_for_pipeline
+from .families import family_class_named
 from .hub import default_repo_name, push_subject_folder
 from .model_card import write_model_card
 from .subject import SUBJECT_FILE_NAME, SUBJECT_PLACEHOLDER, SubjectMetadata, fill_subject
@@ -57,13 +57,14 @@ class FinishingError(RuntimeError):
 class FinishingJob:
     """A saved subject and the pipeline that generates it: what the stages after the final save need."""
 
-    pipeline: DiffusionPipeline
+    #: The trained pipeline; None where only the card or the push is redone, which need none.
+    pipeline: DiffusionPipeline | None
     config: DreamBoothConfig
     output_dir: Path
     metadata: SubjectMetadata
     seed: int
-    #: Each subject's photos, as evaluation compares generated images with them.
-    subject_photos: list[list[Image.Image]]
+    #: Each subject's photos, as evaluation compares generated images with them (None where evaluation is not run).
+    subject_photos: list[list[Image.Image]] | None
     #: The precision generation runs in (the trainer's `accelerator.autocast`).
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
@@ -73,7 +74,7 @@ class FinishingJob:
         config = self.config
         samples = bool(config.num_validation_images) and not config.skip_final_inference
         wanted = {
-            "samples": samples and family_for_pipeline(self.pipeline).generates_from_prompt,
+            "samples": samples and generates_from_prompt(self.metadata.pipeline_class),
             "evaluation": config.evaluate,
             "card": True,
             "push": config.push_to_hub,
@@ -83,6 +84,13 @@ class FinishingJob:
     @property
     def repo_id(self) -> str:
         return self.config.hub_model_id or default_repo_name(self.output_dir)
+
+
+def generates_from_prompt(pipeline_class: str) -> bool:
+    """Whether the pipeline class named in `dreambooth.json` samples from a prompt alone (not a super-resolution
+    stage), so that sample images can be drawn."""
+    family = family_class_named(pipeline_class)
+    return family is None or family.generates_from_prompt
 
 
 def finish_subject(job: FinishingJob, stages: Sequence[str]) -> None:
@@ -182,9 +190,13 @@ def push(job: FinishingJob) -> None:
 
 
 def load_finishing_job(
-    output_dir: str | Path, device: str | None = None, torch_dtype: torch.dtype | None = None
-) -> FinishingJob:
-    """A saved subject folder as a `FinishingJob`: its pipeline (`DreamBoothPipeline`), options, record and photos."""
+    output_dir: str | Path, stages: Sequence[str] | None = None, device: str | None = None
+) -> tuple[FinishingJob, list[str]]:
+    """A saved subject folder as a `FinishingJob`, and the stages to redo (default: those its options ask for).
+
+    Only what those stages need is loaded: the pipeline (`DreamBoothPipeline`) for samples or evaluation, the
+    subject's photos for evaluation; the card and the push need neither.
+    """
     from .pipeline import DreamBoothPipeline
 
     output_dir = Path(output_dir)
@@ -192,12 +204,19 @@ def load_finishing_job(
         if not (output_dir / name).is_file():
             raise FileNotFoundError(f"`{output_dir}` holds no `{name}`: pass the `--output_dir` of a finished run.")
     config = DreamBoothConfig.from_json_file(output_dir / CONFIG_NAME)
-    subject = DreamBoothPipeline.from_pretrained(output_dir, torch_dtype=torch_dtype)
-    pipeline = subject.pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipeline.set_progress_bar_config(disable=True)
-    photos = [[image.image for image in load_subject_photos(config, data)] for data in config.subject_data()]
-    seed = subject.metadata.training.get("seed", config.seed or 0)
-    return FinishingJob(pipeline, config, output_dir, subject.metadata, seed, photos)
+    metadata = SubjectMetadata.from_json_file(output_dir / SUBJECT_FILE_NAME)
+    seed = metadata.training.get("seed", config.seed or 0)
+    job = FinishingJob(None, config, output_dir, metadata, seed, None)
+    stages = list(stages or job.requested_stages())
+    if "samples" in stages or "evaluation" in stages:
+        job.pipeline = DreamBoothPipeline.from_pretrained(output_dir).pipeline
+        job.pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        job.pipeline.set_progress_bar_config(disable=True)
+    if "evaluation" in stages:
+        job.subject_photos = [
+            [image.image for image in load_subject_photos(config, data)] for data in config.subject_data()
+        ]
+    return job, stages
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -216,13 +235,13 @@ def main(args: Sequence[str] | None = None) -> None:
     parsed = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        job = load_finishing_job(parsed.output_dir, device=parsed.device)
+        job, stages = load_finishing_job(parsed.output_dir, parsed.stages, device=parsed.device)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if parsed.hub_token:
         job.config.hub_token = parsed.hub_token
     try:
-        finish_subject(job, parsed.stages or job.requested_stages())
+        finish_subject(job, stages)
     except FinishingError as error:
         logger.error("%s", error)
         sys.exit(1)

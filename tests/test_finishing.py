@@ -3,6 +3,7 @@ of them costs nothing trained, is reported with the command that redoes it, and 
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_redoing_the_samples_from_the_saved_folder_draws_the_trainings_images(
         assert np.abs(redone[name] - image).max() <= 2, name
     card = (output_dir / "README.md").read_text()
     assert "![sample grid](samples/grid.png)" in card
+
+
+def test_redoing_the_card_needs_neither_the_base_model_nor_the_photos(pipeline_dirs, square_instance_dir, tmp_path):
+    """Only what a stage needs is loaded: the card of a LoRA subject is redone with its base model and photos gone."""
+    base, output_dir = tmp_path / "base", tmp_path / "out"
+    shutil.copytree(pipeline_dirs["sd"], base)
+    config = finishing_config(
+        {"sd": str(base)}, square_instance_dir, output_dir, adapter="lora", evaluate=False, num_validation_images=1
+    )
+    DreamBoothTrainer(config).train()
+    card = (output_dir / "README.md").read_text()
+    (output_dir / "README.md").unlink()
+    shutil.rmtree(base)
+    shutil.rmtree(square_instance_dir)
+
+    finishing.main([str(output_dir), "--stages", "card"])
+
+    assert (output_dir / "README.md").read_text() == card
 
 
 def test_redo_names_a_folder_without_a_finished_run(tmp_path, capsys):
