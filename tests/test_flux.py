@@ -9,7 +9,8 @@ from conftest import TINY_RESOLUTION, tiny_config
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from safetensors import safe_open
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, SubjectMetadata, family_for_pipeline
+from diffusers_dreambooth.toy import CHECKER_DIR
 from diffusers_dreambooth.validation import sampling_scheduler
 
 PROMPT = "a photo of sks dog"
@@ -274,9 +275,9 @@ def test_dpm_solver_samples_flux_as_its_own_scheduler_does(pipeline, scheduler_c
         pipeline.scheduler = original
 
 
-def test_a_flux_base_with_a_fixed_shift_trains_samples_and_validates(pipeline_dirs, instance_dir, tmp_path):
-    """FLUX.1-schnell's scheduler: class images, validation and card samples all sample it (they once asserted in
-    DPM-Solver++ after the last step, losing the run)."""
+def test_a_flux_base_with_a_fixed_shift_trains_samples_validates_and_evaluates(pipeline_dirs, instance_dir, tmp_path):
+    """FLUX.1-schnell's scheduler: class images, validation, card samples and evaluation all sample it (they once
+    asserted in DPM-Solver++ after the last step, losing the run)."""
     base = DiffusionPipeline.from_pretrained(pipeline_dirs["flux"])
     base.scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS["schnell"])
     base.save_pretrained(tmp_path / "schnell")
@@ -292,8 +293,15 @@ def test_a_flux_base_with_a_fixed_shift_trains_samples_and_validates(pipeline_di
         validation_prompt="a photo of sks dog",
         validation_steps=2,
         num_validation_images=1,
+        evaluate=True,
+        evaluation_prompts=["a photo of {subject}"],
+        evaluation_images_per_prompt=2,
+        evaluation_dino_model=str(CHECKER_DIR),
+        evaluation_clip_model=str(CHECKER_DIR),
     )
     DreamBoothTrainer(config).train()
+    evaluation = SubjectMetadata.from_json_file(tmp_path / "out" / "dreambooth.json").evaluation
+    assert all(isinstance(evaluation[metric], float) for metric in ("DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"))
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert (tmp_path / "out" / "validation" / "step-2" / "0.png").is_file()
     assert (tmp_path / "out" / "samples" / "sample_0.png").is_file()

@@ -120,8 +120,11 @@ class ToyChecker(ModelMixin, ConfigMixin):
 
 
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """RGB PIL images (`IMAGE_SIZE` px) as one float tensor in [-1, 1], NCHW."""
-    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    """RGB PIL images as one float tensor in [-1, 1], NCHW, each resized to `IMAGE_SIZE` px if it is not (as DINO's
+    and CLIP's processors resize: a pipeline may sample at another size than it was trained at)."""
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    resized = [image if image.size == size else image.resize(size, Image.Resampling.BICUBIC) for image in images]
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in resized])
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
