@@ -9,6 +9,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .families import FAMILIES
 from .subject import SubjectMetadata
 
 TEMPLATE_NAME = "dreambooth.md"
@@ -16,15 +17,8 @@ TEMPLATE_NAME = "dreambooth.md"
 #: scripts' convention; SDXL has both, SD 1.x/2.x the first).
 TEXTUAL_INVERSION_LOADS = [("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2")]
 HUB_ID_PATTERN = re.compile(r"^[\w.-]+/[\w.-]+$")
-#: Hub tags of each family's cards (SD3's, Flux's and IF's as diffusers' scripts tag them).
-FAMILY_TAGS = {
-    "stable-diffusion": ("stable-diffusion",),
-    "stable-diffusion-xl": ("stable-diffusion-xl",),
-    "stable-diffusion-3": ("sd3", "sd3-diffusers"),
-    "flux": ("flux", "flux-diffusers"),
-    "deepfloyd-if": ("if", "if-diffusers"),
-    "deepfloyd-if-super-resolution": ("if", "if-diffusers", "super-resolution"),
-}
+#: Hub tags of each family's cards, by family name.
+FAMILY_TAGS = {family.name: family.hub_tags for family in FAMILIES}
 #: Families that regress only the epsilon half of a learned-variance UNet: a LoRA samples with a fixed variance.
 FIXED_VARIANCE_FAMILIES = ("deepfloyd-if", "deepfloyd-if-super-resolution")
 TRAINING_LABELS = {

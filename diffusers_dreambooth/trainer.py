@@ -474,11 +474,10 @@ class DreamBoothTrainer:
         self.prompt_tokens = {p: [ids[i] for ids in token_ids] for i, p in enumerate(prompts)}
         self.prompt_embeds = None
         if self.text_encoders_frozen:
-            embeds = family.encode_prompt(token_ids, family.text_encoders)
+            embeds = family.encode_frozen_prompts(prompts, config.tokenizer_max_length)
             self.prompt_embeds = {p: {k: v[i].float() for k, v in embeds.items()} for i, p in enumerate(prompts)}
         if self.prior_from_model:  # the base model's conditioning: encoded before any step changes the encoders
-            class_ids = family.tokenize(class_prompts, config.tokenizer_max_length)
-            embeds = family.encode_prompt(class_ids, family.text_encoders)
+            embeds = family.encode_frozen_prompts(class_prompts, config.tokenizer_max_length)
             self.base_class_embeds = {
                 p: {k: v[i : i + 1].float() for k, v in embeds.items()} for i, p in enumerate(class_prompts)
             }

@@ -6,14 +6,13 @@ weights are random); it exercises every code path at 32x32 pixels in seconds.
 """
 
 import argparse
-from typing import get_args
 
-from diffusers_dreambooth.testing_utils import PipelineFamily, save_dummy_pipeline
+from diffusers_dreambooth.testing_utils import PIPELINE_FAMILIES, save_dummy_pipeline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=get_args(PipelineFamily), default="sd", help="Pipeline layout to build.")
+    parser.add_argument("--family", choices=PIPELINE_FAMILIES, default="sd", help="Pipeline layout to build.")
     parser.add_argument("--output", required=True, help="Folder to write the pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     args = parser.parse_args()

@@ -64,13 +64,23 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+class SavedPipelines(dict):
+    """Tiny pipeline folders by family key (`PIPELINE_FAMILIES`), each saved the first time a test asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        self[family] = save_dummy_pipeline(family, self.root / family)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
-def pipeline_dirs(tmp_path_factory) -> dict[str, str]:
-    """Saved tiny pipelines: `sd` (epsilon), `sd2` (v-prediction), `sdxl`, `sd3`, `flux`, and DeepFloyd IF's stage I
-    `if` and stage II `if_sr`, loadable with from_pretrained."""
-    root = tmp_path_factory.mktemp("pipelines")
-    families = ("sd", "sd2", "sdxl", "sd3", "flux", "if", "if_sr")
-    return {family: save_dummy_pipeline(family, root / family) for family in families}
+def pipeline_dirs(tmp_path_factory) -> SavedPipelines:
+    """Saved tiny pipelines, loadable with from_pretrained: `sd` (epsilon), `sd2` (v-prediction), `sdxl`, `sd3`,
+    `flux`, DeepFloyd IF's stage I `if` and stage II `if_sr`, and the key of every family module of `testing_utils`."""
+    return SavedPipelines(tmp_path_factory.mktemp("pipelines"))
 
 
 def write_subject_images(directory: Path, count: int = 4, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:

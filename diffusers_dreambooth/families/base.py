@@ -57,6 +57,8 @@ class DreamBoothFamily:
 
     #: Short name used in cards, configs and error messages.
     name: ClassVar[str]
+    #: Hub tags of its model cards beside `dreambooth` and `diffusers` (as diffusers' script for the family tags them).
+    hub_tags: ClassVar[tuple[str, ...]] = ()
     #: Names of the diffusers pipeline classes this family trains.
     pipeline_class_names: ClassVar[tuple[str, ...]]
     denoiser_name: ClassVar[str] = "unet"
@@ -242,6 +244,12 @@ class DreamBoothFamily:
         """Text conditioning for the denoiser; `text_encoders` may be the accelerate-wrapped modules."""
         (ids,), (encoder,) = token_ids, text_encoders
         return {"prompt_embeds": encoder(ids.to(self.device))[0]}
+
+    @torch.no_grad()
+    def encode_frozen_prompts(self, prompts: list[str], max_length: int | None = None) -> dict:
+        """Text conditioning of `prompts` by the frozen text encoders, which the trainer caches once: `encode_prompt`
+        of their `tokenize` ids here; LLM families (`llm.LLMPromptFamily`) call the pipeline's own `encode_prompt`."""
+        return self.encode_prompt(self.tokenize(prompts, max_length), self.text_encoders)
 
     # Images
 

@@ -68,6 +68,7 @@ def noise_augmentation_moments(
 
 class DeepFloydIFFamily(DreamBoothFamily):
     name = "deepfloyd-if"
+    hub_tags = ("if", "if-diffusers")
     pipeline_class_names = ("IFPipeline",)
     uses_attention_mask = True
     supports_aspect_ratio_buckets = False  # square pixel stages; stage II's low-resolution side is square too
@@ -172,6 +173,7 @@ class DeepFloydIFSuperResolutionFamily(DeepFloydIFFamily):
     """
 
     name = "deepfloyd-if-super-resolution"
+    hub_tags = ("if", "if-diffusers", "super-resolution")
     pipeline_class_names = ("IFSuperResolutionPipeline",)
     generates_from_prompt = False
     # diffusers' DreamBooth docs for IF stage II: 256x256, learning rate 5e-6 (full and LoRA).

@@ -32,6 +32,7 @@ DEFAULT_GUIDANCE_SCALE = 3.5
 
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
+    hub_tags = ("flux", "flux-diffusers")
     pipeline_class_names = ("FluxPipeline",)
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")

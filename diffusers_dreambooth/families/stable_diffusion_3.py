@@ -25,6 +25,7 @@ CLIP_TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 class StableDiffusion3Family(FlowMatchingFamily):
     name = "stable-diffusion-3"
+    hub_tags = ("sd3", "sd3-diffusers")
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     denoiser_name = "transformer"
     text_encoder_names = (*CLIP_TEXT_ENCODER_NAMES, "text_encoder_3")

@@ -7,6 +7,7 @@ from .base import DreamBoothFamily, ImageConditioning
 
 class StableDiffusionXLFamily(DreamBoothFamily):
     name = "stable-diffusion-xl"
+    hub_tags = ("stable-diffusion-xl",)
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")

@@ -4,13 +4,18 @@ stage II super-resolution) pipelines for tests.
 Everything is built from configs with random weights under fixed seeds; nothing is downloaded. The CLIP tokenizer is a
 byte-level BPE learnt locally on a small corpus of prompt-like sentences; SD3's T5 tokenizer is a Unigram model whose
 pieces are that corpus's words; Flux reuses both, IF the T5 one.
+
+The families added since (Flux.2, Qwen-Image, Z-Image, Sana, ...) each have a module of this package named by their
+key (`flux2_klein.py`) with a `build_tiny_pipeline(tmp_dir, seed)`: `get_dummy_pipeline` finds them by that name.
 """
 
 import contextlib
+import importlib
 import itertools
 import json
 import math
 import os
+import pkgutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -53,6 +58,7 @@ __all__ = [
     "DUMMY_IMAGE_SIZE",
     "DUMMY_LATENT_SIZE",
     "EOS_TOKEN",
+    "PIPELINE_FAMILIES",
     "PipelineFamily",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
@@ -66,8 +72,11 @@ __all__ = [
     "save_dummy_pipeline",
 ]
 
+#: The tiny pipelines built here; the keys of this package's family modules (`PIPELINE_FAMILIES`) come on top.
 PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3", "flux", "if", "if_sr"]
-_FAMILIES: tuple[str, ...] = get_args(PipelineFamily)
+_FAMILY_MODULES: tuple[str, ...] = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__)))
+#: Every key `get_dummy_pipeline` builds.
+PIPELINE_FAMILIES: tuple[str, ...] = (*get_args(PipelineFamily), *_FAMILY_MODULES)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -673,14 +682,18 @@ def get_dummy_if_sr_components(t5_tokenizer_dir: str | os.PathLike, seed: int = 
 
 
 def get_dummy_pipeline(
-    family: PipelineFamily,
+    family: str,
     tmp_dir: str | os.PathLike,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
 ) -> DiffusionPipeline:
-    """Build the tokenizer(s) under `tmp_dir` and return a tiny pipeline of the given family."""
-    if family not in _FAMILIES:
-        raise ValueError(f"Unknown pipeline family {family!r}; expected one of {_FAMILIES}.")
+    """Build the tokenizer(s) under `tmp_dir` and return a tiny pipeline of the given family (`PIPELINE_FAMILIES`)."""
+    if family not in PIPELINE_FAMILIES:
+        raise ValueError(f"Unknown pipeline family {family!r}; expected one of {PIPELINE_FAMILIES}.")
+    if family in _FAMILY_MODULES:
+        pipe = importlib.import_module(f"{__name__}.{family}").build_tiny_pipeline(Path(tmp_dir), seed)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
     if family in ("if", "if_sr"):
         t5_tokenizer_dir = Path(tmp_dir) / "tokenizer_t5"
         build_t5_tokenizer(t5_tokenizer_dir)
@@ -713,7 +726,7 @@ def get_dummy_pipeline(
     return pipe
 
 
-def save_dummy_pipeline(family: PipelineFamily, path: str | os.PathLike, seed: int = 0) -> str:
+def save_dummy_pipeline(family: str, path: str | os.PathLike, seed: int = 0) -> str:
     """Save a tiny pipeline of the given family to `path` as safetensors and return the path as a string."""
     with tempfile.TemporaryDirectory() as tmp_dir:
         pipe = get_dummy_pipeline(family, tmp_dir, seed=seed)
