@@ -41,12 +41,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnAddedKVProcessor
-from tokenizers import Regex, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -61,6 +62,7 @@ __all__ = [
     "PIPELINE_FAMILIES",
     "PipelineFamily",
     "build_clip_tokenizer",
+    "build_llm_tokenizer",
     "build_t5_tokenizer",
     "get_dummy_flux_components",
     "get_dummy_if_components",
@@ -74,7 +76,9 @@ __all__ = [
 
 #: The tiny pipelines built here; the keys of this package's family modules (`PIPELINE_FAMILIES`) come on top.
 PipelineFamily = Literal["sd", "sd2", "sdxl", "sd3", "flux", "if", "if_sr"]
-_FAMILY_MODULES: tuple[str, ...] = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__)))
+_FAMILY_MODULES: tuple[str, ...] = tuple(
+    sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
+)
 #: Every key `get_dummy_pipeline` builds.
 PIPELINE_FAMILIES: tuple[str, ...] = (*get_args(PipelineFamily), *_FAMILY_MODULES)
 
@@ -316,6 +320,42 @@ def build_t5_tokenizer(
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(save_directory)
     return T5TokenizerFast.from_pretrained(save_directory)
+
+
+def build_llm_tokenizer(
+    save_directory: str | os.PathLike,
+    tokenizer_class: type[PreTrainedTokenizerFast] = PreTrainedTokenizerFast,
+    special_tokens: Iterable[str] = (),
+    chat_template: str | None = None,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    **token_roles: str,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE learnt on `corpus`, as the LLM tokenizers (Qwen, Gemma, Llama, Mistral) are, saved as
+    `tokenizer_class` and loaded back.
+
+    `special_tokens` (the chat-template markers, `<|im_start|>` say) are single tokens after the learnt ones;
+    `token_roles` name some of them (`eos_token="<|im_end|>"`, `pad_token=...`); `chat_template` is the Jinja
+    template `apply_chat_template` renders, for pipelines that call it. Classes that rebuild their own
+    SentencePiece-style backend (transformers 5's `GemmaTokenizer`, `LlamaTokenizer`) drop this one's byte-level
+    pre-tokenizer: build those as `PreTrainedTokenizerFast`.
+    """
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _learn_clip_bpe(DEFAULT_CORPUS if corpus is None else corpus, vocab_size)
+    vocab = {token.removesuffix(END_OF_WORD_SUFFIX): index for token, index in vocab.items()}
+    specials = [*dict.fromkeys([*special_tokens, *token_roles.values()])]
+    vocab = dict(zip(dict.fromkeys([*vocab, *specials]), itertools.count()))
+    merges = [(left, right.removesuffix(END_OF_WORD_SUFFIX)) for left, right in merges]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=token_roles.get("unk_token")))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = tokenizer_class(tokenizer_object=backend, **token_roles)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(save_directory)
+    return tokenizer_class.from_pretrained(save_directory)
 
 
 def _load_or_build_tokenizer(tokenizer_dir: str | os.PathLike) -> CLIPTokenizer:
