@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,24 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             **overrides,
+        )
+
+
+def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.dtype) -> torch.nn.Module:
+    """The base pipeline's component `name` loaded again, alone, as `load_base_pipeline` loaded it (its class as
+    `model_index.json` names it), in `torch_dtype`."""
+    source = config.pretrained_model_name_or_path
+    options = dict(revision=config.revision, cache_dir=config.cache_dir)
+    library, class_name = DiffusionPipeline.load_config(source, **options)[name]
+    component_class = getattr(importlib.import_module(library), class_name)
+    with _readable_load_errors("pretrained_model_name_or_path", source):
+        return component_class.from_pretrained(
+            source,
+            subfolder=name,
+            variant=config.variant,
+            torch_dtype=torch_dtype,
+            use_safetensors=None if config.allow_pickle else True,
+            **options,
         )
 
 

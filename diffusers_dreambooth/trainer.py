@@ -7,13 +7,12 @@ checkpoint, or spread over more processes, computes the same steps as one unbrok
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import logging
 import math
 import os
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +45,12 @@ from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .families import ImageConditioning, family_for_pipeline
 from .finishing import FinishingJob, finish_subject
 from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
+from .idle_modules import IdleModules
 from .input_checks import check_before_loading, check_bucket_sizes, check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
-from .pipeline_loading import diffusers_pipeline_class, load_base_pipeline
+from .pipeline_loading import diffusers_pipeline_class, load_base_component, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
 from .safeguards import (
@@ -113,7 +113,8 @@ class DreamBoothTrainer:
         self.accelerator = accelerator = self._make_accelerator()
         resume_dir = checkpoints.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
         self.seed = self._resolve_seed(resume_dir)
-        if self.pipeline is None:
+        loaded_base = self.pipeline is None
+        if loaded_base:
             self.pipeline = load_base_pipeline(config)
         self.pipeline.to(accelerator.device)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -132,7 +133,7 @@ class DreamBoothTrainer:
         self._load_images()
         self._set_up_trainable_modules()
         self._build_caches()
-        self._offload_idle_modules()
+        self._set_aside_idle_modules(loaded_base)
         self._set_up_optimization()
         if resume_dir is not None:
             self._resume(resume_dir)
@@ -484,16 +485,16 @@ class DreamBoothTrainer:
         self.instance_latents = self._cache_latents(self.instance_images)
         self.class_latents = self._cache_latents(self.class_images)
 
-    def _offload_idle_modules(self) -> None:
-        """On a GPU, move the VAE and frozen text encoders to the CPU when the caches leave them no per-step work, so
-        their memory goes to the training; `_idle_modules_on_device` brings them back for sampling."""
-        self.idle_modules: list[torch.nn.Module] = []
-        if self.accelerator.device.type != "cuda":
-            return
-        self.idle_modules = self.modules_idle_during_training()
-        for module in self.idle_modules:
-            module.to("cpu")
-        torch.cuda.empty_cache()
+    def _set_aside_idle_modules(self, loaded_base: bool) -> None:
+        """Set aside the modules no training step runs (`IdleModules`), until sampling needs them. Frozen LLM text
+        encoders are released only from a base the trainer loaded itself, which it can load again."""
+        family = self.family
+        releases = loaded_base and self.text_encoders_frozen and family.releases_frozen_text_encoders
+        released = list(family.text_encoder_names) if releases else []
+        reload = functools.partial(load_base_component, self.config)
+        offloaded = self.modules_idle_during_training()
+        self.idle = IdleModules(self.pipeline, self.accelerator.device, offloaded, released, reload)
+        self.idle.set_aside()
 
     def modules_idle_during_training(self) -> list[torch.nn.Module]:
         """The frozen modules no training step runs once the caches are built: the VAE when every image's latents
@@ -505,19 +506,6 @@ class DreamBoothTrainer:
         if self.text_encoders_frozen:
             idle += self.family.text_encoders
         return idle
-
-    def _restore_idle_modules(self) -> None:
-        for module in self.idle_modules:
-            module.to(self.accelerator.device)
-
-    @contextlib.contextmanager
-    def _idle_modules_on_device(self) -> Iterator[None]:
-        self._restore_idle_modules()
-        try:
-            yield
-        finally:
-            for module in self.idle_modules:
-                module.to("cpu")
 
     def _cache_latents(self, images: list[TrainingImage]) -> LatentCache:
         """Latents of the images with a fixed crop, encoded in batches of one crop size (one per bucket)."""
@@ -940,7 +928,7 @@ class DreamBoothTrainer:
         if self.ema is not None:  # validate what would be saved: the average
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
-        with self._idle_modules_on_device(), self.accelerator.autocast():
+        with self.idle.on_device(), self.accelerator.autocast():
             run_validation(
                 self.pipeline,
                 self.config,
@@ -962,8 +950,7 @@ class DreamBoothTrainer:
             module.eval()
         if self.ema is not None:  # the average is the result: saved, sampled, evaluated and returned
             self.ema.copy_to(self.trained_parameters)
-        self._restore_idle_modules()  # the returned pipeline is whole again on the training device
-        self.idle_modules = []
+        self.idle.restore()  # the returned pipeline is whole again on the training device
         if not accelerator.is_main_process:
             return
         output_dir = Path(config.output_dir)

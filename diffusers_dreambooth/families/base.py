@@ -75,6 +75,9 @@ class DreamBoothFamily:
     #: Whether `--aspect_ratio_buckets` can train it: its samples may be any (height, width) multiple of
     #: `resolution_multiple`. False for DeepFloyd IF, whose stages are trained and cascaded at square sizes.
     supports_aspect_ratio_buckets: ClassVar[bool] = True
+    #: Whether frozen text encoders leave memory once their embeddings are cached, loaded again only for sampling
+    #: (`idle_modules.IdleModules`): worth a reload for LLM encoders of many GB, not for CLIP.
+    releases_frozen_text_encoders: ClassVar[bool] = False
     #: Whether the text encoder reads the tokenizer's attention mask, as the pipeline does (T5 in DeepFloyd IF).
     uses_attention_mask: ClassVar[bool] = False
     #: The training copy of the pipeline's scheduler, built from its config (the pipeline's own keeps sampling).

@@ -24,6 +24,7 @@ class LLMPromptFamily(FlowMatchingFamily):
     """Base of the families with frozen LLM text encoders; subclasses implement `pipeline_prompt_embeds`."""
 
     text_encoder_lora_target_modules = ()
+    releases_frozen_text_encoders = True
 
     def configure(self, config: DreamBoothConfig) -> None:
         """The flow-matching options; refuse training the LLM text encoders, which diffusers' scripts keep frozen."""

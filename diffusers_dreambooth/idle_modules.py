@@ -1,0 +1,66 @@
+"""The frozen modules that no training step runs once the caches are built, and where they wait meanwhile.
+
+On a GPU, the VAE (when every image's latents are cached) and frozen text encoders (their embeddings are cached) move
+to the CPU, so their memory goes to training. A family's frozen LLM text encoders (`releases_frozen_text_encoders`:
+Flux.2 [dev]'s Mistral 3 alone holds 24B parameters) leave memory altogether, on any device, and are loaded again from
+the base model only while sampling needs them: at each validation, and for the final save and finishing stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from diffusers import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+class IdleModules:
+    """Sets aside `offloaded` modules (to the CPU, on a GPU only) and `released` pipeline components (dropped, then
+    rebuilt by `reload(name, dtype)`) between the moments sampling needs them."""
+
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        device: torch.device,
+        offloaded: list[torch.nn.Module],
+        released: list[str],
+        reload: Callable[[str, torch.dtype], torch.nn.Module],
+    ) -> None:
+        self.pipeline, self.device, self.reload = pipeline, device, reload
+        self.offloaded = offloaded if device.type == "cuda" else []
+        self.released = {name: getattr(pipeline, name).dtype for name in released}
+        self.away = False
+
+    def set_aside(self) -> None:
+        """Move the offloaded modules to the CPU and drop the released components from memory."""
+        for module in self.offloaded:
+            module.to("cpu")
+        if self.released:
+            logger.info("Dropping %s from memory until sampling needs them.", ", ".join(self.released))
+            self.pipeline.register_modules(**dict.fromkeys(self.released))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.away = True
+
+    def restore(self) -> None:
+        """Bring everything back on the training device, the released components loaded again."""
+        if not self.away:
+            return
+        for module in self.offloaded:
+            module.to(self.device)
+        for name, dtype in self.released.items():
+            self.pipeline.register_modules(**{name: self.reload(name, dtype).to(self.device).requires_grad_(False)})
+        self.away = False
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        """Everything back for the duration of the block (sampling), then set aside again."""
+        self.restore()
+        try:
+            yield
+        finally:
+            self.set_aside()

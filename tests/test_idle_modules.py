@@ -1,0 +1,62 @@
+"""Frozen text encoders that a family releases (`releases_frozen_text_encoders`, the LLM families) leave memory once
+their embeddings are cached, and come back, loaded from the base model, exactly as they were whenever sampling needs
+them: validation, the final save, the finishing stages."""
+
+import numpy as np
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from diffusers_dreambooth import DreamBoothTrainer
+from diffusers_dreambooth.families.stable_diffusion_3 import StableDiffusion3Family
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+PREDICT = StableDiffusion3Family.predict
+
+
+def train_recording_encoders(pipeline_dirs, instance_dir, output_dir, monkeypatch, releases: bool):
+    """A LoRA run on the tiny SD3 with validation at steps 2 and 4; returns the trained pipeline, which text encoders
+    the pipeline held at each training step, and the validation images."""
+    monkeypatch.setattr(StableDiffusion3Family, "releases_frozen_text_encoders", releases)
+    held = []
+
+    def recording_predict(family, *args, **kwargs):
+        held.append(tuple(name for name in TEXT_ENCODERS if getattr(family.pipeline, name) is not None))
+        return PREDICT(family, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Family, "predict", recording_predict)
+    config = tiny_config(
+        pipeline_dirs["sd3"],
+        instance_dir,
+        output_dir,
+        adapter="lora",
+        rank=4,
+        max_train_steps=4,
+        validation_prompt="a photo of sks dog on the moon",
+        validation_steps=2,
+        num_validation_images=1,
+    )
+    pipeline = DreamBoothTrainer(config).train()
+    images = [np.asarray(Image.open(output_dir / "validation" / f"step-{step}" / "0.png")) for step in (2, 4)]
+    return pipeline, held, images
+
+
+def test_released_text_encoders_leave_memory_for_training_and_come_back_unchanged(
+    pipeline_dirs, instance_dir, tmp_path, monkeypatch
+):
+    kept, kept_held, kept_images = train_recording_encoders(
+        pipeline_dirs, instance_dir, tmp_path / "kept", monkeypatch, releases=False
+    )
+    released, released_held, released_images = train_recording_encoders(
+        pipeline_dirs, instance_dir, tmp_path / "released", monkeypatch, releases=True
+    )
+
+    assert kept_held == [TEXT_ENCODERS] * 4
+    assert released_held == [()] * 4  # no text encoder in memory at any training step
+    for kept_image, released_image in zip(kept_images, released_images):  # validation reloaded them as they were
+        np.testing.assert_array_equal(kept_image, released_image)
+    for name in TEXT_ENCODERS:  # the returned pipeline is whole, and the reloaded encoders frozen
+        encoder = getattr(released, name)
+        assert all(not p.requires_grad for p in encoder.parameters())
+        for key, value in getattr(kept, name).state_dict().items():
+            torch.testing.assert_close(encoder.state_dict()[key], value, rtol=0, atol=0)
