@@ -76,8 +76,6 @@ UNSUPPORTED_OPTIONS = {
     " yet",
     "pretrained_text_encoder_4_name_or_path": "it names HiDream's Llama text encoder, and HiDream is not a supported"
     " family yet",
-    "complex_human_instruction": "it is Sana's prompt prefix, and Sana is not a supported family yet",
-    "system_prompt": "it is Lumina 2's system prompt, and Lumina 2 is not a supported family yet",
 }
 
 
@@ -483,8 +481,10 @@ class DreamBoothConfig:
     pretrained_text_encoder_4_name_or_path: str | None = _option(
         None, "HiDream's Llama text encoder (diffusers' default as the tokenizer's); not supported yet."
     )
-    complex_human_instruction: str | None = _option(None, "Sana's prompt prefix; Sana is not supported yet.")
-    system_prompt: str | None = _option(None, "Lumina 2's system prompt; Lumina 2 is not supported yet.")
+    complex_human_instruction: str | None = _option(
+        None, "Sana: instruction text Gemma reads before each prompt (none unless given, as diffusers' script)."
+    )
+    system_prompt: str | None = _option(None, "Lumina 2: system prompt before each prompt (default: the pipeline's).")
 
     def __post_init__(self) -> None:
         if self.output_dir is None:

@@ -44,7 +44,9 @@ class FlowDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     `FluxPipeline` passes `mu` (its resolution-dependent shift) whatever the scheduler. The flow-matching scheduler
     shifts by `exp(mu)` (`time_shift_type="exponential"`, FLUX.1-dev) or `mu` (`"linear"`) when it has
     `use_dynamic_shifting`, and ignores `mu` for its fixed `shift` otherwise (FLUX.1-schnell); DPM-Solver++ itself
-    accepts only the first and asserts on the others, so this does all three.
+    accepts only the first and asserts on the others, so this does all three. `Lumina2Pipeline` passes its spacing of
+    the flow-matching schedule as `sigmas` (`linspace(1, 1/n, n)`, which that scheduler shifts): only their number is
+    taken, and DPM-Solver++ spaces the same shifted schedule its own way.
     """
 
     def set_timesteps(
@@ -53,7 +55,10 @@ class FlowDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
         device: str | torch.device | None = None,
         mu: float | None = None,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> None:
+        if sigmas is not None:
+            num_inference_steps = num_inference_steps or len(sigmas)
         if mu is not None and not self.config.use_dynamic_shifting:
             mu = None  # a fixed shift: `flow_shift` stays the model's `shift`
         elif mu is not None and self.config.time_shift_type == "linear":

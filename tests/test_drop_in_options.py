@@ -192,8 +192,6 @@ REFUSED = {
     "text_encoder_out_layers": ["10", "20", "30"],
     "pretrained_tokenizer_4_name_or_path": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
     "pretrained_text_encoder_4_name_or_path": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
-    "complex_human_instruction": ["Given a user prompt, generate an 'Enhanced prompt'"],
-    "system_prompt": ["You are an assistant designed to generate superior images."],
 }
 
 
