@@ -54,7 +54,6 @@ AUTO_BUCKETS = "auto"
 #: Options of diffusers' DreamBooth scripts that this trainer parses but cannot honour yet, with why and what to do
 #: instead. Setting one to anything but its default stops the run before any model loads.
 UNSUPPORTED_OPTIONS = {
-    "do_edm_style_training": "EDM-style SDXL training is not implemented; remove the flag",
     "do_fp8_training": "FP8 training is not implemented (it also needs a CUDA GPU of compute capability 8.9 or"
     " higher); remove the flag and train in `--mixed_precision bf16`",
     "bnb_quantization_config_path": "quantized (bitsandbytes) base models are not supported yet; remove the option"
@@ -72,10 +71,6 @@ UNSUPPORTED_OPTIONS = {
     " yet",
     "validation_image": "image-to-image validation needs image-to-image training, which is not supported yet",
     "text_encoder_out_layers": "it picks FLUX.2's text-encoder layers, and FLUX.2 is not a supported family yet",
-    "pretrained_tokenizer_4_name_or_path": "it names HiDream's Llama tokenizer, and HiDream is not a supported family"
-    " yet",
-    "pretrained_text_encoder_4_name_or_path": "it names HiDream's Llama text encoder, and HiDream is not a supported"
-    " family yet",
 }
 
 
@@ -455,7 +450,9 @@ class DreamBoothConfig:
     output_kohya_format: bool = _option(
         False, "Also write the LoRA as `pytorch_lora_weights_kohya.safetensors` (AUTOMATIC1111/ComfyUI format)."
     )
-    do_edm_style_training: bool = _option(False, "EDM-style SDXL training; not supported.")
+    do_edm_style_training: bool = _option(
+        False, "SDXL: EDM-style training on Euler sigmas; always on with an EDM scheduler (Playground v2.5)."
+    )
     do_fp8_training: bool = _option(False, "FP8 training (diffusers' FLUX.2 and Z-Image scripts); not supported.")
     bnb_quantization_config_path: str | None = _option(
         None, "JSON file of a bitsandbytes config quantizing the base model; not supported yet."
@@ -476,10 +473,14 @@ class DreamBoothConfig:
         None, "FLUX.2's text-encoder layers (diffusers' default 10 20 30); FLUX.2 is not supported yet."
     )
     pretrained_tokenizer_4_name_or_path: str | None = _option(
-        None, "HiDream's Llama tokenizer (diffusers' default: meta-llama/Meta-Llama-3.1-8B-Instruct); not supported."
+        None,
+        "HiDream: its Llama tokenizer; default the pipeline folder's `tokenizer_4`, else diffusers' default"
+        " meta-llama/Meta-Llama-3.1-8B-Instruct.",
     )
     pretrained_text_encoder_4_name_or_path: str | None = _option(
-        None, "HiDream's Llama text encoder (diffusers' default as the tokenizer's); not supported yet."
+        None,
+        "HiDream: its Llama text encoder; default the pipeline folder's `text_encoder_4`, else diffusers' default"
+        " meta-llama/Meta-Llama-3.1-8B-Instruct.",
     )
     complex_human_instruction: str | None = _option(
         None, "Sana: instruction text Gemma reads before each prompt (none unless given, as diffusers' script)."

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import torch
@@ -13,6 +15,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from .config import DreamBoothConfig
 from .safeguards import DreamBoothInputError
+
+logger = logging.getLogger(__name__)
 
 
 def diffusers_pipeline_class(cls: type) -> type:
@@ -47,7 +51,8 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             config.tokenizer_name, revision=config.revision, cache_dir=config.cache_dir
         )
     with _readable_load_errors("pretrained_model_name_or_path", source):
-        return DiffusionPipeline.from_pretrained(
+        tokenizers = processor_tokenizers(config, skip=overrides)  # loaded apart: diffusers checks their class
+        pipeline = DiffusionPipeline.from_pretrained(
             source,
             revision=config.revision,
             variant=config.variant,
@@ -55,7 +60,10 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             **overrides,
+            **dict.fromkeys(tokenizers),
         )
+    pipeline.register_modules(**tokenizers)
+    return pipeline
 
 
 def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.dtype) -> torch.nn.Module:
@@ -74,6 +82,32 @@ def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.
             use_safetensors=None if config.allow_pickle else True,
             **options,
         )
+
+
+def processor_tokenizers(config: DreamBoothConfig, skip: Mapping[str, Any] = {}) -> dict[str, Any]:
+    """The tokenizer alone of each transformers processor component that cannot be loaded here, by component name.
+
+    FLUX.2 [dev]'s `tokenizer` is a `PixtralProcessor`, which transformers loads only with torchvision; its pipeline
+    reads only the tokenizer's `apply_chat_template` from it, so training and text-to-image sampling need no more.
+    Components in `skip` (given otherwise) are left out. A full fine-tune then saves that tokenizer in its place.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    source, options = config.pretrained_model_name_or_path, dict(revision=config.revision, cache_dir=config.cache_dir)
+    tokenizers = {}
+    for name, spec in DiffusionPipeline.load_config(source, **options).items():
+        if name in skip or not isinstance(spec, list) or len(spec) != 2 or spec[0] != "transformers":
+            continue
+        if not (spec[1] or "").endswith("Processor"):
+            continue
+        try:  # a class whose backend is missing is a placeholder that raises on use
+            getattr(transformers, spec[1]).from_pretrained  # noqa: B018
+        except ImportError as error:
+            reason = str(error).strip().splitlines()[0]
+            logger.warning("`%s` (%s) cannot load here (%s): loading its tokenizer alone.", name, spec[1], reason)
+            tokenizers[name] = AutoTokenizer.from_pretrained(source, subfolder=name, **options)
+    return tokenizers
 
 
 def check_pipeline_source(source: str | None) -> None:

@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    SchedulerMixin,
+)
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -73,6 +80,14 @@ def sampling_scheduler(name: str, scheduler: SchedulerMixin) -> SchedulerMixin:
     (`FlowDPMSolverMultistepScheduler`, which follows the pipeline's `mu` as the model's own scheduler does); DDPM and
     DDIM cannot sample it and raise.
     """
+    if "EDM" in type(scheduler).__name__:  # Playground v2.5: DPM-Solver++ in its EDM form, as the model ships it
+        if name != "DPMSolverMultistepScheduler":
+            raise DreamBoothInputError(
+                f"`{name}` cannot sample an EDM model (its scheduler is `{type(scheduler).__name__}`); pass"
+                " `DPMSolverMultistepScheduler` or `pipeline` as `--validation_scheduler` or"
+                " `--prior_generation_scheduler`."
+            )
+        return EDMDPMSolverMultistepScheduler.from_config(scheduler.config)
     if not is_flow_matching(scheduler):
         return SAMPLING_SCHEDULERS[name].from_config(scheduler.config)
     if name != "DPMSolverMultistepScheduler":

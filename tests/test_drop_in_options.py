@@ -164,6 +164,17 @@ README_COMMANDS = {
         "--learning_rate=1e-4",
         "--lr_warmup_steps=0",
     ],
+    # README_sdxl.md's "Conducting EDM-style training": Playground v2.5 (an EDM scheduler, so EDM-style training)
+    # with the `--do_edm_style_training` its SDXL section adds.
+    "sdxl_edm": [
+        "--pretrained_model_name_or_path=playgroundai/playground-v2.5-1024px-aesthetic",
+        "--mixed_precision=bf16",
+        "--resolution=1024",
+        "--learning_rate=1e-4",
+        "--use_8bit_adam",
+        "--lr_warmup_steps=0",
+        "--do_edm_style_training",
+    ],
     "flux": [
         "--pretrained_model_name_or_path=black-forest-labs/FLUX.1-dev",
         "--mixed_precision=bf16",
@@ -178,7 +189,6 @@ README_COMMANDS = {
 
 #: A value for each option `UNSUPPORTED_OPTIONS` refuses, as diffusers' READMEs and scripts pass it.
 REFUSED = {
-    "do_edm_style_training": [],
     "do_fp8_training": [],
     "bnb_quantization_config_path": ["4bit.json"],
     "remote_text_encoder": [],
@@ -190,8 +200,6 @@ REFUSED = {
     "cond_image_column": ["file_name"],
     "validation_image": ["cond.png"],
     "text_encoder_out_layers": ["10", "20", "30"],
-    "pretrained_tokenizer_4_name_or_path": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
-    "pretrained_text_encoder_4_name_or_path": ["meta-llama/Meta-Llama-3.1-8B-Instruct"],
 }
 
 

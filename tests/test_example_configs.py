@@ -22,6 +22,13 @@ EXPECTED = {
     "if-stage1-lora.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "lora", 64),
     "if-stage1-full.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "full", 64),
     "if-stage2-full.yaml": ("deepfloyd-if-super-resolution", "DeepFloyd/IF-II-L-v1.0", "full", 256),
+    "hidream-lora.yaml": ("hidream", "HiDream-ai/HiDream-I1-Dev", "lora", 1024),
+    "playground-v2.5-lora.yaml": (
+        "stable-diffusion-xl",
+        "playgroundai/playground-v2.5-1024px-aesthetic",
+        "lora",
+        1024,
+    ),
     "sana-lora.yaml": ("sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "lora", 1024),
     "lumina2-lora.yaml": ("lumina2", "Alpha-VLLM/Lumina-Image-2.0", "lora", 1024),
 }
