@@ -64,13 +64,11 @@ UNSUPPORTED_OPTIONS = {
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
     "enable_vae_tiling": "VAE tiling of validation images is not implemented; remove the flag",
-    "caption_dropout": "dropping captions (unconditional training) is not implemented yet; remove the option",
     "vae_encode_mode": "latents are sampled from the VAE's posterior (`sample`); the posterior's `mode` is not"
     " implemented",
     "cond_image_column": "image-to-image training (a condition image per example, FLUX.1 Kontext) is not supported"
     " yet",
     "validation_image": "image-to-image validation needs image-to-image training, which is not supported yet",
-    "text_encoder_out_layers": "it picks FLUX.2's text-encoder layers, and FLUX.2 is not a supported family yet",
 }
 
 
@@ -461,7 +459,9 @@ class DreamBoothConfig:
     fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
     enable_npu_flash_attention: bool = _option(False, "Flash attention on Ascend NPUs; not supported.")
     enable_vae_tiling: bool = _option(False, "VAE tiling of validation images (Sana); not supported.")
-    caption_dropout: float = _option(0.0, "Probability of training on an empty caption (FLUX.2 klein); not supported.")
+    caption_dropout: float = _option(
+        0.0, "FLUX.2 [klein]: probability that a subject example trains on the empty prompt (class examples never)."
+    )
     vae_encode_mode: Literal["sample", "mode"] = _option(
         "sample", "Latent of an image: a sample of the VAE's posterior; `mode` (FLUX.1 Kontext's default) is refused."
     )
@@ -470,7 +470,8 @@ class DreamBoothConfig:
     )
     validation_image: str | None = _option(None, "Condition image of image-to-image validation; not supported yet.")
     text_encoder_out_layers: list[int] | None = _option(
-        None, "FLUX.2's text-encoder layers (diffusers' default 10 20 30); FLUX.2 is not supported yet."
+        None, "FLUX.2: the text-encoder hidden states stacked into prompt embeddings; default [dev] 10 20 30, [klein]"
+        " 9 18 27 (its pipeline's)."
     )
     pretrained_tokenizer_4_name_or_path: str | None = _option(
         None,

@@ -754,8 +754,9 @@ class DreamBoothTrainer:
 
         prompts = [images[i].prompt for images, _, i in examples]
         dtype = self.input_dtype
-        prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
+        prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
+        prompt_embeds = family.step_prompt_embeds(prompt_embeds, is_prior, generator)
         denoiser = self.prepared[family.denoiser_name]
         predictions, targets, group_timesteps = [], [], []
         for (start, stop, _, _), group_noise, group_latent_noise in zip(groups, noise, latent_noise):

@@ -195,11 +195,9 @@ REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
     "enable_vae_tiling": [],
-    "caption_dropout": ["0.1"],
     "vae_encode_mode": ["mode"],
     "cond_image_column": ["file_name"],
     "validation_image": ["cond.png"],
-    "text_encoder_out_layers": ["10", "20", "30"],
 }
 
 

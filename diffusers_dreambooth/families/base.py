@@ -248,6 +248,12 @@ class DreamBoothFamily:
         (ids,), (encoder,) = token_ids, text_encoders
         return {"prompt_embeds": encoder(ids.to(self.device))[0]}
 
+    def step_prompt_embeds(self, prompt_embeds: dict, is_prior: torch.Tensor, generator: torch.Generator) -> dict:
+        """The conditioning one training step uses, from its examples' `prompt_embeds` (`is_prior` marks class
+        examples; `generator` is the step's, drawn after its noise and timesteps): unchanged by default; FLUX.2
+        [klein]'s `--caption_dropout` swaps in the empty prompt's embeddings here."""
+        return prompt_embeds
+
     @torch.no_grad()
     def encode_frozen_prompts(self, prompts: list[str], max_length: int | None = None) -> dict:
         """Text conditioning of `prompts` by the frozen text encoders, which the trainer caches once: `encode_prompt`
