@@ -50,6 +50,8 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
         overrides["tokenizer"] = AutoTokenizer.from_pretrained(
             config.tokenizer_name, revision=config.revision, cache_dir=config.cache_dir
         )
+    for name, path in separate_component_sources(config).items():
+        overrides[name] = load_separate_component(config, name, path, torch.float32)
     with _readable_load_errors("pretrained_model_name_or_path", source):
         tokenizers = processor_tokenizers(config, skip=overrides)  # loaded apart: diffusers checks their class
         pipeline = DiffusionPipeline.from_pretrained(
@@ -69,6 +71,8 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
 def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.dtype) -> torch.nn.Module:
     """The base pipeline's component `name` loaded again, alone, as `load_base_pipeline` loaded it (its class as
     `model_index.json` names it), in `torch_dtype`."""
+    if name in (separate := separate_component_sources(config)):
+        return load_separate_component(config, name, separate[name], torch_dtype)
     source = config.pretrained_model_name_or_path
     options = dict(revision=config.revision, cache_dir=config.cache_dir)
     library, class_name = DiffusionPipeline.load_config(source, **options)[name]
@@ -108,6 +112,56 @@ def processor_tokenizers(config: DreamBoothConfig, skip: Mapping[str, Any] = {})
             logger.warning("`%s` (%s) cannot load here (%s): loading its tokenizer alone.", name, spec[1], reason)
             tokenizers[name] = AutoTokenizer.from_pretrained(source, subfolder=name, **options)
     return tokenizers
+
+
+#: Components that a diffusers script loads from an option of their own rather than from the pipeline folder:
+#: HiDream's Llama 3.1 text encoder and tokenizer (`train_dreambooth_lora_hidream.py`).
+SEPARATE_COMPONENTS = {
+    "text_encoder_4": "pretrained_text_encoder_4_name_or_path",
+    "tokenizer_4": "pretrained_tokenizer_4_name_or_path",
+}
+#: The script's default for both, used where a HiDream pipeline folder names no Llama of its own.
+HIDREAM_LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+
+
+def separate_component_sources(config: DreamBoothConfig) -> dict[str, str]:
+    """`{component: path}` of the `SEPARATE_COMPONENTS` to load from their option: those given, and for a HiDream
+    folder whose `model_index.json` names no `text_encoder_4`/`tokenizer_4`, diffusers' default Llama."""
+    given = {name: getattr(config, option) for name, option in SEPARATE_COMPONENTS.items()}
+    sources = {name: path for name, path in given.items() if path}
+    if len(sources) < len(SEPARATE_COMPONENTS):
+        try:
+            index = DiffusionPipeline.load_config(
+                config.pretrained_model_name_or_path, revision=config.revision, cache_dir=config.cache_dir
+            )
+        except (OSError, ValueError):
+            return sources  # loading the pipeline itself says why
+        if index.get("_class_name") == "HiDreamImagePipeline":
+            for name in SEPARATE_COMPONENTS:
+                if name not in sources and not any(index.get(name) or [None]):
+                    sources[name] = HIDREAM_LLAMA
+    return sources
+
+
+def load_separate_component(config: DreamBoothConfig, name: str, path: str, torch_dtype: torch.dtype) -> Any:
+    """A `SEPARATE_COMPONENTS` entry from its own `path`, as the script loads it: the tokenizer with its end-of-text
+    token as padding, the text encoder a causal LM returning its hidden states."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    options = dict(revision=config.revision, cache_dir=config.cache_dir)
+    with _readable_load_errors(SEPARATE_COMPONENTS[name], path):
+        if name.startswith("tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path, **options)
+            tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            output_hidden_states=True,
+            output_attentions=True,
+            dtype=torch_dtype,
+            use_safetensors=None if config.allow_pickle else True,
+            **options,
+        )
 
 
 def check_pipeline_source(source: str | None) -> None:
