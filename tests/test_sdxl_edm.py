@@ -155,18 +155,23 @@ def test_edm_lora_loads_in_plain_diffusers_and_changes_images(pipeline_dirs, ins
     assert not math.isnan(generate(plain).sum().item())
 
 
-def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
-    flags = readme_command("sdxl_edm", tmp_path)
+@pytest.mark.parametrize(
+    "key, extra, mode",
+    [("sdxl_edm", [], "edm"), ("sdxl", ["--do_edm_style_training"], "euler")],  # README_sdxl: "simply set" the flag
+)
+def test_readme_command_trains_two_steps(key, extra, mode, pipeline_dirs, tmp_path):
+    flags = readme_command(key, tmp_path) + extra
     write_subject_images(tmp_path / "dog", count=2)
     swapped = {
-        "--pretrained_model_name_or_path": pipeline_dirs["sdxl_edm"],
+        "--pretrained_model_name_or_path": pipeline_dirs[key],
+        "--pretrained_vae_model_name_or_path": None,
         "--max_train_steps": "2",
         "--resolution": str(TINY_RESOLUTION),
         "--report_to": "none",
     }
     flags = [f for f in flags if f != "--push_to_hub" and f.split("=")[0] not in swapped]
-    flags += [f"{name}={value}" for name, value in swapped.items()] + ["--num_validation_images=1"]
+    flags += [f"{name}={value}" for name, value in swapped.items() if value] + ["--num_validation_images=1"]
     trainer = DreamBoothTrainer(parse_config(flags))
     trainer.train()
-    assert trainer.global_step == 2 and trainer.family.edm_mode == "edm"
-    assert (tmp_path / "trained-sdxl_edm-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert trainer.global_step == 2 and trainer.family.edm_mode == mode
+    assert (tmp_path / f"trained-{key}-lora" / "pytorch_lora_weights.safetensors").is_file()
