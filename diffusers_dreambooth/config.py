@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .quantization import check_quantization_options
+
 logger = logging.getLogger(__name__)
 
 #: The options file a run leaves in its output folder.
@@ -56,8 +58,6 @@ AUTO_BUCKETS = "auto"
 UNSUPPORTED_OPTIONS = {
     "do_fp8_training": "FP8 training is not implemented (it also needs a CUDA GPU of compute capability 8.9 or"
     " higher); remove the flag and train in `--mixed_precision bf16`",
-    "bnb_quantization_config_path": "quantized (bitsandbytes) base models are not supported yet; remove the option"
-    " and train the LoRA on the unquantized base, e.g. in `--mixed_precision bf16`",
     "remote_text_encoder": "prompt embeddings from a remote endpoint are not implemented; remove the flag: with frozen"
     " text encoders, prompts are encoded once before training and the encoders then leave the GPU",
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
@@ -453,7 +453,15 @@ class DreamBoothConfig:
     )
     do_fp8_training: bool = _option(False, "FP8 training (diffusers' FLUX.2 and Z-Image scripts); not supported.")
     bnb_quantization_config_path: str | None = _option(
-        None, "JSON file of a bitsandbytes config quantizing the base model; not supported yet."
+        None,
+        "JSON file of the arguments of a bitsandbytes `BitsAndBytesConfig` (`load_in_4bit` and `bnb_4bit_quant_type`"
+        " `nf4`, say) quantizing the frozen base denoiser for LoRA (QLoRA), as diffusers' FLUX.2 script does.",
+    )
+    quantize_base: Literal["nf4", "int8"] | None = _option(
+        None, "Quantize the frozen base denoiser for LoRA (QLoRA): 4-bit NF4 or 8-bit bitsandbytes weights."
+    )
+    quantize_text_encoders: bool = _option(
+        False, "Quantize the frozen text encoders too, as `--quantize_base`/`--bnb_quantization_config_path` say."
     )
     remote_text_encoder: bool = _option(False, "Prompt embeddings from a remote endpoint (FLUX.2); not supported.")
     fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
@@ -506,6 +514,7 @@ class DreamBoothConfig:
         self._check_mixed_precision()
         self._check_lora()
         self._check_unsupported()
+        check_quantization_options(self)
         if self.evaluate and not all(subject.class_prompt for subject in self.subject_data()):
             raise ValueError(
                 "`--evaluate` measures prior preservation (PRES) on `--class_prompt`; pass it (e.g. `a photo of dog`),"

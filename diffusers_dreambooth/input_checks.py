@@ -24,6 +24,7 @@ from .families import DreamBoothFamily, family_class_named
 from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
 from .model_card import is_hub_id
 from .pipeline_loading import check_pipeline_source
+from .quantization import check_quantization_file
 from .safeguards import DreamBoothInputError
 from .subject import Subject, prompt_words
 from .validation import sampling_scheduler
@@ -45,6 +46,7 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
     """
     if not pipeline_given:
         check_pipeline_source(config.pretrained_model_name_or_path)
+    check_quantization_file(config)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(

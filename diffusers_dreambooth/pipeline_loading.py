@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from .config import DreamBoothConfig
+from .quantization import pipeline_quantization_loading
 from .safeguards import DreamBoothInputError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
             use_safetensors=use_safetensors,
             **overrides,
             **dict.fromkeys(tokenizers),
+            **pipeline_quantization_loading(config),
         )
     pipeline.register_modules(**tokenizers)
     return pipeline

@@ -53,6 +53,7 @@ from .losses import dreambooth_loss
 from .pipeline_loading import diffusers_pipeline_class, load_base_component, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
+from .quantization import cast_frozen_base, quantize_base
 from .safeguards import (
     DreamBoothInputError,
     NonFiniteLossError,
@@ -381,6 +382,7 @@ class DreamBoothTrainer:
         for module in self.pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
+        quantize_base(self.pipeline, family, config, MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision))
         self.trained = {family.denoiser_name: family.denoiser}
         # `--prior_preservation_mode model` needs the base denoiser's predictions: LoRA turns its adapters off for
         # them; a full fine-tune keeps a frozen copy (one more denoiser's weights in memory, no gradients).
@@ -433,8 +435,7 @@ class DreamBoothTrainer:
             torch.manual_seed(mix_seed(self.seed, salt=4))
             for name, module in self.trained.items():
                 is_denoiser = name == family.denoiser_name
-                if cast_to is not None:
-                    module.to(dtype=cast_to)
+                cast_frozen_base(module, cast_to)  # a quantized base keeps its weights
                 module.add_adapter(
                     LoraConfig(
                         r=config.rank,

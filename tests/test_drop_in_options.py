@@ -190,7 +190,6 @@ README_COMMANDS = {
 #: A value for each option `UNSUPPORTED_OPTIONS` refuses, as diffusers' READMEs and scripts pass it.
 REFUSED = {
     "do_fp8_training": [],
-    "bnb_quantization_config_path": ["4bit.json"],
     "remote_text_encoder": [],
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
@@ -245,12 +244,17 @@ def test_readme_values_reach_the_config(tmp_path):
         ("flux2", ["--do_fp8_training", "--remote_text_encoder"]),  # README_flux2.md's commands
         ("flux2_klein", ["--do_fp8_training"]),
         ("z_image", ["--do_fp8_training"]),  # README_z_image.md's FP8 command
-        ("qwen_image", ["--bnb_quantization_config_path=4bit.json"]),  # README_qwen.md's quantization section
     ],
 )
 def test_readme_commands_with_what_cannot_work_here_stop_naming_it(name, refused, tmp_path, capsys):
     error = refused_error(readme_command(name, tmp_path) + refused, capsys)
     assert f"`{refused[0].split('=')[0]}" in error and "is not supported" in error
+
+
+def test_readme_quantization_command_parses(tmp_path):
+    """README_qwen.md's quantization section: the LoRA trains on the base quantized as the JSON file says (#17)."""
+    config = parse_config(readme_command("qwen_image", tmp_path) + ["--bnb_quantization_config_path=4bit.json"])
+    assert config.bnb_quantization_config_path == "4bit.json" and config.adapter == "lora"
 
 
 @pytest.mark.parametrize("option", UNSUPPORTED_OPTIONS)

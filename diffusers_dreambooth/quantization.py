@@ -1,0 +1,275 @@
+"""Quantized bases (QLoRA): LoRA adapters in float32 on a frozen denoiser (and optionally frozen text encoders) held
+in 4-bit NF4/FP4 or 8-bit bitsandbytes weights.
+
+Two options choose the quantization, for every family:
+- `--quantize_base {nf4,int8}` (ours), with `--quantize_text_encoders` to quantize the frozen text encoders too;
+- `--bnb_quantization_config_path` (diffusers' FLUX.2, Qwen-Image, Z-Image and HiDream scripts): a JSON file of a
+  `BitsAndBytesConfig`, e.g. `{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}`. As in those scripts, a 4-bit
+  config computes in the training's weight dtype (`--mixed_precision`, else float32), whatever its
+  `bnb_4bit_compute_dtype` says.
+
+Only LoRA trains on a quantized base: a full fine-tune would update the quantized weights themselves, so it is refused
+before any model loads (as are trained text encoders with `--quantize_text_encoders`). The frozen quantized base is
+never saved: the LoRA file is, with the same keys as on an unquantized base, so it loads on the unquantized base with
+plain diffusers' `load_lora_weights`.
+
+How the base is quantized (the decision): diffusers 0.42's bitsandbytes quantizer refuses to run without a GPU
+(`validate_environment` raises "No GPU found"), while bitsandbytes 0.50 runs `Linear4bit`/`Linear8bitLt` on the CPU.
+So
+- with CUDA, the real path: `load_base_pipeline` passes a `PipelineQuantizationConfig` to
+  `DiffusionPipeline.from_pretrained(..., quantization_config=...)`, so the quantized components load quantized
+  (their full-precision weights never sit in GPU memory);
+- without CUDA, the loaded float32 pipeline's `nn.Linear` layers are swapped for bitsandbytes layers holding the same
+  weights, quantized as they are built (`quantize_base`), after loading and before the adapters are added. peft's
+  LoRA wraps those layers as it wraps `nn.Linear`. The layers skipped are those diffusers' and transformers'
+  quantizers skip: `llm_int8_skip_modules`, the model's `_keep_in_fp32_modules`, and a text encoder's `lm_head`.
+Either way the trainer calls `quantize_base` once (a no-op for components that loaded quantized) and casts the
+frozen base with `cast_frozen_base` (quantized diffusers models refuse `.to(dtype)`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .safeguards import DreamBoothInputError
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .config import DreamBoothConfig
+    from .families import DreamBoothFamily
+
+#: `--quantize_base` values and the `BitsAndBytesConfig` each stands for.
+QUANTIZE_BASE_CONFIGS = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "int8": {"load_in_8bit": True},
+}
+
+#: Modules of transformers' text encoders that its bitsandbytes quantizer keeps in full precision.
+_TEXT_ENCODER_SKIPS = ("lm_head",)
+
+
+def check_quantization_options(config: DreamBoothConfig) -> None:
+    """Raise `DreamBoothInputError` (one line naming the option) for a quantization the run cannot train with: a full
+    fine-tune, both options at once, `--quantize_text_encoders` alone or with trained text encoders. Needs no files:
+    `DreamBoothConfig` calls it when options are parsed; `check_quantization_file` checks the JSON file."""
+    option = quantization_option(config)
+    if config.quantize_base is not None and config.bnb_quantization_config_path is not None:
+        raise DreamBoothInputError(
+            "`--quantize_base` and `--bnb_quantization_config_path` both quantize the base model; pass one of them."
+        )
+    if option is None:
+        if config.quantize_text_encoders:
+            raise DreamBoothInputError(
+                "`--quantize_text_encoders` quantizes the frozen text encoders like the base model, so it needs"
+                " `--quantize_base nf4|int8` or `--bnb_quantization_config_path`."
+            )
+        return
+    if config.adapter != "lora":
+        raise DreamBoothInputError(
+            f"`{option}` quantizes the base model, which then cannot be fine-tuned whole: train `--adapter lora` on"
+            " it (QLoRA), or remove the option for a full fine-tune."
+        )
+    if config.quantize_text_encoders and (config.train_text_encoder or config.train_text_encoder_ti):
+        raise DreamBoothInputError(
+            "`--quantize_text_encoders` quantizes frozen text encoders, but `--train_text_encoder(_ti)` trains them;"
+            " drop one of the two."
+        )
+
+
+def quantization_option(config: DreamBoothConfig) -> str | None:
+    """The option that quantizes the base, as a flag for messages, or None."""
+    if config.bnb_quantization_config_path is not None:
+        return f"--bnb_quantization_config_path={config.bnb_quantization_config_path}"
+    if config.quantize_base is not None:
+        return f"--quantize_base={config.quantize_base}"
+    return None
+
+
+def check_quantization_file(config: DreamBoothConfig) -> None:
+    """Raise `DreamBoothInputError` unless `--bnb_quantization_config_path` (if set) is a readable JSON object that
+    `BitsAndBytesConfig` accepts, asking for 4-bit or 8-bit weights. Runs before any model loads."""
+    quantization_kwargs(config)
+
+
+def quantization_kwargs(config: DreamBoothConfig) -> dict[str, Any] | None:
+    """The `BitsAndBytesConfig` arguments the run quantizes with (the compute dtype left out), or None."""
+    if config.quantize_base is not None:
+        return dict(QUANTIZE_BASE_CONFIGS[config.quantize_base])
+    path = config.bnb_quantization_config_path
+    if path is None:
+        return None
+    option = f"`--bnb_quantization_config_path={path}`"
+    if not Path(path).is_file():
+        raise DreamBoothInputError(f"{option} does not exist; pass a JSON file of a bitsandbytes config.")
+    try:
+        kwargs = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DreamBoothInputError(
+            f'{option} is not a valid JSON file ({reason}); write e.g. {{"load_in_4bit": true,'
+            ' "bnb_4bit_quant_type": "nf4"}.'
+        ) from error
+    if not isinstance(kwargs, dict):
+        raise DreamBoothInputError(f"{option} must hold a JSON object of `BitsAndBytesConfig` arguments.")
+    kwargs.pop("bnb_4bit_compute_dtype", None)  # the training's weight dtype, as in diffusers' scripts
+    try:
+        bnb_config = _bnb_config(kwargs, torch.float32)
+    except (TypeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DreamBoothInputError(f"{option} is not a valid `BitsAndBytesConfig`: {reason}") from error
+    if not (bnb_config.load_in_4bit or bnb_config.load_in_8bit):
+        raise DreamBoothInputError(
+            f'{option} quantizes nothing: set `"load_in_4bit": true` or `"load_in_8bit": true` in it.'
+        )
+    return kwargs
+
+
+def _bnb_config(kwargs: dict[str, Any], compute_dtype: torch.dtype):
+    from diffusers import BitsAndBytesConfig
+
+    extra = {"bnb_4bit_compute_dtype": compute_dtype} if kwargs.get("load_in_4bit") else {}
+    return BitsAndBytesConfig(**kwargs, **extra)
+
+
+def quantized_component_names(config: DreamBoothConfig, family: type[DreamBoothFamily]) -> list[str]:
+    """The pipeline components the run quantizes: the denoiser, and the text encoders with
+    `--quantize_text_encoders`."""
+    names = [family.denoiser_name]
+    if config.quantize_text_encoders:
+        names += list(family.text_encoder_names)
+    return names
+
+
+def loads_quantized() -> bool:
+    """Whether quantized components load quantized through diffusers (it needs a GPU), not swapped after loading."""
+    return torch.cuda.is_available()
+
+
+def pipeline_quantization_loading(config: DreamBoothConfig) -> dict[str, Any]:
+    """`DiffusionPipeline.from_pretrained`'s `quantization_config` argument for the run (empty without quantization
+    or without a GPU): diffusers' bitsandbytes config for the denoiser, transformers' for text encoders."""
+    kwargs = quantization_kwargs(config)
+    if kwargs is None or not loads_quantized():
+        return {}
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    from .families import family_class_named
+
+    options = dict(revision=config.revision, cache_dir=config.cache_dir)
+    index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, **options)
+    family = family_class_named(index.get("_class_name"))
+    if family is None:  # not a family the trainer knows: `family_for_pipeline` says so once it is loaded
+        return {}
+    backend = "bitsandbytes_4bit" if kwargs.get("load_in_4bit") else "bitsandbytes_8bit"
+    compute = {"bnb_4bit_compute_dtype": _weight_dtype(config)} if kwargs.get("load_in_4bit") else {}
+    quantization = PipelineQuantizationConfig(
+        quant_backend=backend,
+        quant_kwargs={**kwargs, **compute},
+        components_to_quantize=quantized_component_names(config, family),
+    )
+    return {"quantization_config": quantization}
+
+
+def _weight_dtype(config: DreamBoothConfig) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision or "no", torch.float32)
+
+
+def quantize_base(
+    pipeline: DiffusionPipeline, family: DreamBoothFamily, config: DreamBoothConfig, dtype: torch.dtype | None
+) -> None:
+    """Quantize the run's components in place (see the module docstring), computing in `dtype` (the mixed-precision
+    dtype, else float32). Components that loaded quantized, and runs without quantization, are left as they are."""
+    kwargs = quantization_kwargs(config)
+    if kwargs is None:
+        return
+    bnb_config = _bnb_config(kwargs, dtype or torch.float32)
+    for name in quantized_component_names(config, type(family)):
+        module = getattr(pipeline, name, None)
+        if module is None or is_quantized(module):
+            continue
+        skip = set(bnb_config.llm_int8_skip_modules or ()) | set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        if name != family.denoiser_name:
+            skip.update(_TEXT_ENCODER_SKIPS)
+        swap_linear_layers(module, bnb_config, skip)
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether `module` holds bitsandbytes layers (loaded quantized, or swapped by `quantize_base`)."""
+    import bitsandbytes as bnb
+
+    return getattr(module, "is_quantized", False) or any(
+        isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for layer in module.modules()
+    )
+
+
+def swap_linear_layers(module: torch.nn.Module, bnb_config, skip: set[str]) -> int:
+    """Replace every `nn.Linear` of `module` (not under a name or name part in `skip`) with the bitsandbytes layer
+    of `bnb_config` holding its weights, quantized on its device. Returns the number of layers swapped."""
+    swapped = 0
+    for name, layer in list(module.named_modules()):
+        if type(layer) is not torch.nn.Linear or _skipped(name, skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, _quantized_linear(layer, bnb_config))
+        swapped += 1
+    return swapped
+
+
+def _skipped(name: str, skip: set[str]) -> bool:
+    parts = name.split(".")
+    return any(name == s or name.endswith(f".{s}") or s in parts for s in skip)
+
+
+def _quantized_linear(layer: torch.nn.Linear, bnb_config) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    weight = layer.weight.data
+    has_bias = layer.bias is not None
+    if bnb_config.load_in_4bit:
+        compute_dtype = bnb_config.bnb_4bit_compute_dtype
+        quantized = bnb.nn.Linear4bit(
+            layer.in_features,
+            layer.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+            quant_type=bnb_config.bnb_4bit_quant_type,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+            quant_type=bnb_config.bnb_4bit_quant_type,
+            module=quantized,
+        )
+        # bitsandbytes repacks the weights in place for its CPU inference kernel, which needs in-features that are a
+        # multiple of the block size and breaks training after it: the training kernel serves inference too.
+        quantized.support_avx512bf16_for_cpu = False
+    else:
+        quantized = bnb.nn.Linear8bitLt(
+            layer.in_features,
+            layer.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=bnb_config.llm_int8_threshold,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        quantized.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
+    return quantized.to(weight.device)  # bitsandbytes quantizes the weights as they move to a device
+
+
+def cast_frozen_base(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Cast a module whose LoRA adapters are about to be added to the mixed-precision `dtype` (if any). bitsandbytes
+    weights are integers, which `.to(dtype)` keeps; a model that loaded quantized refuses `.to(dtype)`, so its other
+    parameters (norms, biases) stay as loaded."""
+    if dtype is not None and not getattr(module, "is_quantized", False):
+        module.to(dtype=dtype)
