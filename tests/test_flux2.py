@@ -173,7 +173,7 @@ def test_resolution_is_a_multiple_of_one_latent_patch(pipeline):
 # Prompts
 
 
-@pytest.mark.parametrize("layers", [None, [1, 2], [30]])
+@pytest.mark.parametrize("layers", [None, [1, 2, 3], [30, 0, 30]])
 def test_prompt_embeddings_are_encode_prompts(pipeline, layers):
     options = {} if layers is None else {"text_encoder_out_layers": layers}
     family = configured(pipeline, max_sequence_length=64, **options)
@@ -183,7 +183,7 @@ def test_prompt_embeddings_are_encode_prompts(pipeline, layers):
     with torch.no_grad():
         expected, text_ids = pipeline.encode_prompt(prompts, max_sequence_length=64, **kwargs)
     assert embeds.keys() == {"prompt_embeds"}
-    assert embeds["prompt_embeds"].shape == (3, 64, 16 * len(layers or (1, 2, 3)))
+    assert embeds["prompt_embeds"].shape == (3, 64, 48)  # three layers of 16 values
     torch.testing.assert_close(embeds["prompt_embeds"], expected, rtol=0, atol=0)
     inputs = {"text_encoder_out_layers": family.text_encoder_out_layers, "max_sequence_length": 64}
     assert family.sampling_inputs() == inputs
@@ -196,9 +196,11 @@ def test_dev_embeddings_follow_the_system_message_and_the_prompt(dev):
     assert not torch.allclose(embeds[0], embeds[1])  # the prompt survives the system message and truncation
 
 
-def test_text_encoder_layers_beyond_the_encoder_are_refused(dev):
+def test_text_encoder_layers_the_models_cannot_read_are_refused(dev):
     with pytest.raises(DreamBoothInputError, match="numbered 0 to 30"):
-        configured(dev, text_encoder_out_layers=[10, 31])
+        configured(dev, text_encoder_out_layers=[10, 20, 31])
+    with pytest.raises(DreamBoothInputError, match="reads 3 stacked hidden states"):
+        configured(dev, text_encoder_out_layers=[10, 20])
 
 
 # Options
@@ -331,3 +333,25 @@ def test_dpm_solver_samples_flux2_as_its_own_scheduler_does(dev, scheduler_confi
         assert (sample(25) - reference).abs().max() < 0.01
     finally:
         dev.scheduler = original
+
+
+def test_text_encoder_out_layers_parse_train_and_reach_validation(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
+    flags = ["--instance_data_dir=dog", f"--instance_prompt={PROMPT}", "--text_encoder_out_layers", "1", "2", "3"]
+    assert parse_config(flags).text_encoder_out_layers == [1, 2, 3]
+    seen = []
+    encode_prompt = Flux2KleinPipeline.encode_prompt
+
+    def recording(self, *args, **kwargs):
+        seen.append(tuple(kwargs["text_encoder_out_layers"]))
+        return encode_prompt(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux2KleinPipeline, "encode_prompt", recording)
+    options = dict(text_encoder_out_layers=[1, 2, 3], validation_prompt=PROMPT, validation_steps=1, guidance_scale=1.0)
+    config = tiny_config(
+        pipeline_dirs["flux2_klein"], instance_dir, tmp_path / "out", num_validation_images=1, **options
+    )
+    DreamBoothTrainer(config).train()
+    assert (tmp_path / "out" / "validation" / "step-1" / "0.png").is_file()
+    # The cached embeddings and every validation sample; the card sample (`finishing.write_samples`, last) does not
+    # take the family's `sampling_inputs` yet and samples with the pipeline's default layers.
+    assert len(seen) >= 3 and seen[:-1] == [(1, 2, 3)] * (len(seen) - 1)

@@ -92,11 +92,18 @@ class Flux2Family(LLMPromptFamily):
         self.caption_dropout = config.caption_dropout
         self.text_encoder_out_layers = tuple(config.text_encoder_out_layers)
         encoder_config = self.text_encoders[0].config
-        depth = getattr(encoder_config, "text_config", encoder_config).num_hidden_layers
-        if not self.text_encoder_out_layers or not all(0 <= k <= depth for k in self.text_encoder_out_layers):
+        encoder_config = getattr(encoder_config, "text_config", encoder_config)
+        depth, layers = encoder_config.num_hidden_layers, self.text_encoder_out_layers
+        given = f"`--text_encoder_out_layers {' '.join(map(str, layers))}`"
+        if not all(0 <= k <= depth for k in layers):
             raise DreamBoothInputError(
-                f"`--text_encoder_out_layers {' '.join(map(str, self.text_encoder_out_layers))}`: the text encoder"
-                f" has {depth} layers, so its hidden states are numbered 0 to {depth}."
+                f"{given}: the text encoder has {depth} layers, so its hidden states are numbered 0 to {depth}."
+            )
+        width = self.denoiser.config.joint_attention_dim
+        if len(layers) * encoder_config.hidden_size != width:
+            raise DreamBoothInputError(
+                f"{given}: the transformer reads {width // encoder_config.hidden_size} stacked hidden states"
+                f" ({width} values per token), not {len(layers)}."
             )
 
     def sampling_inputs(self) -> dict[str, Any]:
