@@ -64,11 +64,6 @@ UNSUPPORTED_OPTIONS = {
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
     "enable_vae_tiling": "VAE tiling of validation images is not implemented; remove the flag",
-    "vae_encode_mode": "latents are sampled from the VAE's posterior (`sample`); the posterior's `mode` is not"
-    " implemented",
-    "cond_image_column": "image-to-image training (a condition image per example, FLUX.1 Kontext) is not supported"
-    " yet",
-    "validation_image": "image-to-image validation needs image-to-image training, which is not supported yet",
 }
 
 
@@ -470,13 +465,19 @@ class DreamBoothConfig:
     caption_dropout: float = _option(
         0.0, "FLUX.2 [klein]: probability that a subject example trains on the empty prompt (class examples never)."
     )
-    vae_encode_mode: Literal["sample", "mode"] = _option(
-        "sample", "Latent of an image: a sample of the VAE's posterior; `mode` (FLUX.1 Kontext's default) is refused."
+    vae_encode_mode: Literal["sample", "mode"] | None = _option(
+        None,
+        "Latent of an image: a `sample` of the VAE's posterior, or its `mode`; default: the family's (`mode` for"
+        " FLUX.1 Kontext, as its diffusers script; `sample` otherwise).",
     )
     cond_image_column: str | None = _option(
-        None, "Column of `dataset_name` with condition images (FLUX.1 Kontext image-to-image); not supported yet."
+        None,
+        "Column of `dataset_name` with each example's condition image (FLUX.1 Kontext image-to-image: the model learns"
+        " to turn it into the `image_column` image, as `caption_column` instructs).",
     )
-    validation_image: str | None = _option(None, "Condition image of image-to-image validation; not supported yet.")
+    validation_image: str | None = _option(
+        None, "FLUX.1 Kontext: an image that validation edits with `validation_prompt` (at the training resolution)."
+    )
     text_encoder_out_layers: list[int] | None = _option(
         None, "FLUX.2: the text-encoder hidden states stacked into prompt embeddings; default [dev] 10 20 30, [klein]"
         " 9 18 27 (its pipeline's)."
@@ -602,6 +603,12 @@ class DreamBoothConfig:
             raise ValueError(
                 "`--instance_prompt` is required (e.g. `a photo of sks dog`), unless every image has a caption"
                 " through `--dataset_name` and `--caption_column`."
+            )
+        if self.cond_image_column and (self.dataset_name is None or self.with_prior_preservation):
+            raise ValueError(
+                "`--cond_image_column` names a column of `--dataset_name` (the condition of each target image), and"
+                " class images have no condition image: pass the pairs with `--dataset_name`, without"
+                " `--with_prior_preservation` (as diffusers' FLUX.1 Kontext script requires)."
             )
         self._check_images_options()
 

@@ -63,6 +63,9 @@ class TrainingImage:
     source: str  # file path or dataset row, for messages
     bucket: tuple[int, int] | None = None  # (height, width) it is cropped to; None: a `resolution` square
     subject: int = 0  # which subject of the run (`--concepts_list` entry) the image belongs to
+    # Image-to-image (`--cond_image_column`): the example's condition image, resized to `image`'s size so that every
+    # crop and flip cuts both alike; `crop_and_flip` returns it as 3 more channels.
+    condition: Image.Image | None = None
 
     def crop_size(self, resolution: int) -> tuple[int, int]:
         """(height, width) of this image's training crop: its bucket, else the `resolution` square."""
@@ -252,7 +255,7 @@ def crop_and_flip(
     image: TrainingImage, resolution: int, center_crop: bool, random_flip: bool, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """A `(3, resolution, resolution)` tensor in [-1, 1] (`(3, *image.bucket)` for a bucketed image) and the crop's
-    (top, left), as SDXL conditions on it.
+    (top, left), as SDXL conditions on it; 6 channels for an image with a `condition`, cut alike (condition last).
 
     Random crop positions and flips are drawn from `generator`, so they are reproducible per step.
     """
@@ -263,11 +266,13 @@ def crop_and_flip(
     else:
         top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
-    crop = image.image.crop((left, top, left + crop_width, top + crop_height))
+    pictures = [im for im in (image.image, image.condition) if im is not None]
+    crops = [picture.crop((left, top, left + crop_width, top + crop_height)) for picture in pictures]
     if random_flip and generator is not None and bool(torch.rand(1, generator=generator) < 0.5):
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crops = [crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for crop in crops]
         left = width - left - crop_width
-    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)
+    arrays = [np.asarray(crop, dtype=np.float32) for crop in crops]
+    pixels = torch.from_numpy(np.concatenate(arrays, axis=2)).permute(2, 0, 1)
     return pixels / 127.5 - 1.0, (top, left)
 
 
@@ -352,22 +357,27 @@ def load_dataset_images(
     interpolation: str,
     cache_dir: str | None = None,
     buckets: list[tuple[int, int]] | None = None,
+    cond_image_column: str | None = None,
 ) -> list[TrainingImage]:
-    """The `train` split of a `datasets` dataset (Hub id or local folder), captions from `caption_column`."""
+    """The `train` split of a `datasets` dataset (Hub id or local folder), captions from `caption_column`, and with
+    `cond_image_column` each image's condition image (resized to the image's training size)."""
     from datasets import load_dataset
 
     dataset = load_dataset(dataset_name, config_name, cache_dir=cache_dir)["train"]
-    for column in (image_column, caption_column):
+    for column in (image_column, caption_column, cond_image_column):
         if column is not None and column not in dataset.column_names:
             raise ValueError(
                 f"Column `{column}` not found in dataset `{dataset_name}`; its columns are"
-                f" {', '.join(dataset.column_names)}. Set `--image_column`/`--caption_column`."
+                f" {', '.join(dataset.column_names)}. Set `--image_column`/`--caption_column`/`--cond_image_column`."
             )
     images = []
     for index, row in enumerate(dataset):
         prompt = row[caption_column] if caption_column else instance_prompt
         source = f"{dataset_name}[{index}]"
         images.append(to_training_image(row[image_column], prompt, resolution, interpolation, source, buckets))
+        if cond_image_column:
+            condition = decode_image(row[cond_image_column], f"{source}[{cond_image_column}]")
+            images[-1].condition = condition.resize(images[-1].image.size, RESAMPLING[interpolation])
     return images
 
 
@@ -561,6 +571,7 @@ def load_subject_photos(
             mode,
             config.cache_dir,
             buckets=buckets,
+            cond_image_column=config.cond_image_column,
         )
     for image in photos:  # per-image captions of `--caption_column` may name `{identifier}` too
         image.prompt = fill_identifier(image.prompt, data.identifier, "caption_column")

@@ -194,9 +194,6 @@ REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
     "enable_vae_tiling": [],
-    "vae_encode_mode": ["mode"],
-    "cond_image_column": ["file_name"],
-    "validation_image": ["cond.png"],
 }
 
 
@@ -257,6 +254,18 @@ def test_readme_quantization_command_parses(tmp_path):
     assert config.bnb_quantization_config_path == "4bit.json" and config.adapter == "lora"
 
 
+def test_kontext_image_to_image_options_reach_the_config():
+    """README_flux_kontext.md's image-to-image flags are real (#17): FLUX.1 Kontext trains on the pairs they name."""
+    flags = ["--dataset_name=pairs", "--image_column=output", "--cond_image_column=file_name"]
+    flags += ["--caption_column=instruction", "--vae_encode_mode=sample", "--validation_image=cond.png"]
+    config = parse_config(flags)
+    assert (config.cond_image_column, config.vae_encode_mode, config.validation_image) == (
+        "file_name",
+        "sample",
+        "cond.png",
+    )
+
+
 @pytest.mark.parametrize("option", UNSUPPORTED_OPTIONS)
 def test_each_refused_option_stops_with_one_line_naming_it(option, capsys):
     flags = ["--instance_data_dir=dog", "--instance_prompt=a photo of sks dog", f"--{option}", *REFUSED[option]]
@@ -266,6 +275,6 @@ def test_each_refused_option_stops_with_one_line_naming_it(option, capsys):
 
 def test_refused_options_at_their_defaults_are_accepted():
     defaults = {field.name: field.default for field in dataclasses.fields(DreamBoothConfig)}
-    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt="a photo of sks dog", vae_encode_mode="sample")
+    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt="a photo of sks dog")
     assert all(getattr(config, option) == defaults[option] for option in UNSUPPORTED_OPTIONS)
     assert set(REFUSED) == set(UNSUPPORTED_OPTIONS)

@@ -19,6 +19,7 @@ EXPECTED = {
     "sdxl-lora.yaml": ("stable-diffusion-xl", "stabilityai/stable-diffusion-xl-base-1.0", "lora", 1024),
     "sd3-lora.yaml": ("stable-diffusion-3", "stabilityai/stable-diffusion-3-medium-diffusers", "lora", 512),
     "flux-lora.yaml": ("flux", "black-forest-labs/FLUX.1-dev", "lora", 512),
+    "flux-kontext-lora.yaml": ("flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", "lora", 512),
     "flux2-lora.yaml": ("flux2", "black-forest-labs/FLUX.2-dev", "lora", 1024),
     "flux2-klein-lora.yaml": ("flux2-klein", "black-forest-labs/FLUX.2-klein-base-4B", "lora", 768),
     "if-stage1-lora.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "lora", 64),

@@ -81,6 +81,14 @@ def test_cached_embeddings_are_the_pipelines_encode_prompt(pipeline, prompts, ma
         torch.testing.assert_close(kwargs["encoder_hidden_states_mask"], mask, rtol=0, atol=0)
 
 
+def test_the_pipeline_drops_exactly_its_template_before_the_prompt(pipeline):
+    """As with Qwen's own tokenizer, the template before the prompt is the 34 tokens the pipeline drops."""
+    prefix = pipeline.prompt_template_encode.split("{}")[0]
+    assert len(pipeline.tokenizer(prefix).input_ids) == pipeline.prompt_template_encode_start_idx == 34
+    ids = pipeline.tokenizer(pipeline.prompt_template_encode.format(PROMPT)).input_ids
+    assert pipeline.tokenizer.decode(ids[34:]) == f"{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_validation_reads_prompts_at_the_training_length(pipeline):
     assert configured(pipeline).sampling_inputs() == {"max_sequence_length": 512}
     assert configured(pipeline, max_sequence_length=64).sampling_inputs() == {"max_sequence_length": 64}

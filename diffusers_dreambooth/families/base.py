@@ -82,6 +82,9 @@ class DreamBoothFamily:
     uses_attention_mask: ClassVar[bool] = False
     #: The training copy of the pipeline's scheduler, built from its config (the pipeline's own keeps sampling).
     noise_scheduler_class: ClassVar[type[SchedulerMixin]] = DDPMScheduler
+    #: The latent an image trains on (`--vae_encode_mode`): a `sample` of the VAE posterior, or its `mode` (the
+    #: posterior mean, std 0); `configure` takes the run's.
+    vae_encode_mode: str = "sample"
     #: Defaults of options left unset (None), per adapter: those of diffusers' script for this family and mode.
     option_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "full": {
@@ -117,6 +120,7 @@ class DreamBoothFamily:
             names = ", ".join(ignored)
             logger.warning("%s ignored: flow-matching options (SD3, Flux) do not apply to %s.", names, self.name)
         self.warn_if_attention_mask_ignored(config)
+        self.vae_encode_mode = config.vae_encode_mode or "sample"
         if config.sr_noise_level is not None and "sr_noise_level" not in self.option_defaults[config.adapter]:
             logger.warning("`--sr_noise_level` ignored: it applies to super-resolution stages, not to %s.", self.name)
         if not self.generates_from_prompt:
@@ -264,12 +268,23 @@ class DreamBoothFamily:
 
     @torch.no_grad()
     def encode_image_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std of the VAE posterior, already shifted and scaled into the denoiser's latent space."""
+        """Mean and std of the VAE posterior, already shifted and scaled into the denoiser's latent space; the std is
+        0 with `--vae_encode_mode mode` (the trainer's latent `mean + std * noise` is then the posterior's mode).
+
+        Pixels of an image-to-image example (`--cond_image_column`) carry its condition image as 3 more channels
+        (`data.crop_and_flip`); only families that read condition images (FLUX.1 Kontext) split and encode them.
+        """
+        if pixel_values.shape[1] > 3:
+            raise DreamBoothInputError(
+                f"`--cond_image_column`: {self.name} does not read condition images (image-to-image training is"
+                " FLUX.1 Kontext's). Remove the option."
+            )
         vae = self.vae
         posterior = vae.encode(pixel_values.to(self.device, vae.dtype)).latent_dist
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         scale = vae.config.scaling_factor
-        return ((posterior.mean - shift) * scale).float(), (posterior.std * scale).float()
+        std = torch.zeros_like(posterior.std) if self.vae_encode_mode == "mode" else posterior.std
+        return ((posterior.mean - shift) * scale).float(), (std * scale).float()
 
     # Objective
 

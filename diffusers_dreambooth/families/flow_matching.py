@@ -48,6 +48,7 @@ class FlowMatchingFamily(DreamBoothFamily):
         self.logit_mean, self.logit_std, self.mode_scale = config.logit_mean, config.logit_std, config.mode_scale
         self.precondition_outputs = bool(config.precondition_outputs)
         self.max_sequence_length = config.max_sequence_length
+        self.vae_encode_mode = config.vae_encode_mode or "sample"
         self.warn_if_attention_mask_ignored(config)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:

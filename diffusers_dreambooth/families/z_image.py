@@ -7,6 +7,8 @@ conditioned on the penultimate hidden states of Qwen3, as diffusers' `train_drea
   unpadded sequences again. Validation samples with the same `max_sequence_length`.
 - Latents are the VAE posterior's mode by default (`--vae_encode_mode mode`, the script's), shifted and scaled by the
   VAE's `shift_factor` / `scaling_factor`.
+- `--guidance_scale` is left unset: the script parses it (default 3.5) but validates with the pipeline's own
+  guidance (5.0), as validation does here unless the option is given (README_z_image passes 5.0).
 - The objective is the script's: timesteps from the `--weighting_scheme` density on the checkpoint's (statically
   shifted) schedule, the noisy input `(1 - sigma) * x + sigma * noise`, and the velocity `noise - x` as target. Like
   the pipeline, the transformer reads time the other way round, `(1000 - t) / 1000`, and predicts `x - noise`: its
@@ -25,7 +27,7 @@ from .llm import LLMPromptFamily
 
 class ZImageFamily(LLMPromptFamily):
     name = "z_image"
-    hub_tags = ("z-image", "z-image-diffusers")
+    hub_tags = ("z-image",)  # diffusers' script's card tags
     pipeline_class_names = ("ZImagePipeline",)
     denoiser_name = "transformer"
     # diffusers' script's `--lora_layers` default.

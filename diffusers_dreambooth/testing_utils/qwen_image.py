@@ -1,6 +1,7 @@
 """A tiny `QwenImagePipeline`: a Qwen2.5-VL text encoder, the Qwen-Image MMDiT, the Qwen-Image (video-style) VAE
 and Qwen-Image's shipped flow-matching scheduler config, as diffusers' Qwen-Image pipeline test builds them."""
 
+import re
 from pathlib import Path
 
 from diffusers import (
@@ -30,9 +31,18 @@ QWEN_IMAGE_SCHEDULER_CONFIG = dict(
 
 _HIDDEN_SIZE = 16
 
+#: The system prompt of `QwenImagePipeline`'s template. Its words (with their leading space) and punctuation, and
+#: `user`, are single tokens here, so that the template before the prompt is 34 tokens as with Qwen's tokenizer:
+#: the pipeline drops exactly those (`prompt_template_encode_start_idx`), and the embeddings are the prompt's.
+_SYSTEM_PROMPT = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the"
+    " objects and background:"
+)
+_TEMPLATE_WORDS = (*re.findall(r"^\w+|\s\w+|[,:]", _SYSTEM_PROMPT), "system", "user")
+
 
 def build_tiny_pipeline(tmp_dir: Path, seed: int) -> QwenImagePipeline:
-    tokenizer = build_qwen2_tokenizer(tmp_dir / "tokenizer")
+    tokenizer = build_qwen2_tokenizer(tmp_dir / "tokenizer", words=_TEMPLATE_WORDS)
     vocab_size = len(tokenizer) + 3  # the three vision markers after the text vocabulary
     config = Qwen2_5_VLConfig(
         text_config={
