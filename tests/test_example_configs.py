@@ -25,15 +25,19 @@ EXPECTED = {
     "if-stage1-lora.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "lora", 64),
     "if-stage1-full.yaml": ("deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "full", 64),
     "if-stage2-full.yaml": ("deepfloyd-if-super-resolution", "DeepFloyd/IF-II-L-v1.0", "full", 256),
+    "sana-lora.yaml": ("sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "lora", 1024),
+    "lumina2-lora.yaml": ("lumina2", "Alpha-VLLM/Lumina-Image-2.0", "lora", 1024),
     "hidream-lora.yaml": ("hidream", "HiDream-ai/HiDream-I1-Dev", "lora", 1024),
+    "qwen-image-lora.yaml": ("qwen_image", "Qwen/Qwen-Image", "lora", 1024),
+    "z-image-lora.yaml": ("z_image", "Tongyi-MAI/Z-Image", "lora", 1024),
+    "krea2-lora.yaml": ("krea2", "krea/Krea-2-Raw", "lora", 1024),
+    "ideogram4-lora.yaml": ("ideogram4", "ideogram-ai/ideogram-v4", "lora", 1024),
     "playground-v2.5-lora.yaml": (
         "stable-diffusion-xl",
         "playgroundai/playground-v2.5-1024px-aesthetic",
         "lora",
         1024,
     ),
-    "sana-lora.yaml": ("sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "lora", 1024),
-    "lumina2-lora.yaml": ("lumina2", "Alpha-VLLM/Lumina-Image-2.0", "lora", 1024),
 }
 
 
