@@ -64,6 +64,12 @@ UNSUPPORTED_OPTIONS = {
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
     "enable_vae_tiling": "VAE tiling of validation images is not implemented; remove the flag",
+    "validation_model_path": "validating on another checkpoint (Krea 2 Turbo) with the adapter transplanted is not"
+    " implemented; remove the flag: validation samples the trained model",
+    "disable_training_autocast": "training without accelerate's autocast is not implemented; remove the flag, or"
+    " train in `--mixed_precision no`",
+    "upsample_prompt": "rewriting captions into Ideogram 4's JSON schema is not implemented; write the captions in"
+    " the schema, or remove the flag",
 }
 
 
@@ -462,6 +468,16 @@ class DreamBoothConfig:
     fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
     enable_npu_flash_attention: bool = _option(False, "Flash attention on Ascend NPUs; not supported.")
     enable_vae_tiling: bool = _option(False, "VAE tiling of validation images (Sana); not supported.")
+    validation_model_path: str | None = _option(
+        None, "Checkpoint that validation samples with the trained adapter (Krea 2 Turbo); not supported."
+    )
+    validation_num_inference_steps: int = _option(8, "Steps of validation on `--validation_model_path` (Krea 2).")
+    validation_guidance_scale: float = _option(0.0, "Guidance of validation on `--validation_model_path` (Krea 2).")
+    disable_training_autocast: bool = _option(False, "Train without autocast (Ideogram 4); not supported.")
+    upsample_prompt: bool = _option(False, "Rewrite captions into Ideogram 4's JSON schema; not supported.")
+    prompt_enhancer_head_id: str = _option(
+        "diffusers/qwen3-vl-8b-instruct-lm-head", "Ideogram 4's prompt-enhancer head, for `--upsample_prompt`."
+    )
     caption_dropout: float = _option(
         0.0, "FLUX.2 [klein]: probability that a subject example trains on the empty prompt (class examples never)."
     )

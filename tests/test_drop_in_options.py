@@ -32,6 +32,12 @@ NEWER_SCRIPT_FLAGS = {
     "train_dreambooth_lora_lumina2.py": "system_prompt final_validation_prompt offload",
     "train_dreambooth_lora_hidream.py": """pretrained_tokenizer_4_name_or_path pretrained_text_encoder_4_name_or_path
         bnb_quantization_config_path skip_final_inference final_validation_prompt aspect_ratio_buckets offload""",
+    "train_dreambooth_lora_krea2.py": """bnb_quantization_config_path do_fp8_training validation_model_path
+        validation_num_inference_steps validation_guidance_scale skip_final_inference final_validation_prompt
+        lora_alpha lora_layers upcast_before_saving offload""",
+    "train_dreambooth_lora_ideogram4.py": """bnb_quantization_config_path do_fp8_training upsample_prompt
+        prompt_enhancer_head_id skip_final_inference final_validation_prompt lora_alpha aspect_ratio_buckets
+        disable_training_autocast upcast_before_saving offload enable_npu_flash_attention fsdp_text_encoder""",
 }
 
 #: The flags every README command below shares: the dog example with the paths in `tmp_path`.
@@ -156,6 +162,30 @@ README_COMMANDS = {
         "--gradient_checkpointing",
         "--skip_final_inference",
     ],
+    # README_krea2.md's command without `--validation_model_path` (validation on Krea 2 Turbo), which is refused.
+    "krea2": [
+        "--pretrained_model_name_or_path=krea/Krea-2-Raw",
+        "--mixed_precision=bf16",
+        "--resolution=1024",
+        "--gradient_checkpointing",
+        "--cache_latents",
+        "--rank=32",
+        "--lora_alpha=32",
+        "--optimizer=adamW",
+        "--use_8bit_adam",
+        "--learning_rate=3e-4",
+        "--lr_warmup_steps=0",
+    ],
+    # README_ideogram4.md's command without `--disable_training_autocast`, which is refused.
+    "ideogram4": [
+        "--pretrained_model_name_or_path=ideogram-ai/ideogram-v4",
+        "--resolution=1024",
+        "--rank=16",
+        "--optimizer=adamw",
+        "--learning_rate=1e-4",
+        "--lr_warmup_steps=0",
+        "--mixed_precision=bf16",
+    ],
     "sdxl": [
         "--pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0",
         "--pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix",
@@ -194,6 +224,9 @@ REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
     "enable_vae_tiling": [],
+    "validation_model_path": ["krea/Krea-2-Turbo"],
+    "disable_training_autocast": [],
+    "upsample_prompt": [],
 }
 
 
@@ -241,6 +274,9 @@ def test_readme_values_reach_the_config(tmp_path):
         ("flux2", ["--do_fp8_training", "--remote_text_encoder"]),  # README_flux2.md's commands
         ("flux2_klein", ["--do_fp8_training"]),
         ("z_image", ["--do_fp8_training"]),  # README_z_image.md's FP8 command
+        ("krea2", ["--validation_model_path=krea/Krea-2-Turbo"]),  # README_krea2.md's validation on Turbo
+        ("ideogram4", ["--disable_training_autocast"]),  # README_ideogram4.md's commands
+        ("ideogram4", ["--do_fp8_training", "--gradient_checkpointing", "--disable_training_autocast"]),
     ],
 )
 def test_readme_commands_with_what_cannot_work_here_stop_naming_it(name, refused, tmp_path, capsys):

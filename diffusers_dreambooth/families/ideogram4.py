@@ -1,0 +1,192 @@
+"""Ideogram 4: a flow-matching transformer over one packed sequence `[left-padded text | image tokens]`, conditioned
+on 13 concatenated Qwen3-VL hidden states per text token; a second, unconditional transformer (frozen here, as in
+diffusers' script) is blended with it at sampling.
+
+The objective is that of diffusers' `train_dreambooth_lora_ideogram4.py`:
+- sigma is drawn directly from the `--weighting_scheme` density (default `logit_normal`, std 1.5), its mean shifted
+  by `0.5 * log(pixels / 512**2)` as the pipeline's schedule is; not from the scheduler's grid. Timesteps are carried
+  as `1000 * sigma`. The shift uses `--resolution`'s pixels (with `--aspect_ratio_buckets`, every bucket's mean is
+  that of the square resolution: the script shifts per batch).
+- latents are the VAE posterior's mode, packed into 2x2 patches (channels ordered patch row, patch column, latent
+  channel, as the pipeline unpacks them) and normalised by the VAE's batch-norm statistics. They stay
+  `(B, 4C, H/2, W/2)` in the loop; `predict` flattens them into the sequence.
+- the transformer reads the time `1 - sigma` and predicts `x - noise`; `predict` returns its negation, the velocity
+  `noise - x`, so the loss is the script's and `--precondition_outputs` works as for the other flow families.
+
+Prompts are encoded once by the pipeline's `encode_prompt`; its text part (and the mask of real tokens) is cached,
+and `predict` rebuilds the position, segment and indicator ids for each batch's image grid with the pipeline's
+`_prepare_ids`, which is what `encode_prompt` returns for that grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import Ideogram4Pipeline
+from diffusers.models.transformers.transformer_ideogram4 import LLM_TOKEN_INDICATOR
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from .base import ImageConditioning, height_and_width, latent_scale_factor
+from .llm import LLMPromptFamily
+
+if TYPE_CHECKING:
+    from ..config import DreamBoothConfig
+
+PATCH_SIZE = 2
+#: The pipeline's default guidance for its main steps (`guidance_schedule` is 7.0 for 45 steps, then 3.0).
+DEFAULT_GUIDANCE_SCALE = 7.0
+
+
+class Ideogram4Family(LLMPromptFamily):
+    name = "ideogram4"
+    hub_tags = ("ideogram4", "ideogram4-diffusers")
+    pipeline_class_names = ("Ideogram4Pipeline",)
+    denoiser_name = "transformer"
+    # diffusers' script's default `--lora_layers`: each block's attention projections and feed-forward.
+    denoiser_lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
+    # diffusers' script is LoRA-only; full fine-tuning takes the same values.
+    option_defaults = {
+        adapter: {
+            "learning_rate": 1e-4,
+            "resolution": 512,
+            "image_interpolation_mode": "bilinear",
+            "adam_weight_decay": 1e-4,
+            # The script's `--logit_std` default is 1.5 (the pipeline's schedule); `DreamBoothConfig.logit_std`
+            # defaults to 1.0, not unset, so it cannot be defaulted here: pass `--logit_std 1.5`.
+            "weighting_scheme": "logit_normal",
+            "precondition_outputs": 0,
+            "max_sequence_length": 2048,
+        }
+        for adapter in ("full", "lora")
+    }
+
+    pixels = 512 * 512
+    guidance_scale = None
+
+    def configure(self, config: DreamBoothConfig) -> None:
+        super().configure(config)
+        height, width = height_and_width(config.resolution)
+        self.pixels = height * width
+        self.guidance_scale = config.guidance_scale
+
+    def sampling_inputs(self) -> dict[str, Any]:
+        """A constant guidance instead of the pipeline's 48-step schedule, which fails at other step counts:
+        `--guidance_scale`, else the schedule's main value (7.0)."""
+        inputs = {"guidance_schedule": None}
+        if self.guidance_scale is None:
+            inputs["guidance_scale"] = DEFAULT_GUIDANCE_SCALE
+        return inputs
+
+    # Components
+
+    @classmethod
+    def resolution_multiple_of(cls, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """One 2x2 patch of latents."""
+        return latent_scale_factor(configs["vae"]) * PATCH_SIZE
+
+    def sample_shape(self, resolution: int | tuple[int, int]) -> tuple[int, int, int]:
+        """`(4 * latent_channels, height / 2f, width / 2f)`: latents packed into 2x2 patches."""
+        height, width = height_and_width(resolution)
+        side = self.vae_scale_factor * PATCH_SIZE
+        return (self.vae.config.latent_channels * PATCH_SIZE**2, height // side, width // side)
+
+    # Prompts
+
+    def pipeline_prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The text part of `Ideogram4Pipeline.encode_prompt` (left-padded to `--max_sequence_length`) and the mask
+        of its real tokens; the image part depends on the grid, and is rebuilt by `predict`."""
+        length = self.max_sequence_length
+        embeds, _, _, indicator = self.pipeline.encode_prompt(
+            prompts, grid_h=1, grid_w=1, max_sequence_length=length, device=self.device
+        )
+        mask = (indicator[:, :length] == LLM_TOKEN_INDICATOR).float()
+        return {"prompt_embeds": embeds[:, :length].float(), "prompt_embeds_mask": mask}
+
+    # Images
+
+    def normalisation(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per packed channel mean and std, the VAE's batch-norm running statistics (as the pipeline's)."""
+        vae = self.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+    @torch.no_grad()
+    def encode_image_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's mode (the script's `latent_dist.mode()`), packed and normalised, with zero spread."""
+        vae = self.vae
+        mode = vae.encode(pixel_values.to(self.device, vae.dtype)).latent_dist.mode().float()
+        latents = pack(mode)
+        mean, std = self.normalisation(latents)
+        latents = (latents - mean) / std
+        return latents, torch.zeros_like(latents)
+
+    def decodable(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised packed latents back to the VAE's `(B, C, H, W)` latents, as the pipeline decodes them."""
+        mean, std = self.normalisation(latents)
+        return unpack(latents * std + mean)
+
+    # Objective
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """`1000 * sigma`, sigma drawn from the `--weighting_scheme` density around the resolution-shifted mean."""
+        sigmas = compute_density_for_timestep_sampling(
+            weighting_scheme=self.weighting_scheme,
+            batch_size=batch_size,
+            logit_mean=self.logit_mean + 0.5 * math.log(self.pixels / 512**2),
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            device=generator.device,
+            generator=generator,
+        )
+        return sigmas * 1000
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return (timesteps / 1000).view(-1, 1, 1, 1)
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: dict,
+        image_conditioning: ImageConditioning,
+    ) -> torch.Tensor:
+        """The velocity `noise - x`: the negated transformer output at the image positions of the packed sequence."""
+        batch, channels, height, width = noisy.shape
+        text = prompt_embeds["prompt_embeds"]
+        text_length = text.shape[1]
+        lengths = prompt_embeds["prompt_embeds_mask"].sum(dim=1).round().long().tolist()
+        position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids(
+            lengths, height, width, text_length, noisy.device
+        )
+        features = torch.cat([text, text.new_zeros(batch, height * width, text.shape[2])], dim=1)
+        tokens = noisy.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        output = denoiser(
+            hidden_states=torch.cat([tokens.new_zeros(batch, text_length, channels), tokens], dim=1),
+            timestep=1 - timesteps.to(noisy.dtype) / 1000,
+            encoder_hidden_states=features,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            indicator=indicator,
+            return_dict=False,
+        )[0][:, text_length:]
+        velocity = -output.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return self.preconditioned(velocity, noisy, timesteps)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` VAE latents as `(B, 4C, H/2, W/2)` patches, channels ordered (patch row, patch column, C)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    return patches.reshape(batch, 4 * channels, height // 2, width // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack`."""
+    batch, channels, height, width = packed.shape
+    patches = packed.view(batch, 2, 2, channels // 4, height, width).permute(0, 3, 4, 1, 5, 2)
+    return patches.reshape(batch, channels // 4, height * 2, width * 2)

@@ -1,0 +1,174 @@
+"""Ideogram 4: the packed `[text | image]` sequence and its ids are `encode_prompt`'s for the batch's grid, latents
+are packed and normalised as the pipeline unpacks them, sigma is the script's resolution-shifted logit-normal draw,
+the prediction is the velocity the pipeline steps with, the defaults are those of diffusers' script, and its README
+command trains on the tiny model."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_RESOLUTION, write_subject_images
+from diffusers import DiffusionPipeline
+from family_tester import DreamBoothFamilyTester
+from test_drop_in_options import readme_command
+
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth.cli import parse_config
+from diffusers_dreambooth.families.ideogram4 import pack, unpack
+from diffusers_dreambooth.safeguards import DreamBoothInputError
+
+PROMPT = "a photo of sks dog"
+SEQUENCE = 64  # tokens per prompt in these tests (the script's 2048 is slow on one CPU thread)
+
+
+def generate(pipeline, prompt: str = PROMPT) -> torch.Tensor:
+    output = pipeline(
+        prompt=prompt,
+        num_inference_steps=2,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        guidance_scale=4.0,
+        guidance_schedule=None,  # the default schedule has 48 steps
+        max_sequence_length=SEQUENCE,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    return torch.from_numpy(output)
+
+
+class TestIdeogram4(DreamBoothFamilyTester):
+    family = "ideogram4"
+    run_options = {"num_validation_images": 0, "max_sequence_length": SEQUENCE}
+    # Class images are supplied: the pipeline's default 48-step guidance schedule fails at other step counts, and
+    # class-image generation passes no family inputs (validation does: `sampling_inputs`).
+    generates_class_images = False
+    # LoRA on the transformer only: Qwen3-VL is frozen, as in diffusers' Ideogram 4 script.
+    lora_trains_text_encoder = False
+
+    def generate(self, pipeline) -> torch.Tensor:
+        return generate(pipeline)
+
+    def test_train_text_encoder_updates_the_family_text_encoders(self, pipeline_dirs, instance_dir, tmp_path):
+        """Replaced: Qwen3-VL is frozen, as in diffusers' Ideogram 4 script; the option is refused."""
+        config = self.config(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, max_train_steps=2)
+        with pytest.raises(DreamBoothInputError, match="--train_text_encoder"):
+            DreamBoothTrainer(config).train()
+
+
+@pytest.fixture(scope="module")
+def pipeline(pipeline_dirs):
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["ideogram4"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def configured(pipeline, adapter: str = "lora", **options):
+    family = family_for_pipeline(pipeline)
+    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt=PROMPT, adapter=adapter, **options)
+    family.configure(config.with_defaults(family.option_defaults[adapter]))
+    return family
+
+
+class Recorder(torch.nn.Module):
+    """A denoiser that records its keyword arguments and returns its input negated: a prediction of `x - noise`
+    whose velocity is the input."""
+
+    def forward(self, **kwargs) -> tuple[torch.Tensor]:
+        self.kwargs = kwargs
+        return (-kwargs["hidden_states"],)
+
+
+def test_predict_builds_encode_prompts_sequence_for_the_grid(pipeline):
+    family = configured(pipeline, max_sequence_length=SEQUENCE)
+    prompts = [PROMPT, "a dog"]
+    embeds = family.encode_frozen_prompts(prompts)
+    latents = torch.randn(2, 16, 2, 3, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([250.0, 700.0])
+    recorder = Recorder()
+    velocity = family.predict(recorder, latents, timesteps, embeds, None)
+    torch.testing.assert_close(velocity, latents, rtol=0, atol=0)
+    expected = pipeline.encode_prompt(prompts, grid_h=2, grid_w=3, max_sequence_length=SEQUENCE, device="cpu")
+    kwargs = recorder.kwargs
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], expected[0], rtol=0, atol=0)
+    for name, value in zip(("position_ids", "segment_ids", "indicator"), expected[1:]):
+        assert torch.equal(kwargs[name], value), name
+    torch.testing.assert_close(kwargs["timestep"], torch.tensor([0.75, 0.3]))  # the model's time is 1 - sigma
+    hidden = kwargs["hidden_states"]
+    assert not hidden[:, :SEQUENCE].any()  # zeros at the text positions, as the pipeline pads them
+    # Image tokens in raster order, each the packed channels of one patch.
+    torch.testing.assert_close(hidden[:, SEQUENCE + 4], latents[:, :, 1, 1], rtol=0, atol=0)
+
+
+def test_latents_are_packed_and_normalised_as_the_pipeline_decodes_them(pipeline):
+    family = configured(pipeline)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    mean, std = family.encode_image_distribution(pixels)
+    assert mean.shape == (1, *family.sample_shape(32)) == (1, 16, 8, 8) and not std.any()
+    mode = pipeline.vae.encode(pixels).latent_dist.mode()
+    torch.testing.assert_close(family.decodable(mean), mode, rtol=1e-5, atol=1e-5)
+    # The pipeline's own decoding of a token sequence: de-normalise per packed channel, then unpatchify.
+    vae = pipeline.vae
+    tokens = mean.permute(0, 2, 3, 1).reshape(1, 64, 16)
+    z = tokens * torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps) + vae.bn.running_mean
+    z = z.view(1, 8, 8, 2, 2, 4).permute(0, 5, 1, 3, 2, 4).reshape(1, 4, 16, 16)
+    torch.testing.assert_close(z, mode, rtol=1e-5, atol=1e-5)
+    latents = torch.randn(2, 4, 6, 8)
+    torch.testing.assert_close(unpack(pack(latents)), latents, rtol=0, atol=0)
+    assert family.resolution_multiple == 4
+
+
+def test_prompt_embeddings_are_encode_prompts_text_part(pipeline):
+    family = configured(pipeline, max_sequence_length=SEQUENCE)
+    embeds = family.encode_frozen_prompts([PROMPT, "a dog"])
+    expected, _, _, indicator = pipeline.encode_prompt(
+        [PROMPT, "a dog"], grid_h=1, grid_w=1, max_sequence_length=SEQUENCE, device="cpu"
+    )
+    torch.testing.assert_close(embeds["prompt_embeds"], expected[:, :SEQUENCE], rtol=0, atol=0)
+    assert torch.equal(embeds["prompt_embeds_mask"].bool(), indicator[:, :SEQUENCE] == 3)
+    assert not torch.equal(embeds["prompt_embeds"][0], embeds["prompt_embeds"][1])
+
+
+def test_sigma_is_the_resolution_shifted_logit_normal_and_the_target_the_velocity(pipeline):
+    family = configured(pipeline, resolution=1024, logit_std=1.5)
+    generator = torch.Generator().manual_seed(0)
+    sigmas = family.sample_timesteps(20000, generator) / 1000
+    logits = torch.logit(sigmas.double())
+    # Mean 0 + 0.5 * log(1024**2 / 512**2), std 1.5: the pipeline's schedule at 1024 px.
+    assert abs(logits.mean().item() - 0.5 * math.log(4)) < 0.05 and abs(logits.std().item() - 1.5) < 0.05
+    latents, noise = torch.ones(1, 16, 2, 2), torch.zeros(1, 16, 2, 2)
+    noisy, target = family.noisy_input_and_target(latents, noise, torch.tensor([250.0]))
+    torch.testing.assert_close(noisy, torch.full_like(latents, 0.75))
+    torch.testing.assert_close(target, -latents)  # noise - x; the pipeline steps with `-(x - noise)`
+
+
+def test_validation_samples_with_a_constant_guidance(pipeline):
+    assert configured(pipeline).sampling_inputs() == {"guidance_schedule": None, "guidance_scale": 7.0}
+    assert configured(pipeline, guidance_scale=3.0).sampling_inputs() == {"guidance_schedule": None}
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_defaults_are_those_of_diffusers_ideogram4_script(pipeline, adapter):
+    family = family_for_pipeline(pipeline)
+    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt=PROMPT, adapter=adapter)
+    config = config.with_defaults(family.option_defaults[adapter])
+    assert (config.learning_rate, config.resolution, config.adam_weight_decay) == (1e-4, 512, 1e-4)
+    assert (config.weighting_scheme, config.max_sequence_length) == ("logit_normal", 2048)
+    assert family.denoiser_lora_targets(config) == ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+
+
+def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
+    flags = readme_command("ideogram4", tmp_path)
+    write_subject_images(tmp_path / "dog", count=2)
+    swapped = {
+        "--pretrained_model_name_or_path": pipeline_dirs["ideogram4"],
+        "--max_train_steps": "2",
+        "--resolution": str(TINY_RESOLUTION),
+        "--report_to": "none",
+        "--max_sequence_length": str(SEQUENCE),
+    }
+    flags = [f for f in flags if f != "--push_to_hub" and f.split("=")[0] not in swapped]
+    flags += [f"{name}={value}" for name, value in swapped.items()] + ["--num_validation_images=0"]
+    trainer = DreamBoothTrainer(parse_config(flags))
+    trainer.train()
+    assert trainer.global_step == 2
+    assert (tmp_path / "trained-ideogram4-lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,154 @@
+"""Krea 2: packing and position ids are the pipeline's, latents are normalised as the pipeline un-normalises them,
+prompt embeddings are `encode_prompt`'s, the objective is the velocity on the script's grid, the defaults are those
+of diffusers' script, and its README command trains on the tiny model."""
+
+import pytest
+import torch
+from conftest import TINY_RESOLUTION, write_subject_images
+from diffusers import DiffusionPipeline, Krea2Pipeline
+from family_tester import DreamBoothFamilyTester
+from test_drop_in_options import readme_command
+
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth.cli import parse_config
+from diffusers_dreambooth.safeguards import DreamBoothInputError
+
+PROMPT = "a photo of sks dog"
+SEQUENCE = 64  # tokens per prompt in these tests (the script's 512 is slow on one CPU thread)
+
+
+def generate(pipeline, prompt: str = PROMPT) -> torch.Tensor:
+    output = pipeline(
+        prompt=prompt,
+        num_inference_steps=2,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,  # the pipeline's default is 1024 px whatever the model
+        max_sequence_length=SEQUENCE,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    return torch.from_numpy(output)
+
+
+class TestKrea2(DreamBoothFamilyTester):
+    family = "krea2"
+    # No validation images: validation samples at the pipeline's default 1024 px, minutes on CPU.
+    run_options = {"num_validation_images": 0, "max_sequence_length": SEQUENCE}
+    # Class images are supplied: the pipeline would draw them at 1024 px too.
+    generates_class_images = False
+    # LoRA on the transformer only: Qwen3-VL is frozen, as in diffusers' Krea 2 script.
+    lora_trains_text_encoder = False
+
+    def generate(self, pipeline) -> torch.Tensor:
+        return generate(pipeline)
+
+    def test_train_text_encoder_updates_the_family_text_encoders(self, pipeline_dirs, instance_dir, tmp_path):
+        """Replaced: Qwen3-VL is frozen, as in diffusers' Krea 2 script; the option is refused."""
+        config = self.config(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, max_train_steps=2)
+        with pytest.raises(DreamBoothInputError, match="--train_text_encoder"):
+            DreamBoothTrainer(config).train()
+
+
+@pytest.fixture(scope="module")
+def pipeline(pipeline_dirs):
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["krea2"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def configured(pipeline, adapter: str = "lora", **options):
+    family = family_for_pipeline(pipeline)
+    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt=PROMPT, adapter=adapter, **options)
+    family.configure(config.with_defaults(family.option_defaults[adapter]))
+    return family
+
+
+class Recorder(torch.nn.Module):
+    """A denoiser that records its keyword arguments and returns its packed input, as a perfect identity would."""
+
+    def forward(self, **kwargs) -> tuple[torch.Tensor]:
+        self.kwargs = kwargs
+        return (kwargs["hidden_states"],)
+
+
+def test_predict_packs_with_the_pipelines_position_ids_and_unpacks(pipeline):
+    family = configured(pipeline, max_sequence_length=SEQUENCE)
+    latents = torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    embeds = family.encode_frozen_prompts([PROMPT, "a dog"])
+    timesteps = family.noise_scheduler.timesteps[torch.tensor([100, 600])]
+    recorder = Recorder()
+    prediction = family.predict(recorder, latents, timesteps, embeds, None)
+    torch.testing.assert_close(prediction, latents, rtol=0, atol=0)  # an identity's output unpacks to the input
+    kwargs = recorder.kwargs
+    torch.testing.assert_close(kwargs["hidden_states"], pipeline._pack_latents(latents, 2, 4, 4, 6), rtol=0, atol=0)
+    expected_ids = Krea2Pipeline.prepare_position_ids(embeds["prompt_embeds"].shape[1], 2, 3, "cpu")
+    torch.testing.assert_close(kwargs["position_ids"], expected_ids)
+    torch.testing.assert_close(kwargs["timestep"], timesteps / 1000)
+    assert kwargs["encoder_attention_mask"].dtype == torch.bool
+
+
+def test_prompt_embeddings_are_encode_prompts(pipeline):
+    family = configured(pipeline, max_sequence_length=SEQUENCE)
+    embeds = family.encode_frozen_prompts([PROMPT, "a dog"])
+    expected, mask = pipeline.encode_prompt([PROMPT, "a dog"], device="cpu", max_sequence_length=SEQUENCE)
+    torch.testing.assert_close(embeds["prompt_embeds"], expected.float(), rtol=0, atol=0)
+    assert torch.equal(embeds["prompt_embeds_mask"], mask)
+    assert not torch.equal(embeds["prompt_embeds"][0], embeds["prompt_embeds"][1])  # the prompt is not cut away
+
+
+def test_latents_are_normalised_as_the_pipeline_undoes_them(pipeline):
+    family = configured(pipeline)
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    mean, std = family.encode_image_distribution(pixels)
+    vae = pipeline.vae
+    posterior = vae.encode(pixels.unsqueeze(2)).latent_dist
+    # The pipeline decodes `latents * latents_std + latents_mean`.
+    shape = (1, 4, 1, 1)
+    decoded = mean * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(
+        shape
+    )
+    torch.testing.assert_close(decoded, posterior.mean[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert mean.shape == (1, 4, 8, 8) == std.shape == (1, *family.sample_shape(32))
+    assert family.resolution_multiple == 8  # the tiny VAE halves twice; Krea 2's thrice (16 px)
+
+
+def test_objective_is_the_velocity_on_the_unshifted_grid(pipeline):
+    family = configured(pipeline)
+    # Krea 2's scheduler shifts at sampling only (`use_dynamic_shifting`): the training grid is linear.
+    torch.testing.assert_close(family.noise_scheduler.sigmas, family.noise_scheduler.timesteps / 1000)
+    latents, noise = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    timesteps = family.noise_scheduler.timesteps[torch.tensor([250])]
+    noisy, target = family.noisy_input_and_target(latents, noise, timesteps)
+    sigma = timesteps.item() / 1000
+    torch.testing.assert_close(noisy, torch.full_like(latents, 1 - sigma))
+    torch.testing.assert_close(target, -latents)  # noise - x: the direction the pipeline's Euler steps take
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_defaults_are_those_of_diffusers_krea2_script(pipeline, adapter):
+    config = DreamBoothConfig(instance_data_dir="dog", instance_prompt=PROMPT, adapter=adapter)
+    config = config.with_defaults(family_for_pipeline(pipeline).option_defaults[adapter])
+    assert (config.learning_rate, config.resolution, config.adam_weight_decay) == (3e-4, 512, 1e-4)
+    assert (config.weighting_scheme, config.max_sequence_length) == ("none", 512)
+    family = family_for_pipeline(pipeline)
+    assert "to_gate" in family.denoiser_lora_targets(config) and "time_mod_proj" in family.denoiser_lora_targets(
+        config
+    )
+
+
+def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
+    flags = readme_command("krea2", tmp_path)
+    write_subject_images(tmp_path / "dog", count=2)
+    swapped = {
+        "--pretrained_model_name_or_path": pipeline_dirs["krea2"],
+        "--max_train_steps": "2",
+        "--resolution": str(TINY_RESOLUTION),
+        "--report_to": "none",
+        "--max_sequence_length": str(SEQUENCE),
+    }
+    flags = [f for f in flags if f != "--push_to_hub" and f.split("=")[0] not in swapped]
+    flags += [f"{name}={value}" for name, value in swapped.items()] + ["--num_validation_images=0"]
+    trainer = DreamBoothTrainer(parse_config(flags))
+    trainer.train()
+    assert trainer.global_step == 2
+    assert (tmp_path / "trained-krea2-lora" / "pytorch_lora_weights.safetensors").is_file()
