@@ -93,7 +93,10 @@ def test_prompt_embeddings_are_encode_prompts(pipeline):
     expected, mask = pipeline.encode_prompt([PROMPT, "a dog"], device="cpu", max_sequence_length=SEQUENCE)
     torch.testing.assert_close(embeds["prompt_embeds"], expected.float(), rtol=0, atol=0)
     assert torch.equal(embeds["prompt_embeds_mask"], mask)
-    assert not torch.equal(embeds["prompt_embeds"][0], embeds["prompt_embeds"][1])  # the prompt is not cut away
+    # The template's 34 system tokens are dropped, as with Qwen's tokenizer: the sequence is the prompt's.
+    lengths = [len(pipeline.tokenizer(prompt).input_ids) + 5 for prompt in (PROMPT, "a dog")]  # + the suffix
+    assert embeds["prompt_embeds"].shape[1] == SEQUENCE and mask.sum(dim=1).tolist() == lengths
+    assert not torch.equal(embeds["prompt_embeds"][0], embeds["prompt_embeds"][1])
 
 
 def test_latents_are_normalised_as_the_pipeline_undoes_them(pipeline):

@@ -1,11 +1,11 @@
 """A tiny Qwen3-VL text encoder and its tokenizer, shared by the Qwen3-VL-conditioned families' tiny pipelines
-(Krea 2, Ideogram 4)."""
+(Krea 2, Ideogram 4); the tokenizer is Ideogram 4's (Krea 2 uses Qwen-Image's)."""
 
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLModel
 
-from . import DEFAULT_CORPUS, _seeded, build_llm_tokenizer
+from . import _seeded, build_llm_tokenizer
 
 #: Qwen's chat-template markers and padding token.
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -21,19 +21,10 @@ CHAT_TEMPLATE = (
 )
 
 
-#: Words of Krea 2's system prompt, learnt so that it takes few tokens (the pipeline assumes Qwen's 34) and the
-#: prompt is not truncated away at short `--max_sequence_length`s.
-_SYSTEM_PROMPT_WORDS = (
-    "system user assistant Describe the image by detailing the color, shape, size, texture, quantity, text, spatial"
-    " relationships of the objects and background:"
-)
-
-
 def build_qwen_tokenizer(save_directory: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE with Qwen's chat markers (`<|im_end|>` ends a turn, `<|endoftext|>` pads) and the template."""
     return build_llm_tokenizer(
         save_directory,
-        corpus=(*DEFAULT_CORPUS, *[_SYSTEM_PROMPT_WORDS] * 20),
         special_tokens=(IM_START, IM_END),
         chat_template=CHAT_TEMPLATE,
         eos_token=IM_END,

@@ -6,7 +6,9 @@ from pathlib import Path
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
 
 from . import _seeded
-from ._qwen3vl import build_qwen_tokenizer, tiny_qwen3_vl
+from ._qwen2_tokenizer import build_qwen2_tokenizer
+from ._qwen3vl import tiny_qwen3_vl
+from .qwen_image import _TEMPLATE_WORDS
 
 #: The Krea 2 shift parameters the pipeline's docstring asks its scheduler config for.
 KREA2_SCHEDULER_CONFIG = dict(
@@ -17,7 +19,9 @@ _TEXT_HIDDEN_SIZE = 16
 
 
 def build_tiny_pipeline(tmp_dir: Path, seed: int) -> Krea2Pipeline:
-    tokenizer = build_qwen_tokenizer(tmp_dir / "tokenizer")
+    # Krea 2's template is Qwen-Image's: its system prompt is the 34 tokens the pipeline drops, and `assistant` one
+    # token so that the suffix is the 5 it appends.
+    tokenizer = build_qwen2_tokenizer(tmp_dir / "tokenizer", words=(*_TEMPLATE_WORDS, "assistant"))
     text_encoder = tiny_qwen3_vl(tokenizer, seed, hidden_size=_TEXT_HIDDEN_SIZE, num_layers=2)
     with _seeded(seed):
         transformer = Krea2Transformer2DModel(
