@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, write_subject_images
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 from family_tester import DreamBoothFamilyTester
 from test_drop_in_options import readme_command
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline, validation
 from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.families.ideogram4 import pack, unpack
 from diffusers_dreambooth.safeguards import DreamBoothInputError
@@ -141,9 +141,37 @@ def test_sigma_is_the_resolution_shifted_logit_normal_and_the_target_the_velocit
     torch.testing.assert_close(target, -latents)  # noise - x; the pipeline steps with `-(x - noise)`
 
 
-def test_validation_samples_with_a_constant_guidance(pipeline):
-    assert configured(pipeline).sampling_inputs() == {"guidance_schedule": None, "guidance_scale": 7.0}
-    assert configured(pipeline, guidance_scale=3.0).sampling_inputs() == {"guidance_schedule": None}
+def test_validation_samples_at_the_resolution_with_a_constant_guidance(pipeline):
+    size = {"height": 512, "width": 512}
+    assert configured(pipeline).sampling_inputs() == {**size, "guidance_schedule": None, "guidance_scale": 7.0}
+    assert configured(pipeline, guidance_scale=3.0).sampling_inputs() == {**size, "guidance_schedule": None}
+
+
+def test_validation_images_are_sampled(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
+    images = []
+    original = validation.generate_validation_images
+
+    def recorded(*args, **kwargs):
+        images.extend(original(*args, **kwargs))
+        return images
+
+    monkeypatch.setattr(validation, "generate_validation_images", recorded)
+    config = tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        max_train_steps=1,
+        max_sequence_length=SEQUENCE,
+        validation_prompt=PROMPT,
+        validation_steps=1,
+        validation_inference_steps=2,
+        num_validation_images=1,
+        # The card's final samples pass no family inputs yet, and the default guidance schedule fails at 2 steps.
+        skip_final_inference=True,
+    )
+    DreamBoothTrainer(config).train()
+    assert [image.size for image in images] == [(TINY_RESOLUTION, TINY_RESOLUTION)]  # at the training resolution
 
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])

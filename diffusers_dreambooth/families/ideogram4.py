@@ -63,19 +63,22 @@ class Ideogram4Family(LLMPromptFamily):
         for adapter in ("full", "lora")
     }
 
+    size = (512, 512)
     pixels = 512 * 512
     guidance_scale = None
 
     def configure(self, config: DreamBoothConfig) -> None:
         super().configure(config)
-        height, width = height_and_width(config.resolution)
-        self.pixels = height * width
+        self.size = height_and_width(config.resolution)
+        self.pixels = self.size[0] * self.size[1]
         self.guidance_scale = config.guidance_scale
 
     def sampling_inputs(self) -> dict[str, Any]:
-        """A constant guidance instead of the pipeline's 48-step schedule, which fails at other step counts:
+        """Validation at the training resolution, as diffusers' script validates (the pipeline's default is 2048 px),
+        with a constant guidance instead of the pipeline's 48-step schedule, which fails at other step counts:
         `--guidance_scale`, else the schedule's main value (7.0)."""
-        inputs = {"guidance_schedule": None}
+        height, width = self.size
+        inputs = {"height": height, "width": width, "guidance_schedule": None}
         if self.guidance_scale is None:
             inputs["guidance_scale"] = DEFAULT_GUIDANCE_SCALE
         return inputs
