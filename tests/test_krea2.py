@@ -5,13 +5,15 @@ of diffusers' script, and its README command trains on the tiny model."""
 import pytest
 import torch
 from conftest import TINY_RESOLUTION, write_subject_images
-from diffusers import DiffusionPipeline, Krea2Pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 from family_tester import DreamBoothFamilyTester
 from test_drop_in_options import readme_command
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.safeguards import DreamBoothInputError
+from diffusers_dreambooth.testing_utils.krea2 import KREA2_SCHEDULER_CONFIG
+from diffusers_dreambooth.validation import sampling_scheduler
 
 PROMPT = "a photo of sks dog"
 SEQUENCE = 64  # tokens per prompt in these tests (the script's 512 is slow on one CPU thread)
@@ -155,3 +157,24 @@ def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
     trainer.train()
     assert trainer.global_step == 2
     assert (tmp_path / "trained-krea2-lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["raw", "turbo"])
+def test_dpm_solver_samples_krea2_as_its_own_scheduler_does(pipeline, distilled):
+    """Validation's DPM-Solver++ follows the pipeline's resolution shift `mu` (RAW) or its fixed 1.15 (Turbo)."""
+
+    def generate(steps: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        size = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION, "max_sequence_length": SEQUENCE}
+        return pipeline(PROMPT, num_inference_steps=steps, generator=generator, output_type="pt", **size).images
+
+    original = pipeline.scheduler
+    pipeline.register_to_config(is_distilled=distilled)
+    try:
+        pipeline.scheduler = FlowMatchEulerDiscreteScheduler(**KREA2_SCHEDULER_CONFIG)
+        reference = generate(200)  # the model's own scheduler, near the ODE's solution
+        pipeline.scheduler = sampling_scheduler("DPMSolverMultistepScheduler", pipeline.scheduler)
+        assert (generate(25) - reference).abs().max() < 0.01
+    finally:
+        pipeline.scheduler = original
+        pipeline.register_to_config(is_distilled=False)
