@@ -29,6 +29,7 @@ frozen base with `cast_frozen_base` (quantized diffusers models refuse `.to(dtyp
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -253,7 +254,7 @@ def _quantized_linear(layer: torch.nn.Linear, bnb_config) -> torch.nn.Module:
         # multiple of the block size and breaks training after it: the training kernel serves inference too.
         quantized.support_avx512bf16_for_cpu = False
     else:
-        quantized = bnb.nn.Linear8bitLt(
+        quantized = _flat_input_linear8bit()(
             layer.in_features,
             layer.out_features,
             bias=has_bias,
@@ -265,6 +266,20 @@ def _quantized_linear(layer: torch.nn.Linear, bnb_config) -> torch.nn.Module:
     if has_bias:
         quantized.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
     return quantized.to(weight.device)  # bitsandbytes quantizes the weights as they move to a device
+
+
+@functools.cache
+def _flat_input_linear8bit() -> type:
+    import bitsandbytes as bnb
+
+    class FlatInputLinear8bitLt(bnb.nn.Linear8bitLt):
+        """`Linear8bitLt` on rows: bitsandbytes' CPU int8 kernel fails on some inputs of more than two dimensions
+        (Krea 2's sampling), so the input is flattened to 2-D and the output given back its shape."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+    return FlatInputLinear8bitLt
 
 
 def cast_frozen_base(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
