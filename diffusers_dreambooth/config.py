@@ -495,8 +495,9 @@ class DreamBoothConfig:
         None, "FLUX.1 Kontext: an image that validation edits with `validation_prompt` (at the training resolution)."
     )
     text_encoder_out_layers: list[int] | None = _option(
-        None, "FLUX.2: the text-encoder hidden states stacked into prompt embeddings; default [dev] 10 20 30, [klein]"
-        " 9 18 27 (its pipeline's)."
+        None,
+        "FLUX.2: the text-encoder hidden states stacked into prompt embeddings; default [dev] 10 20 30, [klein]"
+        " 9 18 27 (its pipeline's).",
     )
     pretrained_tokenizer_4_name_or_path: str | None = _option(
         None,

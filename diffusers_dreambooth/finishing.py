@@ -27,7 +27,7 @@ from . import checkpoints
 from .config import CONFIG_NAME, DreamBoothConfig
 from .data import load_subject_photos
 from .evaluation import describe_evaluation_model, evaluate_subject, load_evaluation_models, paper_prompts
-from .families import family_class_named
+from .families import DreamBoothFamily, family_class_named, family_for_pipeline
 from .hub import default_repo_name, push_subject_folder
 from .model_card import write_model_card
 from .subject import SUBJECT_FILE_NAME, SUBJECT_PLACEHOLDER, SubjectMetadata, fill_subject
@@ -65,6 +65,8 @@ class FinishingJob:
     seed: int
     #: Each subject's photos, as evaluation compares generated images with them (None where evaluation is not run).
     subject_photos: list[list[Image.Image]] | None
+    #: The configured family of the pipeline, whose `sampling_inputs` every image is drawn with (None with it).
+    family: DreamBoothFamily | None = None
     #: The precision generation runs in (the trainer's `accelerator.autocast`).
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
@@ -121,7 +123,8 @@ def write_samples(job: FinishingJob) -> None:
     default = [prompt] if prompt else [s.instance_prompt for s in metadata.subjects]
     prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or default]
     with job.autocast():
-        rows = [generate_validation_images(job.pipeline, config, job.seed, prompt=p) for p in prompts]
+        inputs = job.family.validation_inputs()
+        rows = [generate_validation_images(job.pipeline, config, job.seed, p, inputs) for p in prompts]
     staging = checkpoints.final_staging_dir(job.output_dir)
     (staging / SAMPLES_FOLDER).mkdir()
     metadata.sample_prompt = prompts[0]
@@ -144,7 +147,7 @@ def write_evaluation(job: FinishingJob) -> None:
 
     def generate(batch: list[str], seed: int) -> list[Image.Image]:
         with job.autocast():
-            return generate_images(job.pipeline, config, batch, seed)
+            return generate_images(job.pipeline, config, batch, seed, **job.family.sampling_inputs())
 
     metrics, num_prompts = {}, 0
     for subject, data, photos in zip(metadata.subjects, config.subject_data(), job.subject_photos):
@@ -212,6 +215,8 @@ def load_finishing_job(
         job.pipeline = DreamBoothPipeline.from_pretrained(output_dir).pipeline
         job.pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         job.pipeline.set_progress_bar_config(disable=True)
+        job.family = family_for_pipeline(job.pipeline)
+        job.family.configure(config)  # the saved config holds the family's defaults: sampling as in training
     if "evaluation" in stages:
         job.subject_photos = [
             [image.image for image in load_subject_photos(config, data)] for data in config.subject_data()

@@ -13,6 +13,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -62,6 +63,7 @@ def generate_class_images(
     missing: list[int] | None = None,
     guidance_scale: float | None = None,
     scheduler: str = "pipeline",
+    sampling_inputs: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Generate the missing class images with `pipeline` and return the paths this process wrote.
 
@@ -80,6 +82,7 @@ def generate_class_images(
         precision (`str`, *optional*): `fp16` or `bf16` runs generation under autocast; weights are unchanged.
             Unset: fp16 on CUDA, full precision elsewhere (diffusers' scripts' default).
         guidance_scale (`float`, *optional*): classifier-free guidance; unset, the pipeline's default.
+        sampling_inputs (`dict`, *optional*): more arguments of the pipeline's call (the family's `sampling_inputs`).
         scheduler (`str`, *optional*, defaults to `"pipeline"`): a scheduler class name of
             `validation.SAMPLING_SCHEDULERS` to sample with (the trainer passes `--prior_generation_scheduler`).
 
@@ -110,6 +113,7 @@ def generate_class_images(
                 generator=generators,
                 num_inference_steps=num_inference_steps,
                 **({} if guidance_scale is None else {"guidance_scale": guidance_scale}),
+                **(sampling_inputs or {}),
             ).images
             for index, image in zip(indices, images):
                 path = class_image_path(class_data_dir, index)

@@ -262,6 +262,7 @@ class DreamBoothTrainer:
             missing=missing,
             guidance_scale=config.guidance_scale,
             scheduler=config.prior_generation_scheduler,
+            sampling_inputs=self.family.sampling_inputs(),
         )
         accelerator.wait_for_everyone()
 
@@ -937,7 +938,7 @@ class DreamBoothTrainer:
                 self.global_step,
                 self.seed,
                 self.accelerator.trackers,
-                sampling_inputs=self.family.sampling_inputs(),
+                sampling_inputs=self.family.validation_inputs(),
                 prompt=fill_subject(self.config.validation_prompt, self._subjects(self.config)),
             )
         if self.ema is not None:
@@ -974,7 +975,8 @@ class DreamBoothTrainer:
         checkpoints.publish_final(staging, output_dir, last=SUBJECT_FILE_NAME)
         logger.info("Saved the trained subject to %s", output_dir)
         photos = [[image.image for image in subject_photos] for subject_photos in self.subject_photos]
-        job = FinishingJob(self.pipeline, config, output_dir, metadata, self.seed, photos, accelerator.autocast)
+        job = FinishingJob(self.pipeline, config, output_dir, metadata, self.seed, photos, self.family)
+        job.autocast = accelerator.autocast
         finish_subject(job, job.requested_stages())
 
     def subject_metadata(self) -> SubjectMetadata:

@@ -21,10 +21,8 @@ PROMPT = "a photo of sks dog"
 
 class TestFluxKontext(DreamBoothFamilyTester):
     family = "flux_kontext"
-    # FluxKontextPipeline samples at `max_area` (1024x1024 by default, whatever height and width say): generation
-    # here asks for the tiny size, and class images are supplied (generating them would take minutes on the tiny
-    # model; the trainer draws them as the script does, at the pipeline's default).
-    generates_class_images = False
+    # FluxKontextPipeline samples at `max_area` (1024x1024 by default, whatever height and width say): the family's
+    # `sampling_inputs` ask for the training resolution's area, and generation here for the tiny size.
     run_options = {"num_validation_images": 0}
     frozen_text_encoders = ("text_encoder_2",)  # T5, as diffusers' Flux scripts
 
@@ -245,11 +243,10 @@ def test_validation_image_is_edited(pipeline_dirs, tmp_path):
         validation_image=str(tmp_path / "cond.png"),
         num_validation_images=1,
         validation_steps=2,
-        skip_final_inference=True,  # card samples: the pipeline's 1024x1024, minutes on the tiny model here
     )
     trainer = DreamBoothTrainer(config)
     trainer.train()
-    inputs = trainer.family.sampling_inputs()
+    inputs = trainer.family.validation_inputs()
     assert inputs["image"].size == (TINY_RESOLUTION, TINY_RESOLUTION) and inputs["_auto_resize"] is False
     written = sorted((tmp_path / "out" / "validation").rglob("*.png"))
     assert written and Image.open(written[0]).size == (TINY_RESOLUTION, TINY_RESOLUTION)

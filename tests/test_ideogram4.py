@@ -39,9 +39,6 @@ def generate(pipeline, prompt: str = PROMPT) -> torch.Tensor:
 class TestIdeogram4(DreamBoothFamilyTester):
     family = "ideogram4"
     run_options = {"num_validation_images": 0, "max_sequence_length": SEQUENCE}
-    # Class images are supplied: the pipeline's default 48-step guidance schedule fails at other step counts, and
-    # class-image generation passes no family inputs (validation does: `sampling_inputs`).
-    generates_class_images = False
     # LoRA on the transformer only: Qwen3-VL is frozen, as in diffusers' Ideogram 4 script.
     lora_trains_text_encoder = False
 

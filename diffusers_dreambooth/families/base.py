@@ -161,8 +161,14 @@ class DreamBoothFamily:
             )
 
     def sampling_inputs(self) -> dict[str, Any]:
-        """Extra arguments of the pipeline's call that make sampling match training (stage II: its noise level)."""
+        """Extra arguments of the pipeline's call that make sampling match training (stage II: its noise level; an
+        LLM family: its prompt template options), for every image drawn: class images, validation, card samples and
+        evaluation."""
         return {}
+
+    def validation_inputs(self) -> dict[str, Any]:
+        """`sampling_inputs`, plus what validation and card samples alone take (FLUX.1 Kontext: the image to edit)."""
+        return self.sampling_inputs()
 
     def warn_if_attention_mask_ignored(self, config: DreamBoothConfig) -> None:
         if config.text_encoder_use_attention_mask and not self.uses_attention_mask:

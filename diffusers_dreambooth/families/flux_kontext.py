@@ -60,9 +60,13 @@ class FluxKontextFamily(FluxFamily):
             self.validation_image = ImageOps.fit(image, size, RESAMPLING[config.image_interpolation_mode])
 
     def sampling_inputs(self) -> dict[str, Any]:
-        """Images at the training resolution's area; with `--validation_image`, that image (cut to the training
-        square, as conditions are in training) edited."""
-        inputs: dict[str, Any] = {"max_area": self.sampling_size**2}
+        """Images at the training resolution's area (the pipeline's default is 1024 px whatever the model)."""
+        return {"max_area": self.sampling_size**2}
+
+    def validation_inputs(self) -> dict[str, Any]:
+        """With `--validation_image`, that image (cut to the training square, as conditions are in training)
+        edited."""
+        inputs = self.sampling_inputs()
         if self.validation_image is not None:
             inputs.update(image=self.validation_image, _auto_resize=False)
         return inputs
