@@ -28,8 +28,8 @@ EXPECTED = {
     "sana-lora.yaml": ("sana", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "lora", 1024),
     "lumina2-lora.yaml": ("lumina2", "Alpha-VLLM/Lumina-Image-2.0", "lora", 1024),
     "hidream-lora.yaml": ("hidream", "HiDream-ai/HiDream-I1-Dev", "lora", 1024),
-    "qwen-image-lora.yaml": ("qwen_image", "Qwen/Qwen-Image", "lora", 1024),
-    "z-image-lora.yaml": ("z_image", "Tongyi-MAI/Z-Image", "lora", 1024),
+    "qwen-image-lora.yaml": ("qwen-image", "Qwen/Qwen-Image", "lora", 1024),
+    "z-image-lora.yaml": ("z-image", "Tongyi-MAI/Z-Image", "lora", 1024),
     "krea2-lora.yaml": ("krea2", "krea/Krea-2-Raw", "lora", 1024),
     "ideogram4-lora.yaml": ("ideogram4", "ideogram-ai/ideogram-v4", "lora", 1024),
     "playground-v2.5-lora.yaml": (

@@ -73,6 +73,7 @@ def test_lora_trains_on_a_quantized_base_and_loads_on_the_unquantized_one(
         learning_rate=1e-2,
         checkpointing_steps=100,
         center_crop=True,
+        skip_final_inference=True,  # card samples at the pipelines' default sizes are what this test does not need
     )
     trainer = FixedBatchProbe(config)
     pipeline = trainer.train()

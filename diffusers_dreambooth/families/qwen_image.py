@@ -36,7 +36,7 @@ def qwen_vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 
 class QwenImageFamily(LLMPromptFamily):
-    name = "qwen_image"
+    name = "qwen-image"
     hub_tags = ("qwen-image", "qwen-image-diffusers")
     pipeline_class_names = ("QwenImagePipeline",)
     denoiser_name = "transformer"

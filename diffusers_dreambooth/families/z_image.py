@@ -26,7 +26,7 @@ from .llm import LLMPromptFamily
 
 
 class ZImageFamily(LLMPromptFamily):
-    name = "z_image"
+    name = "z-image"
     hub_tags = ("z-image",)  # diffusers' script's card tags
     pipeline_class_names = ("ZImagePipeline",)
     denoiser_name = "transformer"
