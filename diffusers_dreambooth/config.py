@@ -73,6 +73,10 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
+#: Defaults of options that only some families' scripts set otherwise (`DreamBoothFamily.option_defaults`).
+FALLBACK_DEFAULTS: dict[str, Any] = {"rank": 4, "logit_std": 1.0}
+
+
 def parse_bucket_sizes(text: str) -> list[tuple[int, int]]:
     """The `(height, width)` sizes of diffusers' `--aspect_ratio_buckets` list, `"H,W;H,W;..."`.
 
@@ -320,7 +324,11 @@ class DreamBoothConfig:
         " for SD3, none (uniform) for Flux.",
     )
     logit_mean: float = _option(0.0, "Flow matching: mean of the `logit_normal` timestep density.")
-    logit_std: float = _option(1.0, "Flow matching: std of the `logit_normal` timestep density.")
+    logit_std: float | None = _option(
+        None,
+        "Flow matching: std of the `logit_normal` timestep density; default: the family's script's (1.0;"
+        " Ideogram 4: 1.5).",
+    )
     mode_scale: float = _option(1.29, "Flow matching: scale of the `mode` timestep density.")
     precondition_outputs: int | None = _option(
         None,
@@ -361,7 +369,7 @@ class DreamBoothConfig:
     local_rank: int = _option(-1, "Set by distributed launchers; use `accelerate launch` instead.")
 
     # LoRA
-    rank: int = _option(4, "LoRA rank.")
+    rank: int | None = _option(None, "LoRA rank; default: the family's script's (4; Krea 2: 32).")
     lora_alpha: int | None = _option(None, "LoRA alpha; default: equal to rank (scale 1).")
     lora_dropout: float = _option(0.0, "LoRA dropout.")
     lora_target_modules: str | None = _option(
@@ -940,7 +948,7 @@ class DreamBoothConfig:
             raise ValueError(f"`--max_sequence_length` must be at least 1, got {self.max_sequence_length}.")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"`--ema_decay` must be in [0, 1], got {self.ema_decay}.")
-        if self.logit_std <= 0:
+        if self.logit_std is not None and self.logit_std <= 0:
             raise ValueError(f"`--logit_std` must be positive, got {self.logit_std}.")
 
     def _check_mixed_precision(self) -> None:
@@ -967,7 +975,7 @@ class DreamBoothConfig:
             if self.output_kohya_format:
                 raise ValueError("`--output_kohya_format` exports a LoRA adapter; it needs `--adapter lora`.")
             return
-        if self.rank < 1:
+        if self.rank is not None and self.rank < 1:
             raise ValueError(f"`--rank` must be at least 1 for `--adapter lora`, got {self.rank}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(
@@ -1001,7 +1009,9 @@ class DreamBoothConfig:
     # Derived values and serialisation
 
     def with_defaults(self, defaults: dict[str, Any]) -> DreamBoothConfig:
-        """A copy whose unset (None) fields take `defaults`, the family's values for this adapter."""
+        """A copy whose unset (None) fields take `defaults`, the family's values for this adapter, else
+        `FALLBACK_DEFAULTS`."""
+        defaults = {**FALLBACK_DEFAULTS, **defaults}
         unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset) if unset else self
 

@@ -177,7 +177,8 @@ def test_defaults_are_those_of_diffusers_ideogram4_script(pipeline, adapter):
     config = DreamBoothConfig(instance_data_dir="dog", instance_prompt=PROMPT, adapter=adapter)
     config = config.with_defaults(family.option_defaults[adapter])
     assert (config.learning_rate, config.resolution, config.adam_weight_decay) == (1e-4, 512, 1e-4)
-    assert (config.weighting_scheme, config.max_sequence_length) == ("logit_normal", 2048)
+    assert (config.weighting_scheme, config.max_sequence_length, config.logit_std) == ("logit_normal", 2048, 1.5)
+    assert (config.rank, config.lora_scale_alpha) == (4, 4)
     assert family.denoiser_lora_targets(config) == ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 
 

@@ -135,6 +135,7 @@ def test_defaults_are_those_of_diffusers_krea2_script(pipeline, adapter):
     config = config.with_defaults(family_for_pipeline(pipeline).option_defaults[adapter])
     assert (config.learning_rate, config.resolution, config.adam_weight_decay) == (3e-4, 512, 1e-4)
     assert (config.weighting_scheme, config.max_sequence_length) == ("none", 512)
+    assert (config.rank, config.lora_scale_alpha) == (32, 32)
     family = family_for_pipeline(pipeline)
     assert "to_gate" in family.denoiser_lora_targets(config) and "time_mod_proj" in family.denoiser_lora_targets(
         config

@@ -54,9 +54,8 @@ class Ideogram4Family(LLMPromptFamily):
             "resolution": 512,
             "image_interpolation_mode": "bilinear",
             "adam_weight_decay": 1e-4,
-            # The script's `--logit_std` default is 1.5 (the pipeline's schedule); `DreamBoothConfig.logit_std`
-            # defaults to 1.0, not unset, so it cannot be defaulted here: pass `--logit_std 1.5`.
             "weighting_scheme": "logit_normal",
+            "logit_std": 1.5,  # the script's (the pipeline's schedule)
             "precondition_outputs": 0,
             "max_sequence_length": 2048,
         }

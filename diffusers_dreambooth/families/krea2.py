@@ -57,6 +57,7 @@ class Krea2Family(LLMPromptFamily):
     option_defaults = {
         adapter: {
             "learning_rate": 3e-4,
+            "rank": 32,  # the script's rank and alpha (alpha = rank by default)
             "resolution": 512,
             "image_interpolation_mode": "bilinear",
             "adam_weight_decay": 1e-4,
