@@ -20,7 +20,7 @@ from accelerate.state import PartialState
 
 from .config import CONFIG_NAME, DreamBoothConfig, SubjectData
 from .data import check_image_folder
-from .families import DreamBoothFamily, family_class_named
+from .families import FAMILIES, DreamBoothFamily, family_class_named
 from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
 from .model_card import is_hub_id
 from .pipeline_loading import check_pipeline_source
@@ -112,12 +112,25 @@ def _folder_resolution_multiple(folder: Path) -> int | None:
         return None
 
 
+def check_family_options(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
+    """Refuse an option set for a family that does not read it (`DreamBoothFamily.family_options`): Sana's
+    `--complex_human_instruction` on Flux, say, would otherwise be silently ignored."""
+    for option in dict.fromkeys(name for other in FAMILIES for name in other.family_options):
+        if getattr(config, option) and option not in family.family_options:
+            readers = ", ".join(other.name for other in FAMILIES if option in other.family_options)
+            raise DreamBoothInputError(
+                f"`--{option}` is an option of {readers}, not of {family.name} (`{type(family.pipeline).__name__}`)."
+                " Remove it."
+            )
+
+
 def check_inputs(config: DreamBoothConfig, family: DreamBoothFamily) -> None:
     """Check `--output_dir` against the run saved there, then warn about prompts that train badly.
 
     Called by the trainer once the base pipeline is loaded and `family` known. A resume into a folder that holds a
     different run raises on every process; the prompt warnings are logged by the main process only.
     """
+    check_family_options(config, family)
     check_output_dir(config)
     check_push_target(config, config.pretrained_model_name_or_path or family.pipeline.name_or_path)
     check_sampling_schedulers(config, family)

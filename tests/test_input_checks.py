@@ -4,6 +4,7 @@ Each error and warning names the option and the value received.
 """
 
 import logging
+import re
 
 import pytest
 import torch
@@ -368,3 +369,19 @@ def test_an_output_dir_that_is_a_file_stops_the_python_api_before_loading(pipeli
     config = tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out")
     with pytest.raises(DreamBoothInputError, match="is an existing file, not a folder"):
         DreamBoothTrainer(config).train()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"complex_human_instruction": "Describe the image."}, "`--complex_human_instruction` is an option of sana"),
+        ({"system_prompt": "You are an artist."}, "`--system_prompt` is an option of lumina2"),
+        ({"text_encoder_out_layers": [1, 2, 3]}, "`--text_encoder_out_layers` is an option of flux2, flux2-klein"),
+        ({"do_edm_style_training": True}, "`--do_edm_style_training` is an option of stable-diffusion-xl"),
+    ],
+)
+def test_another_familys_option_is_refused_not_ignored(pipeline_dirs, instance_dir, tmp_path, options, message):
+    config = tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out", **options)
+    with pytest.raises(DreamBoothInputError, match=f"{re.escape(message)}, not of stable-diffusion"):
+        DreamBoothTrainer(config).train()
+    assert not (tmp_path / "out" / "checkpoint-1").exists()

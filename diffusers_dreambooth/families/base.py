@@ -57,6 +57,9 @@ class DreamBoothFamily:
 
     #: Short name used in cards, configs and error messages.
     name: ClassVar[str]
+    #: Options of `DreamBoothConfig` that only some families' scripts have and this family reads; another family
+    #: refuses them when set (`input_checks.check_family_options`) rather than ignore them.
+    family_options: ClassVar[tuple[str, ...]] = ()
     #: Hub tags of its model cards beside `dreambooth` and `diffusers` (as diffusers' script for the family tags them).
     hub_tags: ClassVar[tuple[str, ...]] = ()
     #: Names of the diffusers pipeline classes this family trains.

@@ -219,6 +219,7 @@ class Flux2Family(LLMPromptFamily):
 
 class Flux2DevFamily(Flux2Family):
     name = "flux2"
+    family_options = ("text_encoder_out_layers",)
     hub_tags = ("flux2", "flux2-diffusers")
     pipeline_class_names = ("Flux2Pipeline",)
     option_defaults = flux2_option_defaults([10, 20, 30])
@@ -226,6 +227,7 @@ class Flux2DevFamily(Flux2Family):
 
 class Flux2KleinFamily(Flux2Family):
     name = "flux2-klein"
+    family_options = ("text_encoder_out_layers", "caption_dropout")
     hub_tags = ("flux2-klein", "flux2-klein-diffusers")
     pipeline_class_names = ("Flux2KleinPipeline",)
     drops_captions = True

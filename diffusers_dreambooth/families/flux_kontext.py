@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 class FluxKontextFamily(FluxFamily):
     name = "flux-kontext"
+    family_options = ("cond_image_column", "validation_image")
     # The script's card tags `flux` and `flux-kontextflux-diffusers` (a missing comma joins `flux-kontext` and
     # `flux-diffusers`); these are the tags it means.
     hub_tags = ("flux", "flux-kontext", "flux-diffusers")

@@ -32,6 +32,7 @@ TRAINING_SHIFT = 3.0
 
 class HiDreamFamily(LLMPromptFamily):
     name = "hidream"
+    family_options = ("pretrained_text_encoder_4_name_or_path", "pretrained_tokenizer_4_name_or_path")
     hub_tags = ("hidream", "hidream-diffusers")
     pipeline_class_names = ("HiDreamImagePipeline",)
     denoiser_name = "transformer"

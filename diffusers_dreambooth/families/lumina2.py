@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 class Lumina2Family(LLMPromptFamily):
     name = "lumina2"
+    family_options = ("system_prompt",)
     hub_tags = ("lumina2", "lumina2-diffusers")
     pipeline_class_names = ("Lumina2Pipeline",)
     denoiser_name = "transformer"

@@ -34,6 +34,7 @@ def dc_ae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 class SanaFamily(LLMPromptFamily):
     name = "sana"
+    family_options = ("complex_human_instruction",)
     hub_tags = ("sana", "sana-diffusers")
     pipeline_class_names = ("SanaPipeline",)
     denoiser_name = "transformer"

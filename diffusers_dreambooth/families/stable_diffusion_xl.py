@@ -32,6 +32,7 @@ def is_edm_scheduler(scheduler) -> bool:
 
 class StableDiffusionXLFamily(DreamBoothFamily):
     name = "stable-diffusion-xl"
+    family_options = ("do_edm_style_training",)
     hub_tags = ("stable-diffusion-xl",)
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
