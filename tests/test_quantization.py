@@ -22,7 +22,7 @@ from diffusers_dreambooth.families import family_for_pipeline
 from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 #: Existing families, and every family module of `testing_utils` (the new families of #17).
-FAMILIES = ["sd", "flux", "sd3"] + sorted(
+FAMILIES = ["sd", "sdxl", "sd3", "flux", "if"] + sorted(
     info.name for info in pkgutil.iter_modules(testing_utils.__path__) if not info.name.startswith("_")
 )
 LAYERS = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}
