@@ -12,7 +12,7 @@ import yaml
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothInputError, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.model_card import FAMILY_TAGS
 
@@ -68,6 +68,9 @@ class DreamBoothFamilyTester:
     run_options: dict = {}
     #: Pipeline arguments besides the prompt that generation needs (a super-resolution stage's input image).
     call_options: dict = {}
+    #: Whether `--train_text_encoder` trains (False: LLM text encoders, frozen as in diffusers' scripts, so the option
+    #: is refused before training).
+    trains_text_encoders: bool = True
     #: Whether `--train_text_encoder` combines with LoRA (DeepFloyd IF: no, diffusers cannot load a T5 LoRA).
     lora_trains_text_encoder: bool = True
     #: Whether the pipeline makes class images from the class prompt; if not, the tests supply them.
@@ -121,6 +124,12 @@ class DreamBoothFamilyTester:
 
     def test_train_text_encoder_updates_the_family_text_encoders(self, pipeline_dirs, instance_dir, tmp_path):
         config = self.config(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, max_train_steps=2)
+        if not self.trains_text_encoders:
+            trainer = DreamBoothTrainer(config)
+            with pytest.raises(DreamBoothInputError, match="--train_text_encoder"):
+                trainer.train()
+            assert not (tmp_path / "out" / "checkpoint-2").exists()
+            return
         base = DiffusionPipeline.from_pretrained(pipeline_dirs[self.family])
         pipeline = DreamBoothTrainer(config).train()
         for name, encoder in text_encoders(base).items():

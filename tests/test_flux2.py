@@ -24,19 +24,14 @@ KEYS = ("flux2", "flux2_klein")
 
 
 class Flux2Tester(DreamBoothFamilyTester):
+    trains_text_encoders = False  # its text encoders are frozen, as in diffusers' script: refused
     # No validation images: FLUX.2 pipelines sample 256 px (128 latents) by default whatever the model.
     run_options = {"num_validation_images": 0}
-    lora_trains_text_encoder = False  # the LLM text encoders are frozen (test replaced below)
+    lora_trains_text_encoder = False  # the LLM text encoders are frozen
 
     def generate(self, pipeline) -> torch.Tensor:
         # `Flux2Pipeline`'s first argument is its condition image: the prompt goes by name.
         return generate(pipeline)
-
-    def test_train_text_encoder_updates_the_family_text_encoders(self, pipeline_dirs, instance_dir, tmp_path):
-        """Replaced: the LLM text encoders are frozen, as in diffusers' FLUX.2 scripts; the option is refused."""
-        config = self.config(pipeline_dirs, instance_dir, tmp_path, train_text_encoder=True, max_train_steps=2)
-        with pytest.raises(DreamBoothInputError, match="--train_text_encoder"):
-            DreamBoothTrainer(config).train()
 
 
 class TestFlux2(Flux2Tester):
