@@ -25,6 +25,7 @@ from huggingface_hub import CommitInfo, hf_hub_download, snapshot_download
 from .families import family_for_pipeline
 from .hub import push_subject_folder
 from .model_card import write_model_card
+from .pipeline_loading import load_pipeline
 from .pivotal import load_token_embeddings
 from .subject import SUBJECT_FILE_NAME, SUPER_RESOLUTION_FOLDER, SubjectMetadata, fill_subject
 
@@ -131,14 +132,14 @@ class DreamBoothPipeline:
         if metadata.adapter == "full":
             for name in _components_saved_as_none(source, **hub):
                 kwargs.setdefault(name, None)  # e.g. SD3 trained without T5: diffusers reloads it only when told
-            pipeline = DiffusionPipeline.from_pretrained(source, **hub, **kwargs)
+            pipeline = load_pipeline(source, **hub, **kwargs)
             return cls(pipeline, metadata, source)
         base = base_model or metadata.base_model
         if not base:
             raise ValueError(
                 f"`{source}` is a LoRA subject whose base model is not recorded; pass `base_model=` to load it."
             )
-        pipeline = DiffusionPipeline.from_pretrained(
+        pipeline = load_pipeline(
             base,
             revision=metadata.base_model_revision if base == metadata.base_model else None,
             variant=metadata.base_model_variant if base == metadata.base_model else None,

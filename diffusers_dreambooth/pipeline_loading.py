@@ -54,18 +54,26 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
     for name, path in separate_component_sources(config).items():
         overrides[name] = load_separate_component(config, name, path, torch.float32)
     with _readable_load_errors("pretrained_model_name_or_path", source):
-        tokenizers = processor_tokenizers(config, skip=overrides)  # loaded apart: diffusers checks their class
-        pipeline = DiffusionPipeline.from_pretrained(
+        return load_pipeline(
             source,
             revision=config.revision,
-            variant=config.variant,
             cache_dir=config.cache_dir,
+            variant=config.variant,
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             **overrides,
-            **dict.fromkeys(tokenizers),
             **pipeline_quantization_loading(config),
         )
+
+
+def load_pipeline(
+    source: str, revision: str | None = None, cache_dir: str | None = None, **kwargs
+) -> DiffusionPipeline:
+    """`DiffusionPipeline.from_pretrained`, where a processor component that cannot load here is replaced by its
+    tokenizer alone (`processor_tokenizers`), set after loading since diffusers checks a passed component's class."""
+    tokenizers = processor_tokenizers(source, revision, cache_dir, skip=kwargs)
+    kwargs.update(dict.fromkeys(tokenizers))
+    pipeline = DiffusionPipeline.from_pretrained(source, revision=revision, cache_dir=cache_dir, **kwargs)
     pipeline.register_modules(**tokenizers)
     return pipeline
 
@@ -90,8 +98,11 @@ def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.
         )
 
 
-def processor_tokenizers(config: DreamBoothConfig, skip: Mapping[str, Any] = {}) -> dict[str, Any]:
-    """The tokenizer alone of each transformers processor component that cannot be loaded here, by component name.
+def processor_tokenizers(
+    source: str, revision: str | None = None, cache_dir: str | None = None, skip: Mapping[str, Any] = {}
+) -> dict[str, Any]:
+    """The tokenizer alone of each transformers processor component of the pipeline `source` that cannot be loaded
+    here, by component name: what to pass to `from_pretrained` so that it loads.
 
     FLUX.2 [dev]'s `tokenizer` is a `PixtralProcessor`, which transformers loads only with torchvision; its pipeline
     reads only the tokenizer's `apply_chat_template` from it, so training and text-to-image sampling need no more.
@@ -100,7 +111,7 @@ def processor_tokenizers(config: DreamBoothConfig, skip: Mapping[str, Any] = {})
     import transformers
     from transformers import AutoTokenizer
 
-    source, options = config.pretrained_model_name_or_path, dict(revision=config.revision, cache_dir=config.cache_dir)
+    options = dict(revision=revision, cache_dir=cache_dir)
     tokenizers = {}
     for name, spec in DiffusionPipeline.load_config(source, **options).items():
         if name in skip or not isinstance(spec, list) or len(spec) != 2 or spec[0] != "transformers":

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2K
 from family_tester import DreamBoothFamilyTester
 from test_drop_in_options import readme_command
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.pipeline_loading import load_base_pipeline
 from diffusers_dreambooth.safeguards import DreamBoothInputError
@@ -302,7 +302,12 @@ def test_the_dev_tokenizer_loads_alone_where_the_pixtral_processor_cannot(pipeli
     torch.testing.assert_close(
         family.encode_frozen_prompts([PROMPT]), reference.encode_frozen_prompts([PROMPT]), rtol=0, atol=0
     )
-    assert DreamBoothTrainer(config).train().transformer is not None
+    trained = DreamBoothTrainer(config).train()
+    # The trained LoRA loads on that base with `DreamBoothPipeline` too (card samples, a finishing redo, users).
+    reloaded = DreamBoothPipeline.from_pretrained(tmp_path / "out").pipeline
+    assert type(reloaded) is Flux2Pipeline and reloaded.tokenizer.chat_template
+    for key, value in trained.transformer.state_dict().items():
+        torch.testing.assert_close(reloaded.transformer.state_dict()[key.replace("default.", "default_0.")], value)
 
 
 # Sampling
