@@ -58,12 +58,9 @@ AUTO_BUCKETS = "auto"
 UNSUPPORTED_OPTIONS = {
     "do_fp8_training": "FP8 training is not implemented (it also needs a CUDA GPU of compute capability 8.9 or"
     " higher); remove the flag and train in `--mixed_precision bf16`",
-    "remote_text_encoder": "prompt embeddings from a remote endpoint are not implemented; remove the flag: with frozen"
-    " text encoders, prompts are encoded once before training and the encoders then leave the GPU",
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
-    "enable_vae_tiling": "VAE tiling of validation images is not implemented; remove the flag",
     "validation_model_path": "validating on another checkpoint (Krea 2 Turbo) with the adapter transplanted is not"
     " implemented; remove the flag: validation samples the trained model",
     "disable_training_autocast": "training without accelerate's autocast is not implemented; remove the flag, or"
@@ -72,6 +69,9 @@ UNSUPPORTED_OPTIONS = {
     " the schema, or remove the flag",
 }
 
+
+#: `--remote_text_encoder_url` default: the endpoint diffusers' FLUX.2 script and model card use.
+DEFAULT_REMOTE_TEXT_ENCODER_URL = "https://remote-text-encoder-flux-2.huggingface.co/predict"
 
 #: Defaults of options that only some families' scripts set otherwise (`DreamBoothFamily.option_defaults`).
 FALLBACK_DEFAULTS: dict[str, Any] = {"rank": 4, "logit_std": 1.0}
@@ -472,10 +472,19 @@ class DreamBoothConfig:
     quantize_text_encoders: bool = _option(
         False, "Quantize the frozen text encoders too, as `--quantize_base`/`--bnb_quantization_config_path` say."
     )
-    remote_text_encoder: bool = _option(False, "Prompt embeddings from a remote endpoint (FLUX.2); not supported.")
+    remote_text_encoder: bool = _option(
+        False,
+        "FLUX.2 [dev], LoRA: prompt embeddings from Hugging Face's hosted text encoder (needs a Hub token), so its"
+        " Mistral 3 never loads.",
+    )
+    remote_text_encoder_url: str = _option(
+        DEFAULT_REMOTE_TEXT_ENCODER_URL, "Endpoint of `--remote_text_encoder` (diffusers' FLUX.2 script's)."
+    )
     fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
     enable_npu_flash_attention: bool = _option(False, "Flash attention on Ascend NPUs; not supported.")
-    enable_vae_tiling: bool = _option(False, "VAE tiling of validation images (Sana); not supported.")
+    enable_vae_tiling: bool = _option(
+        False, "Sana: tile the DC-AE for validation and card samples, as diffusers' Sana script does."
+    )
     validation_model_path: str | None = _option(
         None, "Checkpoint that validation samples with the trained adapter (Krea 2 Turbo); not supported."
     )

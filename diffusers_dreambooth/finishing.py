@@ -193,12 +193,17 @@ def push(job: FinishingJob) -> None:
 
 
 def load_finishing_job(
-    output_dir: str | Path, stages: Sequence[str] | None = None, device: str | None = None
+    output_dir: str | Path,
+    stages: Sequence[str] | None = None,
+    device: str | None = None,
+    hub_token: str | None = None,
 ) -> tuple[FinishingJob, list[str]]:
     """A saved subject folder as a `FinishingJob`, and the stages to redo (default: those its options ask for).
 
     Only what those stages need is loaded: the pipeline (`DreamBoothPipeline`) for samples or evaluation, the
-    subject's photos for evaluation; the card and the push need neither.
+    subject's photos for evaluation; the card and the push need neither. `hub_token` is for the push and for a run
+    trained with `--remote_text_encoder`, whose samples are drawn with the endpoint again (its text encoder is not
+    loaded).
     """
     from .pipeline import DreamBoothPipeline
 
@@ -207,12 +212,14 @@ def load_finishing_job(
         if not (output_dir / name).is_file():
             raise FileNotFoundError(f"`{output_dir}` holds no `{name}`: pass the `--output_dir` of a finished run.")
     config = DreamBoothConfig.from_json_file(output_dir / CONFIG_NAME)
+    config.hub_token = hub_token or config.hub_token
     metadata = SubjectMetadata.from_json_file(output_dir / SUBJECT_FILE_NAME)
     seed = metadata.training.get("seed", config.seed or 0)
     job = FinishingJob(None, config, output_dir, metadata, seed, None)
     stages = list(stages or job.requested_stages())
     if "samples" in stages or "evaluation" in stages:
-        job.pipeline = DreamBoothPipeline.from_pretrained(output_dir).pipeline
+        unloaded = {"text_encoder": None} if config.remote_text_encoder else {}
+        job.pipeline = DreamBoothPipeline.from_pretrained(output_dir, **unloaded).pipeline
         job.pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         job.pipeline.set_progress_bar_config(disable=True)
         job.family = family_for_pipeline(job.pipeline)
@@ -240,11 +247,9 @@ def main(args: Sequence[str] | None = None) -> None:
     parsed = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        job, stages = load_finishing_job(parsed.output_dir, parsed.stages, device=parsed.device)
+        job, stages = load_finishing_job(parsed.output_dir, parsed.stages, parsed.device, parsed.hub_token)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    if parsed.hub_token:
-        job.config.hub_token = parsed.hub_token
     try:
         finish_subject(job, stages)
     except FinishingError as error:

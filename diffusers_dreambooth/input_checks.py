@@ -25,6 +25,7 @@ from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
 from .model_card import is_hub_id
 from .pipeline_loading import check_pipeline_source
 from .quantization import check_quantization_file
+from .remote_text_encoder import remote_text_encoder_for
 from .safeguards import DreamBoothInputError
 from .subject import Subject, prompt_words
 from .validation import sampling_scheduler
@@ -47,6 +48,8 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
     if not pipeline_given:
         check_pipeline_source(config.pretrained_model_name_or_path)
     check_quantization_file(config)
+    if config.remote_text_encoder:
+        remote_text_encoder_for(config)  # a full fine-tune, or no token, fails before FLUX.2 loads
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(

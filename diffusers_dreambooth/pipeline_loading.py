@@ -53,6 +53,8 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
         )
     for name, path in separate_component_sources(config).items():
         overrides[name] = load_separate_component(config, name, path, torch.float32)
+    if config.remote_text_encoder:  # FLUX.2 [dev]'s prompts are encoded remotely: its Mistral 3 never loads
+        overrides["text_encoder"] = None
     with _readable_load_errors("pretrained_model_name_or_path", source):
         return load_pipeline(
             source,

@@ -492,7 +492,8 @@ class DreamBoothTrainer:
         encoders are released only from a base the trainer loaded itself, which it can load again."""
         family = self.family
         releases = loaded_base and self.text_encoders_frozen and family.releases_frozen_text_encoders
-        released = list(family.text_encoder_names) if releases else []
+        loaded = [name for name in family.text_encoder_names if getattr(self.pipeline, name) is not None]
+        released = loaded if releases else []
         reload = functools.partial(load_base_component, self.config)
         offloaded = self.modules_idle_during_training()
         self.idle = IdleModules(self.pipeline, self.accelerator.device, offloaded, released, reload)
@@ -506,7 +507,7 @@ class DreamBoothTrainer:
         if self.family.vae is not None and all(mean is not None for cache in caches for mean in cache.mean):
             idle.append(self.family.vae)
         if self.text_encoders_frozen:
-            idle += self.family.text_encoders
+            idle += [encoder for encoder in self.family.text_encoders if encoder is not None]
         return idle
 
     def _cache_latents(self, images: list[TrainingImage]) -> LatentCache:

@@ -220,10 +220,8 @@ README_COMMANDS = {
 #: A value for each option `UNSUPPORTED_OPTIONS` refuses, as diffusers' READMEs and scripts pass it.
 REFUSED = {
     "do_fp8_training": [],
-    "remote_text_encoder": [],
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
-    "enable_vae_tiling": [],
     "validation_model_path": ["krea/Krea-2-Turbo"],
     "disable_training_autocast": [],
     "upsample_prompt": [],

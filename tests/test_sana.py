@@ -245,3 +245,27 @@ def test_dpm_solver_samples_sana_as_its_own_scheduler_does(pipeline, scheduler_c
         torch.testing.assert_close(generate(25), own, rtol=0, atol=1e-6)
     finally:
         pipeline.scheduler = original
+
+
+def test_enable_vae_tiling_tiles_the_dc_ae_from_validation_on_as_the_script(
+    pipeline_dirs, square_instance_dir, tmp_path
+):
+    instance_dir = square_instance_dir  # fixed crops: their latents are cached
+    options = dict(validation_prompt=PROMPT, validation_steps=2, num_validation_images=1)
+    runs = {}
+    for name, tiling in (("untiled", False), ("tiled", True)):
+        config = tiny_config(pipeline_dirs["sana"], instance_dir, tmp_path / name, enable_vae_tiling=tiling, **options)
+        trainer = DreamBoothTrainer(config)
+        vae = trainer.train().vae
+        runs[name] = (trainer, vae, (tmp_path / name / "validation" / "step-2" / "0.png").read_bytes())
+    trainer, vae, image = runs["tiled"]
+    assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (1024, 1024)
+    assert not runs["untiled"][1].use_tiling
+    # Training latents were encoded before (untiled), and these 32 px images are below a tile: the same run.
+    cached = zip(trainer.instance_latents.mean, runs["untiled"][0].instance_latents.mean, strict=True)
+    assert all(torch.equal(ours, theirs) for ours, theirs in cached)
+    assert image == runs["untiled"][2]
+    with pytest.raises(ValueError, match="`--enable_vae_tiling` is an option of sana"):
+        DreamBoothTrainer(
+            tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "sd", enable_vae_tiling=True)
+        ).train()

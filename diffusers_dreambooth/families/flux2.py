@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
+from ..remote_text_encoder import remote_text_encoder_for, use_remote_text_encoder
 from ..safeguards import DreamBoothInputError
 from .base import ImageConditioning, height_and_width, latent_scale_factor
 from .llm import LLMPromptFamily
@@ -91,6 +92,11 @@ class Flux2Family(LLMPromptFamily):
         self.guidance_scale = config.guidance_scale
         self.caption_dropout = config.caption_dropout
         self.text_encoder_out_layers = tuple(config.text_encoder_out_layers)
+        if self.text_encoders[0] is not None:  # else `--remote_text_encoder`: its answers are checked as they come
+            self.check_text_encoder_out_layers()
+
+    def check_text_encoder_out_layers(self) -> None:
+        """Refuse `--text_encoder_out_layers` the text encoder does not have or the transformer cannot read."""
         encoder_config = self.text_encoders[0].config
         encoder_config = getattr(encoder_config, "text_config", encoder_config)
         depth, layers = encoder_config.num_hidden_layers, self.text_encoder_out_layers
@@ -132,6 +138,12 @@ class Flux2Family(LLMPromptFamily):
         """`encode_prompt`'s embeddings (padded to `--max_sequence_length`, so one length for all prompts); with
         `--caption_dropout`, the empty prompt's too, kept for `step_prompt_embeds`."""
         embeds = self.encode_with_pipeline(prompts)
+        width = self.denoiser.config.joint_attention_dim
+        if embeds.shape[-1] != width:
+            raise DreamBoothInputError(
+                f"The prompt embeddings have {embeds.shape[-1]} values per token, but the transformer reads {width}"
+                " (`joint_attention_dim`): `--remote_text_encoder` serves FLUX.2 [dev] itself, not this model."
+            )
         if self.caption_dropout:
             self.empty_prompt_embeds = self.encode_with_pipeline([""])[0].to(self.device)
         return {"prompt_embeds": embeds}
@@ -140,7 +152,7 @@ class Flux2Family(LLMPromptFamily):
         encoder = self.text_encoders[0]
         prompt_embeds, _ = self.pipeline.encode_prompt(
             prompt=prompts,
-            device=next(encoder.parameters()).device,
+            device=self.device if encoder is None else next(encoder.parameters()).device,
             max_sequence_length=self.max_sequence_length,
             text_encoder_out_layers=self.text_encoder_out_layers,
         )
@@ -219,10 +231,25 @@ class Flux2Family(LLMPromptFamily):
 
 class Flux2DevFamily(Flux2Family):
     name = "flux2"
-    family_options = ("text_encoder_out_layers",)
+    family_options = ("text_encoder_out_layers", "remote_text_encoder")
     hub_tags = ("flux2", "flux2-diffusers")
     pipeline_class_names = ("Flux2Pipeline",)
     option_defaults = flux2_option_defaults([10, 20, 30])
+
+    def configure(self, config: DreamBoothConfig) -> None:
+        """FLUX.2's options; with `--remote_text_encoder`, every prompt is encoded by the endpoint, which computes
+        the pipeline's default layers at 512 tokens, so other `--text_encoder_out_layers` or
+        `--max_sequence_length` are refused rather than silently not followed."""
+        if config.remote_text_encoder:
+            defaults = self.option_defaults[config.adapter]
+            for name in ("text_encoder_out_layers", "max_sequence_length"):
+                if getattr(config, name) not in (None, defaults[name]):
+                    raise DreamBoothInputError(
+                        f"`--{name}` with `--remote_text_encoder`: the endpoint computes FLUX.2 [dev]'s defaults"
+                        f" ({defaults[name]}). Remove one of the two."
+                    )
+            use_remote_text_encoder(self.pipeline, remote_text_encoder_for(config))
+        super().configure(config)
 
 
 class Flux2KleinFamily(Flux2Family):

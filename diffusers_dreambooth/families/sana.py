@@ -11,6 +11,8 @@ Training noise follows diffusers' script: a `FlowMatchEulerDiscreteScheduler` bu
 DPM-Solver++ config (unshifted sigmas; the config's `flow_shift` shapes sampling only), the input
 `(1 - sigma) * x + sigma * noise`, the velocity `noise - x` as target. The transformer takes the timestep as the
 pipeline gives it: `sigma * 1000` times its `timestep_scale`.
+
+`--enable_vae_tiling` tiles the DC-AE's decoding for validation and card samples, as the script's `log_validation`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def dc_ae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 class SanaFamily(LLMPromptFamily):
     name = "sana"
-    family_options = ("complex_human_instruction",)
+    family_options = ("complex_human_instruction", "enable_vae_tiling")
     hub_tags = ("sana", "sana-diffusers")
     pipeline_class_names = ("SanaPipeline",)
     denoiser_name = "transformer"
@@ -53,10 +55,12 @@ class SanaFamily(LLMPromptFamily):
     }
     max_sequence_length = 300
     complex_human_instruction: str | None = None
+    enable_vae_tiling = False
 
     def configure(self, config: DreamBoothConfig) -> None:
         super().configure(config)
         self.complex_human_instruction = config.complex_human_instruction
+        self.enable_vae_tiling = config.enable_vae_tiling
 
     @property
     def instruction_lines(self) -> list[str] | None:
@@ -68,6 +72,14 @@ class SanaFamily(LLMPromptFamily):
         """Validation prompts get the training instruction: none unless given (the pipeline's own default is its
         long prompt-enhancing instruction, which the script and training do not use)."""
         return {"complex_human_instruction": self.instruction_lines}
+
+    def validation_inputs(self) -> dict[str, Any]:
+        """`--enable_vae_tiling` tiles the DC-AE from the first validation on, with the tiles of diffusers' script
+        (1024 px high, 1024 px apart across), as the script does in `log_validation`: class images and the cached
+        training latents, made before, are untiled."""
+        if self.enable_vae_tiling:
+            self.vae.enable_tiling(tile_sample_min_height=1024, tile_sample_stride_width=1024)
+        return super().validation_inputs()
 
     # Components
 
