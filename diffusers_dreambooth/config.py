@@ -56,8 +56,6 @@ AUTO_BUCKETS = "auto"
 #: Options of diffusers' DreamBooth scripts that this trainer parses but cannot honour yet, with why and what to do
 #: instead. Setting one to anything but its default stops the run before any model loads.
 UNSUPPORTED_OPTIONS = {
-    "do_fp8_training": "FP8 training is not implemented (it also needs a CUDA GPU of compute capability 8.9 or"
-    " higher); remove the flag and train in `--mixed_precision bf16`",
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
@@ -460,7 +458,11 @@ class DreamBoothConfig:
     do_edm_style_training: bool = _option(
         False, "SDXL: EDM-style training on Euler sigmas; always on with an EDM scheduler (Playground v2.5)."
     )
-    do_fp8_training: bool = _option(False, "FP8 training (diffusers' FLUX.2 and Z-Image scripts); not supported.")
+    do_fp8_training: bool = _option(
+        False,
+        "The denoiser's linear layers compute in FP8 (torchao), as diffusers' FLUX.2, Z-Image, Krea 2 and Ideogram 4"
+        " scripts; needs torchao and a GPU of compute capability 8.9+ (or the CPU).",
+    )
     bnb_quantization_config_path: str | None = _option(
         None,
         "JSON file of the arguments of a bitsandbytes `BitsAndBytesConfig` (`load_in_4bit` and `bnb_4bit_quant_type`"

@@ -25,6 +25,13 @@ So
   quantizers skip: `llm_int8_skip_modules`, the model's `_keep_in_fp32_modules`, and a text encoder's `lm_head`.
 Either way the trainer calls `quantize_base` once (a no-op for components that loaded quantized) and casts the
 frozen base with `cast_frozen_base` (quantized diffusers models refuse `.to(dtype)`).
+
+`--do_fp8_training` (diffusers' FLUX.2, Z-Image, Krea 2 and Ideogram 4 scripts) is the other kind: the denoiser's
+weights stay as they are, and its linear layers compute in FP8 (torchao's `convert_to_float8_training`, with the
+scripts' filter and `pad_inner_dim`), LoRA or full. It needs torchao, and on a GPU FP8 matrix units (compute
+capability 8.9: Ada, Hopper and later); PyTorch's CPU runs the same FP8 matrix products, which the tests use. It is
+refused in one line before any model loads where it cannot run, and with a bitsandbytes base (whose layers it would
+replace).
 """
 
 from __future__ import annotations
@@ -59,6 +66,11 @@ def check_quantization_options(config: DreamBoothConfig) -> None:
     fine-tune, both options at once, `--quantize_text_encoders` alone or with trained text encoders. Needs no files:
     `DreamBoothConfig` calls it when options are parsed; `check_quantization_file` checks the JSON file."""
     option = quantization_option(config)
+    if config.do_fp8_training and option is not None:
+        raise DreamBoothInputError(
+            f"`--do_fp8_training` computes the denoiser's layers in FP8, but `{option}` replaces them with"
+            " bitsandbytes layers; pass one of the two."
+        )
     if config.quantize_base is not None and config.bnb_quantization_config_path is not None:
         raise DreamBoothInputError(
             "`--quantize_base` and `--bnb_quantization_config_path` both quantize the base model; pass one of them."
@@ -93,8 +105,48 @@ def quantization_option(config: DreamBoothConfig) -> str | None:
 
 def check_quantization_file(config: DreamBoothConfig) -> None:
     """Raise `DreamBoothInputError` unless `--bnb_quantization_config_path` (if set) is a readable JSON object that
-    `BitsAndBytesConfig` accepts, asking for 4-bit or 8-bit weights. Runs before any model loads."""
+    `BitsAndBytesConfig` accepts, asking for 4-bit or 8-bit weights, and unless `--do_fp8_training` (if set) can run
+    here. Runs before any model loads."""
     quantization_kwargs(config)
+    if config.do_fp8_training:
+        check_fp8_training()
+
+
+def check_fp8_training() -> None:
+    """Raise `DreamBoothInputError` where `--do_fp8_training` cannot run: without torchao, or on a GPU without FP8
+    matrix units (compute capability below 8.9)."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise DreamBoothInputError(
+            "`--do_fp8_training` needs torchao: `pip install torchao`, or remove the flag."
+        ) from None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        raise DreamBoothInputError(
+            f"`--do_fp8_training` needs a GPU with FP8 matrix units (compute capability 8.9 or higher: Ada, Hopper);"
+            f" {torch.cuda.get_device_name()} has {major}.{minor}. Remove the flag and train in `--mixed_precision"
+            " bf16`."
+        )
+
+
+def fp8_convertible(module: torch.nn.Module, name: str) -> bool:
+    """Which layers `--do_fp8_training` converts, as diffusers' scripts filter them: not the output projection, and
+    only linear layers whose sizes are multiples of 16 (what FP8 matrix products take)."""
+    if name == "proj_out":
+        return False
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return True
+
+
+def convert_to_fp8_training(denoiser: torch.nn.Module) -> None:
+    """Swap the denoiser's linear layers for torchao's `Float8Linear` (same weights and names), in place."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    convert_to_float8_training(
+        denoiser, module_filter_fn=fp8_convertible, config=Float8LinearConfig(pad_inner_dim=True)
+    )
 
 
 def quantization_kwargs(config: DreamBoothConfig) -> dict[str, Any] | None:
@@ -184,7 +236,10 @@ def quantize_base(
     pipeline: DiffusionPipeline, family: DreamBoothFamily, config: DreamBoothConfig, dtype: torch.dtype | None
 ) -> None:
     """Quantize the run's components in place (see the module docstring), computing in `dtype` (the mixed-precision
-    dtype, else float32). Components that loaded quantized, and runs without quantization, are left as they are."""
+    dtype, else float32). Components that loaded quantized, and runs without quantization, are left as they are.
+    With `--do_fp8_training`, the denoiser's linear layers are converted to FP8 compute instead."""
+    if config.do_fp8_training:
+        convert_to_fp8_training(family.denoiser)
     kwargs = quantization_kwargs(config)
     if kwargs is None:
         return

@@ -219,7 +219,6 @@ README_COMMANDS = {
 
 #: A value for each option `UNSUPPORTED_OPTIONS` refuses, as diffusers' READMEs and scripts pass it.
 REFUSED = {
-    "do_fp8_training": [],
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
     "validation_model_path": ["krea/Krea-2-Turbo"],
@@ -269,12 +268,9 @@ def test_readme_values_reach_the_config(tmp_path):
 @pytest.mark.parametrize(
     "name, refused",
     [
-        ("flux2", ["--do_fp8_training", "--remote_text_encoder"]),  # README_flux2.md's commands
-        ("flux2_klein", ["--do_fp8_training"]),
-        ("z_image", ["--do_fp8_training"]),  # README_z_image.md's FP8 command
         ("krea2", ["--validation_model_path=krea/Krea-2-Turbo"]),  # README_krea2.md's validation on Turbo
         ("ideogram4", ["--disable_training_autocast"]),  # README_ideogram4.md's commands
-        ("ideogram4", ["--do_fp8_training", "--gradient_checkpointing", "--disable_training_autocast"]),
+        ("ideogram4", ["--disable_training_autocast", "--do_fp8_training", "--gradient_checkpointing"]),
     ],
 )
 def test_readme_commands_with_what_cannot_work_here_stop_naming_it(name, refused, tmp_path, capsys):
