@@ -1,5 +1,8 @@
 """DreamBooth (Ruiz et al., CVPR 2023) for Hugging Face diffusers: one trainer for every model family."""
 
+from . import quiet_imports  # noqa: F401 (first: filters what optional packages log when diffusers imports them)
+
+# isort: split
 from .config import DreamBoothConfig
 from .families import FAMILIES, DreamBoothFamily, family_for_pipeline
 from .losses import dreambooth_loss

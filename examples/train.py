@@ -20,6 +20,8 @@ from diffusers_dreambooth.safeguards import (
     TrainingInterrupted,
 )
 
+logger = logging.getLogger("train")
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -27,20 +29,20 @@ def main() -> None:
     if names_a_subject(args):
         config = parse_config(args)
     else:  # e.g. no flags at all, or `--adapter lora`
-        logging.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
+        logger.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
         config = parse_toy_config(args)
     try:
         DreamBoothTrainer(config).train()
     except DreamBoothInputError as error:  # the user's mistake: one `error:` line, exit 2 as for a bad flag
         exit_with_input_error(error)
     except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint is saved; exit as the signal would
-        logging.warning("%s", stop)
+        logger.warning("%s", stop)
         sys.exit(stop.exit_code)
     except (DiskSpaceError, NonFiniteLossError) as error:  # the run stopped before harm: earlier checkpoints are whole
-        logging.error("%s", error)
+        logger.error("%s", error)
         sys.exit(1)
     except FinishingError as error:  # the trained subject is saved; a stage after it (samples, card, push) failed
-        logging.error("%s", error)
+        logger.error("%s", error)
         sys.exit(1)
 
 

@@ -14,6 +14,8 @@ from hub_server import LocalHub
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusers_dreambooth.quiet_imports import IMPORT_NOISE
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 AUDITED_RUN = Path(__file__).resolve().parent / "audited_run.py"
 
@@ -67,8 +69,9 @@ DOUBLE = [
 @pytest.mark.slow
 def test_accelerate_launch_single_process_with_diffusers_flags(pipeline_dirs, instance_dir, tmp_path):
     flags = diffusers_flags(pipeline_dirs["sd"], instance_dir, tmp_path / "class", tmp_path / "out", batch_size=2)
-    launch(SINGLE, flags + ["--adapter=lora", "--rank=4"])
+    result = launch(SINGLE, flags + ["--adapter=lora", "--rank=4"])
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert not [fragment for fragment in IMPORT_NOISE.values() if fragment in result.stderr]  # #18's console
     assert (tmp_path / "out" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / "class").glob("class_*.png"))) == 4
     pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
