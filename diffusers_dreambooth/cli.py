@@ -1,8 +1,11 @@
-"""Command line: diffusers' DreamBooth flags, or a YAML/JSON file, parsed into a `DreamBoothConfig`."""
+"""Command line: diffusers' DreamBooth flags, or a YAML/JSON file, parsed into a `DreamBoothConfig`, and `main`,
+the training entry point of `accelerate launch examples/train.py` and of the web app's runs
+(`accelerate launch -m diffusers_dreambooth.cli`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -97,3 +100,35 @@ def exit_with_input_error(error: BaseException, prog: str | None = None) -> NoRe
     message = " ".join(str(error).split("\n"))
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Parse the flags, train, and exit as the outcome says: 2 for the user's mistake (one `error:` line), the
+    signal's status after Ctrl-C or SIGTERM (the checkpoint saved), 1 when the run stopped before harm or a stage
+    after saving failed."""
+    from .finishing import FinishingError
+    from .safeguards import DiskSpaceError, DreamBoothInputError, NonFiniteLossError, TrainingInterrupted
+    from .trainer import DreamBoothTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("train")
+    args = sys.argv[1:] if args is None else list(args)
+    if names_a_subject(args):
+        config = parse_config(args)
+    else:  # e.g. no flags at all, or `--adapter lora`
+        logger.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
+        config = parse_toy_config(args)
+    try:
+        DreamBoothTrainer(config).train()
+    except DreamBoothInputError as error:  # the user's mistake: one `error:` line, exit 2 as for a bad flag
+        exit_with_input_error(error)
+    except TrainingInterrupted as stop:  # Ctrl-C or SIGTERM: the checkpoint is saved; exit as the signal would
+        logger.warning("%s", stop)
+        sys.exit(stop.exit_code)
+    except (DiskSpaceError, NonFiniteLossError, FinishingError) as error:  # stopped before harm, or after saving
+        logger.error("%s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

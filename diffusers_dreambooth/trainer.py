@@ -53,6 +53,7 @@ from .losses import dreambooth_loss
 from .pipeline_loading import diffusers_pipeline_class, load_base_component, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
+from .progress import trackers_for
 from .quantization import cast_frozen_base, quantize_base
 from .safeguards import (
     DreamBoothInputError,
@@ -269,14 +270,10 @@ class DreamBoothTrainer:
     def _make_accelerator(self) -> Accelerator:
         config = self.config
         output_dir = Path(config.output_dir)
-        log_with = None if config.report_to == "none" else config.report_to
-        if log_with == "tensorboard" and not _tensorboard_available():
-            logger.warning("`--report_to tensorboard` needs `pip install tensorboard`; training without a tracker.")
-            log_with = None
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
-            log_with=log_with,
+            log_with=trackers_for(config, output_dir / config.logging_dir),
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
             ),
@@ -1076,11 +1073,3 @@ def _fixed_crop(image: TrainingImage, crop_size: tuple[int, int]) -> tuple[int, 
 def _tracker_config(config: DreamBoothConfig) -> dict:
     """Scalar options only: trackers such as tensorboard reject lists and None."""
     return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
