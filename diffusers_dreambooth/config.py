@@ -59,8 +59,6 @@ UNSUPPORTED_OPTIONS = {
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
-    "validation_model_path": "validating on another checkpoint (Krea 2 Turbo) with the adapter transplanted is not"
-    " implemented; remove the flag: validation samples the trained model",
     "disable_training_autocast": "training without accelerate's autocast is not implemented; remove the flag, or"
     " train in `--mixed_precision no`",
     "upsample_prompt": "rewriting captions into Ideogram 4's JSON schema is not implemented; write the captions in"
@@ -488,10 +486,12 @@ class DreamBoothConfig:
         False, "Sana: tile the DC-AE for validation and card samples, as diffusers' Sana script does."
     )
     validation_model_path: str | None = _option(
-        None, "Checkpoint that validation samples with the trained adapter (Krea 2 Turbo); not supported."
+        None,
+        "Krea 2, LoRA: the checkpoint (Krea 2 Turbo) that validation and card samples are drawn by, with the adapter"
+        " trained so far loaded on it; default: the trained model.",
     )
-    validation_num_inference_steps: int = _option(8, "Steps of validation on `--validation_model_path` (Krea 2).")
-    validation_guidance_scale: float = _option(0.0, "Guidance of validation on `--validation_model_path` (Krea 2).")
+    validation_num_inference_steps: int = _option(8, "Steps of sampling on `--validation_model_path` (Krea 2).")
+    validation_guidance_scale: float = _option(0.0, "Guidance of sampling on `--validation_model_path` (Krea 2).")
     disable_training_autocast: bool = _option(False, "Train without autocast (Ideogram 4); not supported.")
     upsample_prompt: bool = _option(False, "Rewrite captions into Ideogram 4's JSON schema; not supported.")
     prompt_enhancer_head_id: str = _option(

@@ -122,9 +122,9 @@ def write_samples(job: FinishingJob) -> None:
     prompt = config.validation_prompt or config.final_validation_prompt
     default = [prompt] if prompt else [s.instance_prompt for s in metadata.subjects]
     prompts = [fill_subject(prompt, metadata.subjects) for prompt in config.sample_prompts or default]
-    with job.autocast():
+    with job.autocast(), job.family.validation_pipeline(lora_weights=job.output_dir) as pipeline:
         inputs = job.family.validation_inputs()
-        rows = [generate_validation_images(job.pipeline, config, job.seed, p, inputs) for p in prompts]
+        rows = [generate_validation_images(pipeline, config, job.seed, p, inputs) for p in prompts]
     staging = checkpoints.final_staging_dir(job.output_dir)
     (staging / SAMPLES_FOLDER).mkdir()
     metadata.sample_prompt = prompts[0]

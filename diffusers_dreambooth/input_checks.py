@@ -50,6 +50,8 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
     check_quantization_file(config)
     if config.remote_text_encoder:
         remote_text_encoder_for(config)  # a full fine-tune, or no token, fails before FLUX.2 loads
+    if config.validation_model_path is not None:
+        check_validation_model(config, pipeline_given)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(
@@ -113,6 +115,44 @@ def _folder_resolution_multiple(folder: Path) -> int | None:
         return family.resolution_multiple_of(configs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_validation_model(config: DreamBoothConfig, pipeline_given: bool = False) -> None:
+    """Raise unless `--validation_model_path` can carry the trained adapter: a LoRA run, and a Hub id or a local
+    pipeline folder of a family that reads the option (Krea 2); a local base folder must be of that family too."""
+    path = config.validation_model_path
+    option = f"`--validation_model_path={path}`"
+    if config.adapter != "lora":
+        raise DreamBoothInputError(
+            f"{option} loads the trained LoRA onto another checkpoint (Krea 2 Turbo), but this run trains"
+            f" `--adapter {config.adapter}`. Pass `--adapter lora`, or remove the option."
+        )
+    local = Path(path)
+    if not local.exists() and not is_hub_id(path):
+        raise DreamBoothInputError(
+            f"{option} is neither a folder nor a Hub repo id (`org/name`). Pass the Krea 2 Turbo checkpoint to"
+            " validate on: `krea/Krea-2-Turbo`, or a folder that `save_pretrained` wrote."
+        )
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise DreamBoothInputError(
+            f"{option} is a folder without `model_index.json`, so not a diffusers pipeline. Pass the Krea 2 Turbo"
+            " checkpoint to validate on: `krea/Krea-2-Turbo`, or a folder that `save_pretrained` wrote."
+        )
+    readers = [family for family in FAMILIES if "validation_model_path" in family.family_options]
+    folders = {"`--validation_model_path`": local}
+    if not pipeline_given:
+        folders["`--pretrained_model_name_or_path`"] = Path(config.pretrained_model_name_or_path or "")
+    for what, folder in folders.items():
+        try:
+            class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError):
+            continue  # a Hub id; a base that loading reports on
+        if not any(class_name in family.pipeline_class_names for family in readers):
+            names = ", ".join(f"`{name}`" for family in readers for name in family.pipeline_class_names)
+            raise DreamBoothInputError(
+                f"{option}: {what} holds a `{class_name}`, but validating on another checkpoint is an option of"
+                f" diffusers' Krea 2 script: base and checkpoint must both be a {names}. Remove the option."
+            )
 
 
 def check_family_options(config: DreamBoothConfig, family: DreamBoothFamily) -> None:

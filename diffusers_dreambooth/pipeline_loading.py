@@ -38,7 +38,7 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
     use_safetensors = None if config.allow_pickle else True
     overrides = {}
     if config.pretrained_vae_model_name_or_path:
-        with _readable_load_errors("pretrained_vae_model_name_or_path", config.pretrained_vae_model_name_or_path):
+        with readable_load_errors("pretrained_vae_model_name_or_path", config.pretrained_vae_model_name_or_path):
             overrides["vae"] = AutoencoderKL.from_pretrained(
                 config.pretrained_vae_model_name_or_path,
                 revision=config.revision,
@@ -55,7 +55,7 @@ def load_base_pipeline(config: DreamBoothConfig) -> DiffusionPipeline:
         overrides[name] = load_separate_component(config, name, path, torch.float32)
     if config.remote_text_encoder:  # FLUX.2 [dev]'s prompts are encoded remotely: its Mistral 3 never loads
         overrides["text_encoder"] = None
-    with _readable_load_errors("pretrained_model_name_or_path", source):
+    with readable_load_errors("pretrained_model_name_or_path", source):
         return load_pipeline(
             source,
             revision=config.revision,
@@ -89,7 +89,7 @@ def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.
     options = dict(revision=config.revision, cache_dir=config.cache_dir)
     library, class_name = DiffusionPipeline.load_config(source, **options)[name]
     component_class = getattr(importlib.import_module(library), class_name)
-    with _readable_load_errors("pretrained_model_name_or_path", source):
+    with readable_load_errors("pretrained_model_name_or_path", source):
         return component_class.from_pretrained(
             source,
             subfolder=name,
@@ -164,7 +164,7 @@ def load_separate_component(config: DreamBoothConfig, name: str, path: str, torc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = dict(revision=config.revision, cache_dir=config.cache_dir)
-    with _readable_load_errors(SEPARATE_COMPONENTS[name], path):
+    with readable_load_errors(SEPARATE_COMPONENTS[name], path):
         if name.startswith("tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(path, **options)
             tokenizer.pad_token = tokenizer.eos_token
@@ -195,7 +195,7 @@ def check_pipeline_source(source: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _readable_load_errors(option: str, source: str) -> Iterator[None]:
+def readable_load_errors(option: str, source: str) -> Iterator[None]:
     """Turn the loaders' multi-line `OSError`s into one line naming the option, what was found and what to do."""
     try:
         yield

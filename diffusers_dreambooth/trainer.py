@@ -929,9 +929,9 @@ class DreamBoothTrainer:
         if self.ema is not None:  # validate what would be saved: the average
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
-        with self.idle.on_device(), self.accelerator.autocast():
+        with self.idle.on_device(), self.accelerator.autocast(), self.family.validation_pipeline() as pipeline:
             run_validation(
-                self.pipeline,
+                pipeline,
                 self.config,
                 self.global_step,
                 self.seed,

@@ -123,15 +123,13 @@ def generate_images(
     pipeline: DiffusionPipeline, config: DreamBoothConfig, prompts: list[str], seed: int, **inputs: Any
 ) -> list[Image.Image]:
     """One image per prompt with the pipeline's scheduler, `--validation_inference_steps` and `--guidance_scale`;
-    `inputs` go to the pipeline's call too (e.g. the image a super-resolution stage upscales)."""
-    options = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
-    return pipeline(
-        prompt=prompts,
-        num_inference_steps=config.validation_inference_steps,
-        generator=torch.Generator(pipeline.device).manual_seed(seed),
-        **options,
-        **inputs,
-    ).images
+    `inputs` go to the pipeline's call too (e.g. the image a super-resolution stage upscales), and override those two
+    (Krea 2's `--validation_num_inference_steps` and `--validation_guidance_scale` on `--validation_model_path`)."""
+    options = {"num_inference_steps": config.validation_inference_steps}
+    if config.guidance_scale is not None:
+        options["guidance_scale"] = config.guidance_scale
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    return pipeline(prompt=prompts, generator=generator, **{**options, **inputs}).images
 
 
 def generate_validation_images(
@@ -144,10 +142,13 @@ def generate_validation_images(
     """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed.
 
     With `--validation_images` (a super-resolution stage), one image per file instead: that file upscaled, as
-    diffusers' IF stage II script validates. `sampling_inputs` are the family's extra call arguments.
+    diffusers' IF stage II script validates. `sampling_inputs` are the family's extra call arguments. A checkpoint of
+    `--validation_model_path` (Krea 2 Turbo, distilled for its own few Euler steps) samples with its own scheduler, as
+    diffusers' script samples it; `--validation_scheduler` is the trained model's.
     """
     prompt, inputs = prompt or config.validation_prompt, sampling_inputs or {}
-    with swapped_scheduler(pipeline, config.validation_scheduler):
+    scheduler = "pipeline" if config.validation_model_path else config.validation_scheduler
+    with swapped_scheduler(pipeline, scheduler):
         if not config.validation_images:
             return generate_images(pipeline, config, [prompt] * config.num_validation_images, seed, **inputs)
         return [

@@ -162,7 +162,7 @@ README_COMMANDS = {
         "--gradient_checkpointing",
         "--skip_final_inference",
     ],
-    # README_krea2.md's command without `--validation_model_path` (validation on Krea 2 Turbo), which is refused.
+    # README_krea2.md's command: trained on RAW, validated on Turbo (`--validation_model_path`).
     "krea2": [
         "--pretrained_model_name_or_path=krea/Krea-2-Raw",
         "--mixed_precision=bf16",
@@ -175,6 +175,7 @@ README_COMMANDS = {
         "--use_8bit_adam",
         "--learning_rate=3e-4",
         "--lr_warmup_steps=0",
+        "--validation_model_path=krea/Krea-2-Turbo",
     ],
     # README_ideogram4.md's command without `--disable_training_autocast`, which is refused.
     "ideogram4": [
@@ -221,7 +222,6 @@ README_COMMANDS = {
 REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
-    "validation_model_path": ["krea/Krea-2-Turbo"],
     "disable_training_autocast": [],
     "upsample_prompt": [],
 }
@@ -268,7 +268,6 @@ def test_readme_values_reach_the_config(tmp_path):
 @pytest.mark.parametrize(
     "name, refused",
     [
-        ("krea2", ["--validation_model_path=krea/Krea-2-Turbo"]),  # README_krea2.md's validation on Turbo
         ("ideogram4", ["--disable_training_autocast"]),  # README_ideogram4.md's commands
         ("ideogram4", ["--disable_training_autocast", "--do_fp8_training", "--gradient_checkpointing"]),
     ],
@@ -276,6 +275,13 @@ def test_readme_values_reach_the_config(tmp_path):
 def test_readme_commands_with_what_cannot_work_here_stop_naming_it(name, refused, tmp_path, capsys):
     error = refused_error(readme_command(name, tmp_path) + refused, capsys)
     assert f"`{refused[0].split('=')[0]}" in error and "is not supported" in error
+
+
+def test_readme_options_once_refused_reach_the_config(tmp_path):
+    """Validation on Krea 2 Turbo is real (#17): README_krea2.md's command trains with it (test_krea2.py)."""
+    krea2 = parse_config(readme_command("krea2", tmp_path))
+    assert (krea2.validation_model_path, krea2.validation_num_inference_steps) == ("krea/Krea-2-Turbo", 8)
+    assert krea2.validation_guidance_scale == 0.0
 
 
 def test_readme_quantization_command_parses(tmp_path):

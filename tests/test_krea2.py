@@ -1,16 +1,21 @@
 """Krea 2: packing and position ids are the pipeline's, latents are normalised as the pipeline un-normalises them,
 prompt embeddings are `encode_prompt`'s, the objective is the velocity on the script's grid, the defaults are those
-of diffusers' script, and its README command trains on the tiny model."""
+of diffusers' script, its README command trains on the tiny model, and `--validation_model_path` validates on a
+stand-in for Krea 2 Turbo with the trained LoRA."""
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, write_subject_images
+from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 from family_tester import DreamBoothFamilyTester
+from PIL import Image
 from test_drop_in_options import readme_command
 
-from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline
+from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline, trainer
 from diffusers_dreambooth.cli import parse_config
+from diffusers_dreambooth.families.krea2 import Krea2Family
+from diffusers_dreambooth.safeguards import DreamBoothInputError
 from diffusers_dreambooth.testing_utils.krea2 import KREA2_SCHEDULER_CONFIG
 from diffusers_dreambooth.validation import sampling_scheduler
 
@@ -136,11 +141,27 @@ def test_defaults_are_those_of_diffusers_krea2_script(pipeline, adapter):
     )
 
 
-def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
+@pytest.fixture(scope="module")
+def turbo_dir(pipeline_dirs, tmp_path_factory) -> str:
+    """A stand-in for Krea 2 Turbo: the tiny RAW with other transformer weights, marked distilled (the pipeline then
+    shifts by its fixed 1.15), RAW's Qwen3-VL and VAE kept, as Turbo keeps them."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["krea2"])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    pipe.register_to_config(is_distilled=True)
+    folder = tmp_path_factory.mktemp("krea2-turbo")
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_readme_command_trains_two_steps(pipeline_dirs, turbo_dir, tmp_path):
     flags = readme_command("krea2", tmp_path)
     write_subject_images(tmp_path / "dog", count=2)
     swapped = {
         "--pretrained_model_name_or_path": pipeline_dirs["krea2"],
+        "--validation_model_path": turbo_dir,
         "--max_train_steps": "2",
         "--resolution": str(TINY_RESOLUTION),
         "--report_to": "none",
@@ -173,3 +194,98 @@ def test_dpm_solver_samples_krea2_as_its_own_scheduler_does(pipeline, distilled)
     finally:
         pipeline.scheduler = original
         pipeline.register_to_config(is_distilled=False)
+
+
+#: Validation here samples at the tiny size (Krea 2's pipeline defaults to 1024 px, minutes on CPU).
+SMALL = {"height": TINY_RESOLUTION, "width": TINY_RESOLUTION, "max_sequence_length": SEQUENCE}
+
+
+def validation_image(pipeline_dirs, instance_dir, output_dir, **options) -> np.ndarray:
+    """Two LoRA steps, validated after the second; its one validation image."""
+    config = tiny_config(
+        pipeline_dirs["krea2"],
+        instance_dir,
+        output_dir,
+        adapter="lora",
+        max_sequence_length=SEQUENCE,
+        validation_prompt=PROMPT,
+        validation_steps=2,
+        num_validation_images=1,
+        **options,
+    )
+    DreamBoothTrainer(config).train()
+    return np.asarray(Image.open(output_dir / "validation" / "step-2" / "0.png"))
+
+
+def test_validation_model_path_samples_that_checkpoint_with_the_trained_lora(
+    pipeline_dirs, turbo_dir, instance_dir, tmp_path, monkeypatch
+):
+    """As diffusers' script: validation and the card samples are drawn by `--validation_model_path` carrying the
+    adapter trained so far, in `--validation_num_inference_steps` at `--validation_guidance_scale`; exactly what
+    plain diffusers draws with `load_lora_weights` on that checkpoint, and not what the trained RAW draws."""
+    monkeypatch.setattr(Krea2Family, "sampling_inputs", lambda self: dict(SMALL))
+    recipe = {"validation_num_inference_steps": 3, "validation_guidance_scale": 0.0}
+    on_turbo = validation_image(
+        pipeline_dirs, instance_dir, tmp_path / "turbo", validation_model_path=turbo_dir, **recipe
+    )
+    # The same steps and guidance on the trained RAW give other images: the checkpoint is Turbo's.
+    same_steps = {"validation_inference_steps": 3, "guidance_scale": 0.0, "validation_scheduler": "pipeline"}
+    on_raw = validation_image(pipeline_dirs, instance_dir, tmp_path / "raw", **same_steps)
+    assert not np.array_equal(on_turbo, on_raw)
+
+    turbo = Krea2Pipeline.from_pretrained(turbo_dir)
+    turbo.set_progress_bar_config(disable=True)
+    turbo.load_lora_weights(tmp_path / "turbo")  # the final LoRA: that of step 2, which validation drew
+    generator = torch.Generator().manual_seed(0)  # the run's seed
+    expected = turbo(PROMPT, num_inference_steps=3, guidance_scale=0.0, generator=generator, **SMALL).images[0]
+    assert np.array_equal(on_turbo, np.asarray(expected))
+    # The card samples, after the final save, are drawn on Turbo too, with the saved LoRA.
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "turbo" / "samples" / "sample_0.png")), on_turbo)
+    assert not (tmp_path / "turbo" / "_val_lora").exists()  # the adapter went through a temporary folder
+
+
+@pytest.mark.parametrize("case", ["missing", "not a pipeline", "other base", "other checkpoint", "full"])
+def test_bad_validation_model_path_stops_in_one_line_before_loading(
+    case, pipeline_dirs, turbo_dir, instance_dir, tmp_path, monkeypatch
+):
+    def no_loading(config):
+        raise AssertionError("the base model loaded")
+
+    monkeypatch.setattr(trainer, "load_base_pipeline", no_loading)
+    base, path, adapter = pipeline_dirs["krea2"], turbo_dir, "lora"
+    if case == "missing":
+        path = str(tmp_path / "no-turbo")
+    elif case == "not a pipeline":
+        path = str(instance_dir)
+    elif case == "other base":
+        base = pipeline_dirs["flux"]
+    elif case == "other checkpoint":
+        path = pipeline_dirs["flux"]
+    else:
+        adapter = "full"
+    config = tiny_config(base, instance_dir, tmp_path / "out", adapter=adapter, validation_model_path=path)
+    with pytest.raises(DreamBoothInputError) as raised:
+        DreamBoothTrainer(config).train()
+    error = str(raised.value)
+    assert "\n" not in error and error.startswith(f"`--validation_model_path={path}`")
+    expected = {
+        "missing": "is neither a folder nor a Hub repo id",
+        "not a pipeline": "is a folder without `model_index.json`",
+        "other base": "`--pretrained_model_name_or_path` holds a `FluxPipeline`",
+        "other checkpoint": "`--validation_model_path` holds a `FluxPipeline`",
+        "full": "this run trains `--adapter full`",
+    }
+    assert expected[case] in error
+
+
+def test_validation_model_path_on_a_loaded_pipeline_of_another_family_is_refused(
+    pipeline_dirs, turbo_dir, instance_dir, tmp_path
+):
+    """A base given as a pipeline (or a Hub id) is checked once loaded, as every family's own options are."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["flux"])
+    config = tiny_config(
+        pipeline_dirs["flux"], instance_dir, tmp_path / "out", adapter="lora", validation_model_path=turbo_dir
+    )
+    with pytest.raises(DreamBoothInputError) as raised:
+        DreamBoothTrainer(config, pipeline=pipe).train()
+    assert "`--validation_model_path` is an option of krea2, not of flux" in str(raised.value)

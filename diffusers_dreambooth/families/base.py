@@ -7,9 +7,11 @@ encoded, how the noisy input and the regression target are built, and which modu
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -172,6 +174,13 @@ class DreamBoothFamily:
     def validation_inputs(self) -> dict[str, Any]:
         """`sampling_inputs`, plus what validation and card samples alone take (FLUX.1 Kontext: the image to edit)."""
         return self.sampling_inputs()
+
+    @contextlib.contextmanager
+    def validation_pipeline(self, lora_weights: str | Path | None = None) -> Iterator[DiffusionPipeline]:
+        """The pipeline that validation images and card samples are drawn with, for the duration of the block: the
+        trained one. Krea 2 with `--validation_model_path` draws them from that checkpoint carrying the adapter
+        trained so far, or the saved one in the folder `lora_weights` (the card samples after the final save)."""
+        yield self.pipeline
 
     def warn_if_attention_mask_ignored(self, config: DreamBoothConfig) -> None:
         if config.text_encoder_use_attention_mask and not self.uses_attention_mask:

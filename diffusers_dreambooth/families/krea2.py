@@ -7,18 +7,30 @@ input `(1 - sigma) * x + sigma * noise`, the velocity `noise - x` as target and 
 `timestep / 1000`. Latents are the VAE posterior normalised by its `latents_mean` / `latents_std`, as the pipeline
 undoes them before decoding. Prompts are encoded by the pipeline's own `encode_prompt` (its chat template padded in
 the middle, the selected layers stacked), a fixed `--max_sequence_length` per prompt, with their mask.
+
+RAW, the checkpoint trained, is not meant for inference: with `--validation_model_path` (Krea 2 Turbo), validation
+and the card samples are drawn, as the script draws them, by that checkpoint with the adapter trained so far loaded
+on it, in `--validation_num_inference_steps` steps at `--validation_guidance_scale`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import Krea2Pipeline
+from diffusers import DiffusionPipeline, Krea2Pipeline
+from diffusers.training_utils import free_memory
 
+from ..pipeline_loading import readable_load_errors
 from .base import ImageConditioning, height_and_width
 from .llm import LLMPromptFamily
+
+if TYPE_CHECKING:
+    from ..config import DreamBoothConfig
 
 #: The pixel size of one transformer token's side is the VAE's factor times this patch side.
 PATCH_SIZE = 2
@@ -31,6 +43,7 @@ def qwen_vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
 
 class Krea2Family(LLMPromptFamily):
     name = "krea2"
+    family_options = ("validation_model_path",)
     hub_tags = ("krea2", "krea2-diffusers")
     pipeline_class_names = ("Krea2Pipeline",)
     denoiser_name = "transformer"
@@ -67,6 +80,59 @@ class Krea2Family(LLMPromptFamily):
         }
         for adapter in ("full", "lora")
     }
+
+    #: `--validation_model_path`, the call options sampling on it takes, and how it loads.
+    validation_model_path = None
+    validation_call: dict[str, Any] = {}
+    validation_loading: dict[str, Any] = {}
+
+    def configure(self, config: DreamBoothConfig) -> None:
+        super().configure(config)
+        self.validation_model_path = config.validation_model_path
+        self.validation_call = {
+            "num_inference_steps": config.validation_num_inference_steps,
+            "guidance_scale": config.validation_guidance_scale,
+        }
+        self.validation_loading = {
+            "cache_dir": config.cache_dir,
+            "variant": config.variant,
+            "use_safetensors": None if config.allow_pickle else True,
+        }
+
+    def validation_inputs(self) -> dict[str, Any]:
+        """On `--validation_model_path`, its recipe: `--validation_num_inference_steps` (Turbo: 8) at
+        `--validation_guidance_scale` (0, no classifier-free guidance); the training checkpoint samples as usual."""
+        inputs = super().validation_inputs()
+        return {**inputs, **self.validation_call} if self.validation_model_path else inputs
+
+    @contextlib.contextmanager
+    def validation_pipeline(self, lora_weights: str | Path | None = None) -> Iterator[DiffusionPipeline]:
+        """`--validation_model_path` loaded with the trained Qwen3-VL and tokenizer (as the script validates on
+        embeddings of the training encoder), the VAE, transformer and scheduler its own, in the frozen base's dtype,
+        then the adapter trained so far (or the one saved in `lora_weights`) loaded with `load_lora_weights`, as a
+        user loads it on Turbo. Dropped when the block ends; without the option, the trained pipeline itself."""
+        if self.validation_model_path is None:
+            yield self.pipeline
+            return
+        with tempfile.TemporaryDirectory(prefix="krea2-validation-lora-") as folder:
+            if lora_weights is None:
+                self.save_lora_weights(folder, {self.denoiser_name: self.denoiser})
+            with readable_load_errors("validation_model_path", self.validation_model_path):
+                pipeline = Krea2Pipeline.from_pretrained(
+                    self.validation_model_path,
+                    text_encoder=self.pipeline.text_encoder,
+                    tokenizer=self.pipeline.tokenizer,
+                    torch_dtype=self.denoiser.dtype,
+                    **self.validation_loading,
+                )
+            pipeline.load_lora_weights(str(lora_weights or folder))
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        try:
+            yield pipeline
+        finally:
+            del pipeline
+            free_memory()
 
     # Components
 
