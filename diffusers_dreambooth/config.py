@@ -59,8 +59,6 @@ UNSUPPORTED_OPTIONS = {
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
-    "disable_training_autocast": "training without accelerate's autocast is not implemented; remove the flag, or"
-    " train in `--mixed_precision no`",
     "upsample_prompt": "rewriting captions into Ideogram 4's JSON schema is not implemented; write the captions in"
     " the schema, or remove the flag",
 }
@@ -492,7 +490,11 @@ class DreamBoothConfig:
     )
     validation_num_inference_steps: int = _option(8, "Steps of sampling on `--validation_model_path` (Krea 2).")
     validation_guidance_scale: float = _option(0.0, "Guidance of sampling on `--validation_model_path` (Krea 2).")
-    disable_training_autocast: bool = _option(False, "Train without autocast (Ideogram 4); not supported.")
+    disable_training_autocast: bool = _option(
+        False,
+        "Ideogram 4: no autocast anywhere in the run (training, validation, samples): the transformer computes in its"
+        " own dtype (`--mixed_precision`'s for the frozen base) on inputs cast to it, as the pipeline samples.",
+    )
     upsample_prompt: bool = _option(False, "Rewrite captions into Ideogram 4's JSON schema; not supported.")
     prompt_enhancer_head_id: str = _option(
         "diffusers/qwen3-vl-8b-instruct-lm-head", "Ideogram 4's prompt-enhancer head, for `--upsample_prompt`."

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import AutocastKwargs, ProjectConfiguration, broadcast_object_list
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.optimization import get_scheduler
@@ -268,11 +268,11 @@ class DreamBoothTrainer:
         accelerator.wait_for_everyone()
 
     def _make_accelerator(self) -> Accelerator:
-        config = self.config
-        output_dir = Path(config.output_dir)
+        config, output_dir = self.config, Path(self.config.output_dir)
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
+            kwargs_handlers=[AutocastKwargs(enabled=not config.disable_training_autocast)],  # Ideogram 4's option
             log_with=trackers_for(config, output_dir / config.logging_dir),
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)

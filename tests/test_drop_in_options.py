@@ -177,7 +177,7 @@ README_COMMANDS = {
         "--lr_warmup_steps=0",
         "--validation_model_path=krea/Krea-2-Turbo",
     ],
-    # README_ideogram4.md's command without `--disable_training_autocast`, which is refused.
+    # README_ideogram4.md's command (its FP8 command adds `--do_fp8_training --gradient_checkpointing`).
     "ideogram4": [
         "--pretrained_model_name_or_path=ideogram-ai/ideogram-v4",
         "--resolution=1024",
@@ -186,6 +186,7 @@ README_COMMANDS = {
         "--learning_rate=1e-4",
         "--lr_warmup_steps=0",
         "--mixed_precision=bf16",
+        "--disable_training_autocast",
     ],
     "sdxl": [
         "--pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0",
@@ -222,7 +223,6 @@ README_COMMANDS = {
 REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
-    "disable_training_autocast": [],
     "upsample_prompt": [],
 }
 
@@ -265,23 +265,13 @@ def test_readme_values_reach_the_config(tmp_path):
     assert parse_config(readme_command("sana", tmp_path)).max_sequence_length == 256
 
 
-@pytest.mark.parametrize(
-    "name, refused",
-    [
-        ("ideogram4", ["--disable_training_autocast"]),  # README_ideogram4.md's commands
-        ("ideogram4", ["--disable_training_autocast", "--do_fp8_training", "--gradient_checkpointing"]),
-    ],
-)
-def test_readme_commands_with_what_cannot_work_here_stop_naming_it(name, refused, tmp_path, capsys):
-    error = refused_error(readme_command(name, tmp_path) + refused, capsys)
-    assert f"`{refused[0].split('=')[0]}" in error and "is not supported" in error
-
-
 def test_readme_options_once_refused_reach_the_config(tmp_path):
-    """Validation on Krea 2 Turbo is real (#17): README_krea2.md's command trains with it (test_krea2.py)."""
+    """Validation on Krea 2 Turbo and Ideogram 4's training without autocast are real (#17): the README commands
+    train with them (test_krea2.py, test_ideogram4.py and test_fp8_training.py's README tests)."""
     krea2 = parse_config(readme_command("krea2", tmp_path))
     assert (krea2.validation_model_path, krea2.validation_num_inference_steps) == ("krea/Krea-2-Turbo", 8)
     assert krea2.validation_guidance_scale == 0.0
+    assert parse_config(readme_command("ideogram4", tmp_path)).disable_training_autocast
 
 
 def test_readme_quantization_command_parses(tmp_path):

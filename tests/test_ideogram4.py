@@ -1,7 +1,7 @@
 """Ideogram 4: the packed `[text | image]` sequence and its ids are `encode_prompt`'s for the batch's grid, latents
 are packed and normalised as the pipeline unpacks them, sigma is the script's resolution-shifted logit-normal draw,
 the prediction is the velocity the pipeline steps with, the defaults are those of diffusers' script, and its README
-command trains on the tiny model."""
+command (with `--disable_training_autocast`) trains on the tiny model."""
 
 import math
 
@@ -15,6 +15,7 @@ from test_drop_in_options import readme_command
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline, validation
 from diffusers_dreambooth.cli import parse_config
 from diffusers_dreambooth.families.ideogram4 import pack, unpack
+from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 PROMPT = "a photo of sks dog"
 SEQUENCE = 64  # tokens per prompt in these tests (the script's 2048 is slow on one CPU thread)
@@ -192,3 +193,80 @@ def test_readme_command_trains_two_steps(pipeline_dirs, tmp_path):
     trainer.train()
     assert trainer.global_step == 2
     assert (tmp_path / "trained-ideogram4-lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+class LossRecorder(DreamBoothTrainer):
+    """Keeps every step's loss."""
+
+    def _loss_values(self, losses) -> dict[str, float]:
+        values = super()._loss_values(losses)
+        self.losses = [*getattr(self, "losses", []), values["loss"]]
+        return values
+
+
+def bf16_run(pipeline_dirs, instance_dir, output_dir, **options) -> tuple[LossRecorder, list]:
+    """Two LoRA steps in `--mixed_precision bf16` on CPU; whether autocast was on inside the transformer's forward
+    (at its `final_layer`, within the forward accelerate wraps), and that layer's output, at every call."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs["ideogram4"])
+    calls = []
+    pipe.transformer.final_layer.register_forward_hook(
+        lambda module, args, output: calls.append((torch.is_autocast_enabled("cpu"), output.detach().clone()))
+    )
+    config = tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        output_dir,
+        adapter="lora",
+        mixed_precision="bf16",
+        max_sequence_length=SEQUENCE,
+        skip_final_inference=True,
+        **options,
+    )
+    trainer = LossRecorder(config, pipeline=pipe)
+    trainer.train()
+    return trainer, calls
+
+
+def test_disable_training_autocast_trains_in_the_transformers_own_dtype(pipeline_dirs, instance_dir, tmp_path):
+    """diffusers' script passes `AutocastKwargs(enabled=False)` to its Accelerator with the flag: the forward runs
+    without autocast, the bf16 base computing in bf16 on bf16 inputs (the float32 LoRA in float32), as the pipeline
+    samples it; under autocast, the same step computes otherwise, so its prediction and loss differ."""
+    autocast, autocast_calls = bf16_run(pipeline_dirs, instance_dir, tmp_path / "autocast")
+    plain, plain_calls = bf16_run(pipeline_dirs, instance_dir, tmp_path / "plain", disable_training_autocast=True)
+    assert plain.global_step == autocast.global_step == 2
+    assert [enabled for enabled, _ in autocast_calls] == [True, True]
+    assert [enabled for enabled, _ in plain_calls] == [False, False]
+    # Step 1 is the same: LoRA's B starts at zero, and the bf16 base gives bf16 either way. At step 2 the float32
+    # LoRA computes in float32 without autocast, in bf16 under it.
+    torch.testing.assert_close(plain_calls[0][1], autocast_calls[0][1], rtol=0, atol=0)
+    (_, with_autocast), (_, without) = autocast_calls[1], plain_calls[1]
+    assert without.dtype == torch.bfloat16 == plain.input_dtype  # the frozen base's dtype
+    assert torch.isfinite(without.float()).all() and not torch.equal(without.float(), with_autocast.float())
+    assert all(math.isfinite(loss) for loss in plain.losses) and plain.losses[1] != autocast.losses[1]
+    assert not plain.accelerator.autocast_handler.enabled  # validation and card samples run without it too
+
+
+def test_disable_training_autocast_validates_without_autocast(pipeline_dirs, instance_dir, tmp_path):
+    """Validation of the live bf16 base with its float32 LoRA runs without autocast, as the script validates."""
+    _, calls = bf16_run(
+        pipeline_dirs,
+        instance_dir,
+        tmp_path / "out",
+        disable_training_autocast=True,
+        max_train_steps=1,
+        validation_prompt=PROMPT,
+        validation_steps=1,
+        validation_inference_steps=2,
+        num_validation_images=1,
+    )
+    assert [enabled for enabled, _ in calls] == [False] * len(calls) and len(calls) > 1
+    image = tmp_path / "out" / "validation" / "step-1" / "0.png"
+    assert image.is_file()
+
+
+def test_disable_training_autocast_on_another_family_is_refused(pipeline_dirs, instance_dir, tmp_path):
+    config = tiny_config(pipeline_dirs["krea2"], instance_dir, tmp_path / "out", disable_training_autocast=True)
+    with pytest.raises(DreamBoothInputError) as raised:
+        DreamBoothTrainer(config).train()
+    error = str(raised.value)
+    assert "\n" not in error and "`--disable_training_autocast` is an option of ideogram4, not of krea2" in error

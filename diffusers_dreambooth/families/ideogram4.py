@@ -20,12 +20,14 @@ and `predict` rebuilds the position, segment and indicator ids for each batch's 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import Ideogram4Pipeline
+from diffusers import DiffusionPipeline, Ideogram4Pipeline
 from diffusers.models.transformers.transformer_ideogram4 import LLM_TOKEN_INDICATOR
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -42,6 +44,9 @@ DEFAULT_GUIDANCE_SCALE = 7.0
 
 class Ideogram4Family(LLMPromptFamily):
     name = "ideogram4"
+    # `--disable_training_autocast` (the README's commands): the trainer's Accelerator then autocasts nothing, so the
+    # transformer trains in its own dtype on inputs already cast to it, as the pipeline samples (and validates) it.
+    family_options = ("disable_training_autocast",)
     hub_tags = ("ideogram4", "ideogram4-diffusers")
     pipeline_class_names = ("Ideogram4Pipeline",)
     denoiser_name = "transformer"
@@ -65,12 +70,23 @@ class Ideogram4Family(LLMPromptFamily):
     size = (512, 512)
     pixels = 512 * 512
     guidance_scale = None
+    autocast_disabled = False
 
     def configure(self, config: DreamBoothConfig) -> None:
         super().configure(config)
         self.size = height_and_width(config.resolution)
         self.pixels = self.size[0] * self.size[1]
         self.guidance_scale = config.guidance_scale
+        self.autocast_disabled = config.disable_training_autocast
+
+    @contextlib.contextmanager
+    def validation_pipeline(self, lora_weights: str | Path | None = None) -> Iterator[DiffusionPipeline]:
+        """The trained pipeline; without autocast (`--disable_training_autocast`), its frozen unconditional
+        transformer first takes the trained one's base dtype (bf16 under `--mixed_precision bf16`), as the script loads
+        both in it: the pipeline casts the inputs of each to its own dtype, and the timestep to the trained one's."""
+        if self.autocast_disabled:
+            self.pipeline.unconditional_transformer.to(self.denoiser.dtype)
+        yield self.pipeline
 
     def sampling_inputs(self) -> dict[str, Any]:
         """Validation at the training resolution, as diffusers' script validates (the pipeline's default is 2048 px),
