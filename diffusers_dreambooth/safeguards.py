@@ -15,6 +15,7 @@ import logging
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,18 +57,27 @@ class DiskSpaceError(OSError):
 
 
 class StopRequest:
-    """Records the first stop signal received; a second one raises `KeyboardInterrupt` to stop immediately."""
+    """Records the first stop signal received; a second one raises `KeyboardInterrupt` to stop immediately.
+
+    Another signal within `SAME_REQUEST_SECONDS` of the first is the same request: `accelerate launch` answers the
+    terminal's Ctrl-C (SIGINT, which the run gets too) by sending the run SIGTERM at once."""
+
+    SAME_REQUEST_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received_at = 0.0
 
     def __bool__(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum != self.signum:
+            if time.monotonic() - self.received_at < self.SAME_REQUEST_SECONDS:
+                return
         if self.signum is not None:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: stopping without a checkpoint.")
-        self.signum = signum
+        self.signum, self.received_at = signum, time.monotonic()
         logger.warning(
             "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once).",
             signal.Signals(signum).name,

@@ -168,7 +168,7 @@ def test_unknown_flag_exits_naming_it(capsys):
         (["--lr_scheduler", "cosine_annealing"], "cosine_annealing"),
         (["--train_batch_size", "0"], "--train_batch_size"),
         (["--report_to", "wandb", "--hub_token", "hf_x"], "--hub_token"),
-        (["--do_fp8_training"], "--do_fp8_training"),
+        (["--do_fp8_training", "--quantize_base", "nf4"], "--do_fp8_training"),
         (["--dataset_name", "some/dataset"], "--dataset_name"),
         (["--adapter", "lora", "--lora_layers", "to_q", "--lora_target_modules", "to_k"], "--lora_layers"),
         (["--adapter", "lora", "--lora_blocks", "12;30"], "--lora_blocks"),

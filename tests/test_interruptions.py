@@ -232,6 +232,17 @@ def test_stop_requests_catch_the_first_signal_and_stop_at_once_on_the_second():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_ctrl_c_under_accelerate_launch_is_one_stop_request():
+    """The terminal's SIGINT, then at once the SIGTERM `accelerate launch` sends its child: one request, saved."""
+    with stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGINT
+        stop.received_at -= StopRequest.SAME_REQUEST_SECONDS  # later, another signal is a second request
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM received twice"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def test_free_space_check_names_the_folder_and_the_sizes(tmp_path):
     check_free_space(tmp_path, 1, "a checkpoint")
     with pytest.raises(DiskSpaceError, match=r"Not enough free disk space for a checkpoint in `.*missing`: .* free"):

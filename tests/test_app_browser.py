@@ -1,0 +1,149 @@
+"""The web app end to end in a real headless browser (#18): Debian's Chromium driven by Playwright.
+
+The server runs as a user starts it (`python -m diffusers_dreambooth.app`), pointed at the test suite's local Hub.
+The test uploads the bundled photos (and a crafted name and an unreadable file), trains a short run on the toy model,
+watches the progress reach the end, sees the grid, generates, pushes, and saves screenshots (`APP_SCREENSHOTS`
+names a folder to keep them in, as the README's are made).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hub_server import LocalHub
+
+from diffusers_dreambooth.toy import SUBJECT_PHOTOS_DIR
+
+playwright = pytest.importorskip("playwright.sync_api", reason='the app extra: pip install -e ".[app]"')
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (.ci/run installs it)"),
+]
+
+STEPS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with LocalHub(tmp_path / "hub_storage") as hub:
+        yield hub
+
+
+@pytest.fixture
+def server(hub, tmp_path):
+    """The app on a free port, its work folder in `tmp_path/work`; yields (url, work folder)."""
+    port, work = free_port(), tmp_path / "work"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
+    log = (tmp_path / "server.log").open("w")
+    command = [sys.executable, "-m", "diffusers_dreambooth.app", "--port", str(port), "--work_dir", str(work)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+    yield url, work
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def screenshot(page, tmp_path: Path, name: str, element: str | None = None) -> None:
+    """The page's viewport (scrolled to `element`), as the README shows it."""
+    if element is not None:
+        page.locator(element).scroll_into_view_if_needed()
+    page.screenshot(path=str(tmp_path / f"{name}.png"))
+    if os.environ.get("APP_SCREENSHOTS"):
+        Path(os.environ["APP_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / f"{name}.png", Path(os.environ["APP_SCREENSHOTS"]) / f"{name}.png")
+
+
+def set_option(page, name: str, value: str) -> None:
+    """Type `value` into the advanced option `name`."""
+    box = page.locator(f"#option-{name} textarea, #option-{name} input").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server, hub, tmp_path):
+    url, work = server
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    (crafted / "broken.png").write_bytes(b"not a png")
+    photos = sorted(str(path) for path in SUBJECT_PHOTOS_DIR.iterdir())
+    escape = {"name": "../../escape.png", "mimeType": "image/png", "buffer": Path(photos[0]).read_bytes()}
+
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(url)
+        page.locator("#run-name textarea, #run-name input").first.fill("e2e-star")
+        page.locator("#photos input[type=file]").set_input_files([*photos, str(crafted / "broken.png")])
+        page.locator("#review").get_by_text("broken.png").first.wait_for(timeout=30_000)
+        review = page.locator("#review").inner_text()
+        assert f"{len(photos)} photo(s) to train on" in review and "is not a readable image" in review
+
+        screenshot(page, tmp_path, "app-train-form")
+        page.get_by_text("Advanced: every other option").click()
+        for name, value in {
+            "max_train_steps": str(STEPS),
+            "num_class_images": "8",
+            "validation_steps": "10",
+            "checkpointing_steps": "10",
+        }.items():
+            set_option(page, name, value)
+        page.get_by_text("Advanced: every other option").click()  # closed again: the progress shows below
+        page.locator("#start").click()
+        page.locator("#progress").get_by_text("running").wait_for(timeout=60_000)
+
+        page.locator("#start").click()  # one run at a time per server
+        page.get_by_text("The server is busy training `e2e-star`").first.wait_for(timeout=30_000)
+
+        page.locator("#progress").get_by_text(f"finished, step {STEPS}/{STEPS}").wait_for(timeout=400_000)
+        assert "Saved the trained subject" in page.locator("#log textarea").input_value()
+        screenshot(page, tmp_path, "app-training", "#start")
+
+        page.get_by_role("tab", name="Result").click()
+        page.locator("#show-result").click()
+        page.locator("#grid img").wait_for(timeout=30_000)
+        page.locator("#generate").click()
+        page.locator("#generated img").wait_for(timeout=120_000)
+        page.locator("#repo-id textarea, #repo-id input").first.fill("user/e2e-star")
+        page.locator("#push-token input").fill(hub.token)
+        page.locator("#push").click()
+        page.locator("#pushed").get_by_text("user/e2e-star").wait_for(timeout=120_000)
+        assert page.locator("#push-token input").input_value() == ""  # never shown back
+        screenshot(page, tmp_path, "app-result", "#show-result")
+
+        # An upload whose name climbs out of the work folder lands inside it, or nowhere.
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#run-name textarea, #run-name input").first.fill("escape-attempt")
+        page.locator("#photos input[type=file]").set_input_files([escape])
+        page.locator("#review").get_by_text("photo(s) to train on").wait_for(timeout=30_000)
+        browser.close()
+
+    run = work / "runs" / "e2e-star"
+    assert sorted(p.name for p in (run / "photos").iterdir()) == sorted(Path(p).name for p in photos)
+    assert (run / "output" / "samples" / "grid.png").is_file()
+    assert "user/e2e-star" in hub.repos
+    outside = [path for path in tmp_path.rglob("escape.png") if not path.resolve().is_relative_to(work.resolve())]
+    assert outside == [] and not (tmp_path.parent / "escape.png").exists()
+    written = [path for path in work.rglob("*") if path.is_file() and path.suffix in (".json", ".log", ".md", ".txt")]
+    assert written and not [path for path in written if hub.token in path.read_text(errors="replace")]
