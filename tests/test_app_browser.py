@@ -100,7 +100,6 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
         review = page.locator("#review").inner_text()
         assert f"{len(photos)} photo(s) to train on" in review and "is not a readable image" in review
 
-        screenshot(page, tmp_path, "app-train-form")
         page.get_by_text("Advanced: every other option").click()
         for name, value in {
             "max_train_steps": str(STEPS),

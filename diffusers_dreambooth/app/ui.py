@@ -96,7 +96,7 @@ class App:
             options.update(instance_data_dir=str(folder / "photos"), class_data_dir=str(folder / "class_images"))
             self.runs.start(name, options, token=token or None)
         except (AppInputError, ValueError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(str(error), print_exception=False, duration=10) from None
         return f"Started `{name}`.", gr.update(value="")  # the token field is emptied, never shown back
 
     def resume(self, name: str, token: str):
@@ -106,7 +106,7 @@ class App:
                 raise AppInputError(f"Run `{name}` has not started yet; press Start.")
             self.runs.start(name, options, token=token or None, resume=True)
         except (AppInputError, ValueError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(str(error), print_exception=False, duration=10) from None
         return f"Resumed `{name}` from its latest checkpoint.", gr.update(value="")
 
     def stop(self) -> str:
@@ -139,7 +139,7 @@ class App:
             words = rare_token_identifiers([AutoTokenizer.from_pretrained(base, subfolder="tokenizer")], count=8)
         except Exception as error:  # no tokenizer folder, not on the Hub, ...
             message = f"No tokenizer read from `{base_model}`: {str(error).splitlines()[0]}"
-            raise gr.Error(message, print_exception=False) from None
+            raise gr.Error(message, print_exception=False, duration=10) from None
         return "Rare-token candidates (`auto` takes the first): " + ", ".join(f"`{word}`" for word in words)
 
     def watch(self, name: str):
@@ -166,7 +166,8 @@ class App:
         grid = output / "samples" / "grid.png"
         card = output / "README.md"
         evaluation = metadata.evaluation if metadata else {}
-        table = pd.DataFrame([{"metric": k, "value": v} for k, v in evaluation.items()]) if evaluation else None
+        rows = [{"metric": k, "value": round(v, 3) if isinstance(v, float) else v} for k, v in evaluation.items()]
+        table = pd.DataFrame(rows) if rows else None
         weights = output / "pytorch_lora_weights.safetensors"
         return (
             str(grid) if grid.is_file() else None,
@@ -180,7 +181,7 @@ class App:
 
         metadata = self.runs.metadata(name)
         if metadata is None:
-            raise gr.Error(f"Run `{name}` has no trained subject yet.", print_exception=False)
+            raise gr.Error(f"Run `{name}` has no trained subject yet.", print_exception=False, duration=10)
         options = self.runs.options(name)
         with self._generate_lock:
             if name not in self._pipelines:
@@ -201,14 +202,14 @@ class App:
 
         weights = self.runs.output_dir(name) / "pytorch_lora_weights.safetensors"
         if not weights.is_file():
-            raise gr.Error(f"Run `{name}` trained no LoRA to export.", print_exception=False)
+            raise gr.Error(f"Run `{name}` trained no LoRA to export.", print_exception=False, duration=10)
         return export_kohya_lora(weights)
 
     def push(self, name: str, repo_id: str, private: bool, token: str):
         from ..hub import push_subject_folder
 
         if self.runs.metadata(name) is None:
-            raise gr.Error(f"Run `{name}` has no trained subject to push.", print_exception=False)
+            raise gr.Error(f"Run `{name}` has no trained subject to push.", print_exception=False, duration=10)
         try:
             commit = push_subject_folder(
                 self.runs.output_dir(name), repo_id.strip(), private=private, token=token or None
