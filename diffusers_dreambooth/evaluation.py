@@ -278,15 +278,15 @@ def describe_evaluation_model(name_or_path: str) -> str:
     """How a model card names an evaluation model: its Hub id, the toy checker, or "a local model" (no paths)."""
     if is_hub_id(name_or_path):
         return name_or_path
-    return "the toy world's checker" if _is_toy_checker(name_or_path) else "a local model"
+    return "the toy world's checker" if is_toy_checker(name_or_path) else "a local model"
 
 
 def _toy_checker(name_or_path: str) -> ToyChecker | None:
     """The `ToyChecker` saved in folder `name_or_path`, or None when it holds something else (or is a repo id)."""
-    return ToyChecker.from_pretrained(name_or_path).eval() if _is_toy_checker(name_or_path) else None
+    return ToyChecker.from_pretrained(name_or_path).eval() if is_toy_checker(name_or_path) else None
 
 
-def _is_toy_checker(name_or_path: str) -> bool:
+def is_toy_checker(name_or_path: str) -> bool:
     config_file = Path(name_or_path) / "config.json"
     return config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "ToyChecker"
 

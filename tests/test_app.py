@@ -32,7 +32,14 @@ from diffusers_dreambooth.app.runs import (
 )
 from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.config import SECRET_FIELDS
-from diffusers_dreambooth.toy import BASE_MODEL_DIR, CHECKER_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
+from diffusers_dreambooth.toy import (
+    BASE_MODEL_DIR,
+    CHECKER_DIR,
+    SUBJECT_PHOTOS_DIR,
+    sample_scene,
+    subject_scene,
+    toy_dreambooth_config,
+)
 
 # The option list
 
@@ -267,3 +274,26 @@ def test_binding_beyond_localhost_needs_auth(capsys):
         parse_args(["--share"])
     assert parse_args(["--host", "0.0.0.0", "--auth", "me:pw"]).auth == "me:pw"
     assert parse_args([]).host == "127.0.0.1"
+
+
+def test_the_binding_curve_judges_each_validation_step_with_the_toy_checker(tmp_path):
+    """Runs evaluated by the toy world's checker show when the subject was learnt: per validation step, the share of
+    images the checker calls the subject."""
+    runs = Runs(tmp_path / "work")
+    folder = runs.folder("toy")
+    folder.mkdir()
+    (folder / "options.json").write_text(json.dumps({"evaluation_dino_model": str(CHECKER_DIR)}))
+    rng = np.random.default_rng(0)
+    validation = folder / "output" / "validation"
+    for step, scenes in {
+        10: [sample_scene(rng) for _ in range(4)],
+        20: [subject_scene(rng) for _ in range(4)],
+    }.items():
+        (validation / f"step-{step}").mkdir(parents=True)
+        for index, scene in enumerate(scenes):
+            scene.render().save(validation / f"step-{step}" / f"{index}.png")
+    curve = runs.binding_curve("toy", runs.status("toy").validation_images)
+    assert [point["step"] for point in curve] == [10, 20]
+    assert curve[0]["binding"] <= 0.25 and curve[1]["binding"] == 1.0
+    (folder / "options.json").write_text(json.dumps({}))  # no checker: no curve
+    assert runs.binding_curve("toy", runs.status("toy").validation_images) == []

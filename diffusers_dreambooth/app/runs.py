@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from PIL import Image
 
 from ..checkpoints import list_checkpoints
 from ..config import DreamBoothConfig
 from ..data import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
+from ..evaluation import is_toy_checker
 from ..progress import PROGRESS_FILE, read_progress
 from ..safeguards import DreamBoothInputError
 from ..subject import SUBJECT_FILE_NAME, SubjectMetadata
 from ..toy import BASE_MODEL_DIR
+from ..toy.checker import ToyChecker
 
 #: The largest photo the app takes; the server refuses larger uploads before they reach it.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -180,6 +183,8 @@ class Runs:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._running: str | None = None
+        self._checkers: dict[str, ToyChecker] = {}
+        self._judged: dict[Path, bool] = {}
 
     # Folders
 
@@ -301,6 +306,27 @@ class Runs:
             log_tail=log_tail(folder / "train.log"),
             exit_code=exit_code,
         )
+
+    def binding_curve(self, name: str, validation_images: list[Path]) -> list[dict[str, Any]]:
+        """For a run whose evaluation uses the toy world's checker: per validation step, the share of its images the
+        checker calls the subject (when the subject was learnt). Empty for other runs."""
+        checker_dir = self.options(name).get("evaluation_dino_model")
+        if not checker_dir or not is_toy_checker(checker_dir):
+            return []
+        if checker_dir not in self._checkers:
+            self._checkers[checker_dir] = ToyChecker.from_pretrained(checker_dir).eval()
+        by_step: dict[int, list[Path]] = {}
+        for path in validation_images:
+            by_step.setdefault(int(path.parent.name[len("step-") :]), []).append(path)
+        curve = []
+        for step, paths in sorted(by_step.items()):
+            unseen = [path for path in paths if path not in self._judged]
+            if unseen:
+                images = [Image.open(path).convert("RGB") for path in unseen]
+                for path, judgement in zip(unseen, self._checkers[checker_dir].judge(images)):
+                    self._judged[path] = judgement.is_subject
+            curve.append({"step": step, "binding": sum(self._judged[path] for path in paths) / len(paths)})
+        return curve
 
     def metadata(self, name: str) -> SubjectMetadata | None:
         path = self.output_dir(name) / SUBJECT_FILE_NAME

@@ -30,7 +30,7 @@ NO_PRESET = "(none)"
 def toy_defaults(adapter: str = "full") -> DreamBoothConfig:
     """The app's defaults: the bundled subject on the toy model, with validation images to watch as it trains."""
     return toy_dreambooth_config(
-        "output", adapter=adapter, validation_prompt="a photo of {subject} on a green background", validation_steps=250
+        "output", adapter=adapter, validation_prompt="a photo of {subject}", validation_steps=100
     )
 
 
@@ -147,8 +147,11 @@ class App:
         try:
             status = self.runs.status(name)
         except AppInputError:
-            return "", None, [], ""
-        return progress_line(status), loss_frame(status), [str(p) for p in status.validation_images], status.log_tail
+            return "", None, None, [], ""
+        curve = self.runs.binding_curve(name, status.validation_images)
+        binding = pd.DataFrame(curve) if curve else None
+        images = [str(p) for p in status.validation_images]
+        return progress_line(status), loss_frame(status), binding, images, status.log_tail
 
     def current_run(self):
         """The run the page shows on (re)load: the one training, else the run name as it is."""
@@ -325,7 +328,16 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
                 stop = gr.Button("Stop", elem_id="stop")
                 resume = gr.Button("Resume", elem_id="resume")
             progress = gr.Markdown(elem_id="progress")
-            losses = gr.LinePlot(x="step", y="loss", color="curve", label="Losses", height=240)
+            with gr.Row():
+                losses = gr.LinePlot(x="step", y="loss", color="curve", label="Losses", height=240)
+                binding = gr.LinePlot(
+                    x="step",
+                    y="binding",
+                    y_lim=[0, 1],
+                    label="Binding: validation images the toy checker calls the subject",
+                    height=240,
+                    elem_id="binding",
+                )
             validation = gr.Gallery(label="Validation images", columns=8, height=160)
             log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="log")
         with gr.Tab("Result"):
@@ -369,7 +381,7 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
         start.click(app.start, form, [message, train_token], concurrency_limit=1)
         stop.click(app.stop, None, message)
         resume.click(app.resume, [name, train_token], [message, train_token], concurrency_limit=1)
-        gr.Timer(1.0).tick(app.watch, name, [progress, losses, validation, log], show_progress="hidden")
+        gr.Timer(1.0).tick(app.watch, name, [progress, losses, binding, validation, log], show_progress="hidden")
         page.load(app.current_run, None, name)
         page.load(app.review, photos, [preview, review])
         result = [grid, evaluation, card, weights]
