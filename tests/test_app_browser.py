@@ -112,6 +112,12 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
         page.locator("#start").click()
         page.locator("#progress").get_by_text("running").wait_for(timeout=60_000)
 
+        other_tab = browser.new_page()  # a reload, or another tab, shows the running job
+        other_tab.goto(url)
+        other_tab.locator("#progress").get_by_text("e2e-star").wait_for(timeout=30_000)
+        assert other_tab.locator("#run-name textarea, #run-name input").first.input_value() == "e2e-star"
+        other_tab.close()
+
         page.locator("#start").click()  # one run at a time per server
         page.get_by_text("The server is busy training `e2e-star`").first.wait_for(timeout=30_000)
 
@@ -130,6 +136,10 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
         page.locator("#pushed").get_by_text("user/e2e-star").wait_for(timeout=120_000)
         assert page.locator("#push-token input").input_value() == ""  # never shown back
         screenshot(page, tmp_path, "app-result", "#show-result")
+        sample = page.locator("#card img").first  # the card's samples, served from the run's folder
+        sample.wait_for(timeout=30_000)
+        assert sample.evaluate("image => image.complete && image.naturalWidth > 0")
+        assert page.request.get(f"{url}gradio_api/file=/etc/passwd").status == 403
 
         # An upload whose name climbs out of the work folder lands inside it, or nowhere.
         page.get_by_role("tab", name="Train").click()

@@ -121,6 +121,8 @@ class App:
 
         review = review_photos([Path(p) for p in photos])
         lines = [f"{len(review.accepted)} photo(s) to train on."]
+        if len(review.accepted) < 3:
+            lines[0] += " DreamBooth learns a subject from 3-5 photos; add more if you have them."
         lines += [
             f"- {reason}" if f"`{name}`" in reason else f"- `{name}`: {reason}" for name, reason in review.rejected
         ]
@@ -364,7 +366,7 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
                 push_token = gr.Textbox(label="Hub token (never stored)", type="password", elem_id="push-token")
                 push = gr.Button("Push to the Hub", elem_id="push")
             pushed = gr.Markdown(elem_id="pushed")
-            card = gr.Markdown(label="Model card")
+            card = gr.Markdown(label="Model card", elem_id="card")
 
         def fill_prompts(noun: str, word: str):
             word = word.strip() or "sks"
