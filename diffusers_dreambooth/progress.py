@@ -32,21 +32,30 @@ class ProgressLog(GeneralTracker):
 
     def __init__(self, logging_dir: str | Path) -> None:
         super().__init__()
-        self.path = Path(logging_dir) / PROGRESS_FILE
+        self.path: Path | None = Path(logging_dir) / PROGRESS_FILE
 
     @property
     def tracker(self) -> ProgressLog:
         return self
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        self._append_raw(json.dumps(record) + "\n")
+
+    def _append_raw(self, text: str) -> None:
+        """Append `text`; a failing write (a full disk) warns once and stops the log, never the run."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(text)
+        except OSError as error:
+            logger.warning("Progress log `%s` stopped: %s. Training goes on.", self.path, error)
+            self.path = None
 
     def store_init_configuration(self, values: dict[str, Any]) -> None:
-        if self.path.is_file() and not self.path.read_bytes().endswith(b"\n"):  # a killed run's last line, cut short
-            with self.path.open("a", encoding="utf-8") as file:
-                file.write("\n")
+        if self.path is not None and self.path.is_file() and not self.path.read_bytes().endswith(b"\n"):
+            self._append_raw("\n")  # a killed run's last line, cut short
         self._append({"time": time.time(), "config": values})
 
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs) -> None:

@@ -5,7 +5,7 @@ import shutil
 from conftest import tiny_config
 
 from diffusers_dreambooth import DreamBoothTrainer
-from diffusers_dreambooth.progress import PROGRESS_FILE, read_progress
+from diffusers_dreambooth.progress import PROGRESS_FILE, ProgressLog, read_progress
 
 
 def test_a_run_logs_its_options_and_every_step(pipeline_dirs, instance_dir, tmp_path):
@@ -38,3 +38,13 @@ def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(pipeline_dirs, in
     assert [record["step"] for record in steps] == [1, 2, 3, 4]
     assert steps[2]["time"] > unbroken[3]["time"]  # steps 3 and 4 are the resumed run's
     assert [record["loss"] for record in steps] == [record["loss"] for record in unbroken]
+
+
+def test_a_failing_progress_log_warns_once_and_never_stops_the_run(tmp_path, caplog):
+    log = ProgressLog(tmp_path / "logs")
+    (tmp_path / "logs").write_text("a file where the folder should be")  # every write fails, as on a full disk
+    log.store_init_configuration({"max_train_steps": 2})
+    log.log({"loss": 0.5}, step=1)
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == [
+        f"Progress log `{tmp_path / 'logs' / PROGRESS_FILE}` stopped"
+    ]

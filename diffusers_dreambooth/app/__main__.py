@@ -40,7 +40,9 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app works offline; it reports nothing
     try:
         from .ui import build_app
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name not in ("gradio", "pandas"):
+            raise
         sys.exit(f'The app needs its extra: pip install -e ".[app]" ({error}).')
     from .runs import MAX_UPLOAD_BYTES
 
