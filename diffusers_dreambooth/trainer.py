@@ -50,6 +50,7 @@ from .input_checks import check_before_loading, check_bucket_sizes, check_inputs
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
 from .losses import dreambooth_loss
+from .optimization import free_memory, make_optimizer, release_optimizer_state
 from .pipeline_loading import diffusers_pipeline_class, load_base_component, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
@@ -136,6 +137,7 @@ class DreamBoothTrainer:
         self._set_up_trainable_modules()
         self._build_caches()
         self._set_aside_idle_modules(loaded_base)
+        free_memory()  # the caching's activations
         self._set_up_optimization()
         if resume_dir is not None:
             self._resume(resume_dir)
@@ -559,7 +561,7 @@ class DreamBoothTrainer:
                     "weight_decay": config.adam_weight_decay_text_encoder,
                 }
             )
-        optimizer = _make_optimizer(config, param_groups, learning_rate)
+        optimizer = make_optimizer(config, param_groups, learning_rate)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=optimizer,
@@ -951,6 +953,7 @@ class DreamBoothTrainer:
             module.eval()
         if self.ema is not None:  # the average is the result: saved, sampled, evaluated and returned
             self.ema.copy_to(self.trained_parameters)
+        self.release_training_state()
         self.idle.restore()  # the returned pipeline is whole again on the training device
         if not accelerator.is_main_process:
             return
@@ -976,6 +979,14 @@ class DreamBoothTrainer:
         job = FinishingJob(self.pipeline, config, output_dir, metadata, self.seed, photos, self.family)
         job.autocast = accelerator.autocast
         finish_subject(job, job.requested_stages())
+
+    def release_training_state(self) -> None:
+        """After the last step, before the final save: drop what only training needs (the optimizer's state and
+        gradients, the EMA's shadow weights once copied in, the frozen base copy), so that the save and the samples and
+        evaluation drawn after it do not hold them too (issue #21)."""
+        release_optimizer_state(self.optimizer)
+        self.ema = self.frozen_denoiser = None
+        free_memory()
 
     def subject_metadata(self) -> SubjectMetadata:
         """The `dreambooth.json` record of this run: subject, base model, and the settings that matter."""
@@ -1031,37 +1042,6 @@ class DreamBoothTrainer:
             self.pipeline.save_pretrained(str(output_dir))
         finally:
             self.pipeline.register_modules(**kept)
-
-
-def _make_optimizer(config: DreamBoothConfig, param_groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
-    betas = (config.adam_beta1, config.adam_beta2)
-    if config.optimizer.lower() == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as error:
-            raise ImportError(
-                "`--optimizer prodigy` needs the prodigy optimizer: `pip install prodigyopt`."
-            ) from error
-        return Prodigy(
-            param_groups,
-            lr=learning_rate,
-            betas=betas,
-            beta3=config.prodigy_beta3,
-            eps=config.adam_epsilon,
-            decouple=config.prodigy_decouple,
-            use_bias_correction=config.prodigy_use_bias_correction,
-            safeguard_warmup=config.prodigy_safeguard_warmup,
-        )
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from error
-        return bnb.optim.AdamW8bit(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon)
-    # The fused kernel does the whole update in one pass (4.5x faster than the default loop on CPU for the toy UNet).
-    devices = {p.device.type for group in param_groups for p in group["params"]}
-    fused = devices <= {"cpu", "cuda"} or None
-    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon, fused=fused)
 
 
 def _fixed_crop(image: TrainingImage, crop_size: tuple[int, int]) -> tuple[int, int]:

@@ -129,7 +129,24 @@ def generate_images(
     if config.guidance_scale is not None:
         options["guidance_scale"] = config.guidance_scale
     generator = torch.Generator(pipeline.device).manual_seed(seed)
-    return pipeline(prompt=prompts, generator=generator, **{**options, **inputs}).images
+    with sliced_decoding(pipeline):
+        return pipeline(prompt=prompts, generator=generator, **{**options, **inputs}).images
+
+
+@contextlib.contextmanager
+def sliced_decoding(pipeline: DiffusionPipeline) -> Iterator[None]:
+    """Inside the block the pipeline's VAE decodes one image at a time (its `use_slicing`), as diffusers' scripts
+    draw validation images one by one: decoding at full resolution is the largest part of sampling's peak memory,
+    and it grows with the batch (issue #21). The images differ from a batched decode only by rounding."""
+    vae = getattr(pipeline, "vae", None)
+    if not hasattr(vae, "use_slicing"):
+        yield
+        return
+    sliced, vae.use_slicing = vae.use_slicing, True
+    try:
+        yield
+    finally:
+        vae.use_slicing = sliced
 
 
 def generate_validation_images(

@@ -13,9 +13,18 @@ from safetensors.torch import load_file
 from diffusers_dreambooth import DreamBoothTrainer
 
 
+class StateKeepingTrainer(DreamBoothTrainer):
+    """Keeps the optimizer's state as the last step left it (`train()` releases it before the final save)."""
+
+    def release_training_state(self) -> None:
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.last_optimizer_state = dict(optimizer.state)
+        super().release_training_state()
+
+
 def run(pipeline_dirs, instance_dir, tmp_path, family="sd", **overrides) -> DreamBoothTrainer:
     options = {"train_batch_size": 2, **overrides}
-    trainer = DreamBoothTrainer(tiny_config(pipeline_dirs[family], instance_dir, tmp_path / "out", **options))
+    trainer = StateKeepingTrainer(tiny_config(pipeline_dirs[family], instance_dir, tmp_path / "out", **options))
     trainer.train()
     return trainer
 
@@ -152,7 +161,8 @@ def test_8bit_adam_keeps_its_moments_in_8_bits_and_trains(pipeline_dirs, instanc
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert type(optimizer).__name__ == "AdamW8bit"
     # bitsandbytes keeps tensors under 4,096 elements (`min_8bit_size`) in 32 bits; the rest in 8.
-    large = [optimizer.state[p] for p in trainer.trained_parameters if p.numel() >= 4096]
+    state = trainer.last_optimizer_state  # as the last step left it: `train()` then releases it
+    large = [state[p] for p in trainer.trained_parameters if p.numel() >= 4096]
     assert large and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in large)
     trained = trainer.pipeline.unet.state_dict()
     assert any(not torch.equal(trained[name], base[name]) for name in base)

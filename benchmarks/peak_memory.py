@@ -1,0 +1,433 @@
+"""Peak memory of a whole DreamBooth run, per phase (issue #21): which phase holds the run's peak, and what it holds.
+
+Each job is one `examples/train.py` run (`diffusers_dreambooth.cli.main` with the job's flags) in a fresh process,
+whose trainer phases are wrapped to read, at every phase boundary, the peak since the last boundary and the memory
+held then:
+
+- on CPU, the resident set: the kernel's high-water mark `VmHWM`, reset at each boundary through Linux
+  `/proc/self/clear_refs` (as `train_speed.py` does), and `VmRSS`;
+- on CUDA, `torch.cuda.max_memory_allocated` (reset at each boundary) and `torch.cuda.memory_allocated`.
+
+Phases nest (saving runs the samples, evaluation and card stages): each stretch of time counts toward the innermost
+phase running, so a phase's peak is its own. The phases: `import` (Python, torch, diffusers and this package),
+`load` (the base pipeline), `class_images`, `images`, `trainable` (freezing, LoRA adapters), `caching` (latents,
+text embeddings), `set_aside` (idle modules), `optimizer`, `training` (the loop), `saving` (the final weights),
+`samples`, `evaluation`, `card`, and `floor`: after the run, three bare steps of the trained modules on random
+inputs of the step's shapes (`train_speed.FloorStep`: forward, MSE, backward, the run's optimizer), which is the
+least a training step can hold with the run's caches and modules resident.
+
+Usage:
+
+    python benchmarks/peak_memory.py --output_json peak.json
+    python benchmarks/peak_memory.py --adapters lora --prior off --steps 10   # one job
+
+The model (`--model sd35m`, built once into `--cache_dir`) is a randomly initialised SD-format pipeline with a 36M
+parameter UNet (SD 1.5's blocks at a fifth of the width), a 6M parameter VAE and a 12M parameter CLIP text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+BENCHMARKS = Path(__file__).resolve().parent
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusers_dreambooth"
+INSTANCE_PROMPT = "a photo of sks dog"
+CLASS_PROMPT = "a photo of dog"
+PHASE_ORDER = (
+    "import",
+    "load",
+    "class_images",
+    "images",
+    "trainable",
+    "caching",
+    "set_aside",
+    "optimizer",
+    "training",
+    "saving",
+    "samples",
+    "evaluation",
+    "card",
+    "other",
+    "floor",
+)
+#: Trainer methods wrapped as phases.
+TRAINER_PHASES = {
+    "_generate_class_images": "class_images",
+    "_load_images": "images",
+    "_set_up_trainable_modules": "trainable",
+    "_build_caches": "caching",
+    "_set_aside_idle_modules": "set_aside",
+    "_set_up_optimization": "optimizer",
+    "_run_loop": "training",
+    "_save_final": "saving",
+}
+FINISHING_PHASES = {"write_samples": "samples", "write_evaluation": "evaluation", "write_card": "card"}
+
+#: The SD-format model: SD 1.5's UNet blocks at a fifth of the width (36M parameters), a small VAE and CLIP.
+SD35M_UNET = {
+    "sample_size": 32,
+    "block_out_channels": (64, 128, 256, 256),
+    "layers_per_block": 2,
+    "cross_attention_dim": 512,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+SD35M_VAE = {
+    "sample_size": 256,
+    "block_out_channels": (32, 64, 128, 128),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "scaling_factor": 0.18215,
+}
+SD35M_TEXT_ENCODER = {
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 512,
+}
+
+
+# Measuring (in the job's process)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class PhaseMeter:
+    """The peak and the held memory of each phase, read at every boundary; nested phases count as the inner one."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.stack = ["import"]
+        self.peak_mib: dict[str, float] = {}
+        self.end_mib: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+        self.process_peak_mib = 0.0
+        if not self.cuda:
+            Path("/proc/self/clear_refs").write_text("5")  # fails loudly where the per-phase peak cannot be read
+            self.process_peak_mib = _status_kib("VmHWM") / 1024  # the imports, before any reset
+
+    def _read(self) -> tuple[float, float]:
+        """(peak since the last boundary, held now) in MiB, then reset the peak."""
+        if self.cuda:
+            import torch
+
+            peak, held = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return peak / 2**20, held / 2**20
+        peak, held = _status_kib("VmHWM") / 1024, _status_kib("VmRSS") / 1024
+        Path("/proc/self/clear_refs").write_text("5")
+        return peak, held
+
+    def boundary(self) -> None:
+        """Close the stretch since the last boundary: it belongs to the innermost running phase."""
+        phase = self.stack[-1]
+        peak, held = self._read()
+        self.peak_mib[phase] = max(self.peak_mib.get(phase, 0.0), peak)
+        self.end_mib[phase] = held
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+        self.process_peak_mib = max(self.process_peak_mib, peak)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.boundary()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.boundary()
+            self.stack.pop()
+
+    def wrap(self, owner: Any, attribute: str, name: str) -> None:
+        method = getattr(owner, attribute)
+
+        @functools.wraps(method)
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return method(*args, **kwargs)
+
+        setattr(owner, attribute, measured)
+
+
+def run_job(args: argparse.Namespace) -> dict:
+    """One `examples/train.py` job in this process, its phases measured; then the floor step."""
+    meter = PhaseMeter(args.device)
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    import torch
+
+    from diffusers_dreambooth import cli, finishing
+    from diffusers_dreambooth import trainer as trainer_module
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from train_speed import FloorStep
+
+    meter.boundary()  # the imports done; what follows outside any phase is `other`
+    meter.stack = ["other"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainers = []
+    original_init = trainer_module.DreamBoothTrainer.__init__
+
+    def remember(self, *a, **k):
+        original_init(self, *a, **k)
+        trainers.append(self)
+
+    trainer_module.DreamBoothTrainer.__init__ = remember
+    for attribute, name in TRAINER_PHASES.items():
+        meter.wrap(trainer_module.DreamBoothTrainer, attribute, name)
+    meter.wrap(trainer_module, "load_base_pipeline", "load")
+    for attribute, name in FINISHING_PHASES.items():  # `finish_subject` looks the stages up per call
+        meter.wrap(finishing, attribute, name)
+    logging.disable(logging.WARNING)
+    start = time.perf_counter()
+    cli.main(job_flags(args))
+    seconds = time.perf_counter() - start
+    meter.boundary()
+    gc.collect()
+    trainer = trainers[0]
+    with meter.phase("floor"):
+        floor = FloorStep(trainer, args.seed)
+        for _ in range(3):
+            floor(False)
+    return {
+        "job": job_name(args),
+        "flags": shlex.join(job_flags(args)),
+        "device": args.device,
+        "steps": args.steps,
+        "seconds": seconds,
+        "process_peak_mib": meter.process_peak_mib,
+        "run_peak_mib": max(v for k, v in meter.peak_mib.items() if k != "floor"),
+        "peak_mib": meter.peak_mib,
+        "end_mib": meter.end_mib,
+        "phase_seconds": meter.seconds,
+        "unet_parameters": sum(p.numel() for p in trainer.family.denoiser.parameters()),
+    }
+
+
+def job_flags(args: argparse.Namespace) -> list[str]:
+    """The `examples/train.py` flags of the job (diffusers' flag names)."""
+    work = Path(args.work_dir)
+    flags = [
+        f"--pretrained_model_name_or_path={args.model_dir}",
+        f"--instance_data_dir={work / 'instance'}",
+        f"--instance_prompt={INSTANCE_PROMPT}",
+        f"--output_dir={work / 'output'}",
+        f"--resolution={args.resolution}",
+        "--train_batch_size=1",
+        f"--max_train_steps={args.steps}",
+        "--checkpointing_steps=500",
+        f"--learning_rate={1e-4 if args.adapter == 'lora' else 5e-6}",
+        f"--adapter={args.adapter}",
+        "--report_to=none",
+        f"--seed={args.seed}",
+        "--mixed_precision=no",
+    ]
+    if args.adapter == "lora":
+        flags.append("--rank=4")
+    if args.with_prior_preservation:
+        flags += [
+            "--with_prior_preservation",
+            f"--class_data_dir={work / 'class_images'}",
+            f"--class_prompt={CLASS_PROMPT}",
+            f"--num_class_images={args.num_class_images}",
+            "--sample_batch_size=2",
+            f"--prior_generation_steps={args.inference_steps}",
+        ]
+    if args.samples:
+        flags += [
+            f"--validation_prompt={INSTANCE_PROMPT} on the beach",
+            f"--num_validation_images={args.samples}",
+            f"--validation_inference_steps={args.inference_steps}",
+        ]
+    else:
+        flags.append("--num_validation_images=0")
+    if args.evaluate:
+        from diffusers_dreambooth.toy import CHECKER_DIR
+
+        flags += [
+            "--evaluate",
+            *([] if args.with_prior_preservation else [f"--class_prompt={CLASS_PROMPT}"]),  # PRES needs it
+            f"--evaluation_dino_model={CHECKER_DIR}",
+            f"--evaluation_clip_model={CHECKER_DIR}",
+            "--evaluation_prompts",
+            "a {subject} on the beach",
+            "a red {subject}",
+            "--evaluation_images_per_prompt=2",
+        ]
+    return flags
+
+
+def job_name(args: argparse.Namespace) -> str:
+    prior = "prior" if args.with_prior_preservation else "no prior"
+    return f"{args.adapter}, {prior}, {args.steps} steps"
+
+
+# The jobs (in the parent process)
+
+
+def sd35m_pipeline_dir(cache_dir: Path) -> Path:
+    """The random `sd35m` pipeline, saved once under `cache_dir` and reused."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusers_dreambooth.testing_utils import build_clip_tokenizer
+
+    target = cache_dir / "sd35m-random-init"
+    if (target / "model_index.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer")
+        text_config = CLIPTextConfig(
+            **SD35M_TEXT_ENCODER,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        pipeline = StableDiffusionPipeline(
+            vae=AutoencoderKL(**SD35M_VAE),
+            text_encoder=CLIPTextModel(text_config),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**SD35M_UNET),
+            scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        staging = Path(tmp) / "pipeline"
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def write_photos(directory: Path, size: int, count: int = 4) -> None:
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(directory / f"photo_{index}.png")
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    model = args.model_dir or str(sd35m_pipeline_dir(Path(args.cache_dir)))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="peak_memory-") as tmp:
+        for adapter in args.adapters:
+            for prior in args.prior:
+                for steps in args.steps_list:
+                    work = Path(tmp) / f"{adapter}-{prior}-{steps}"
+                    write_photos(work / "instance", args.resolution)
+                    command = [sys.executable, str(Path(__file__).resolve()), "--job", f"--model_dir={model}"]
+                    command += [f"--work_dir={work}", f"--adapter={adapter}", f"--steps={steps}"]
+                    command += [f"--{name}={getattr(args, name)}" for name in PASSED]
+                    command += ["--with_prior_preservation"] if prior == "on" else []
+                    command += ["--evaluate"] if args.evaluate else []
+                    output = work / "result.json"
+                    command.append(f"--output_json={output}")
+                    logging.warning("Running %s", shlex.join(command))
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode or not output.is_file():
+                        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+                        raise SystemExit(f"Job failed ({done.returncode}):\n" + "\n".join(tail))
+                    results.append(json.loads(output.read_text()))
+                    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+PASSED = ("resolution", "device", "seed", "num_class_images", "inference_steps", "samples", "threads")
+
+
+def table(results: list[dict]) -> str:
+    """Per job: the whole run's peak, then each phase's peak / memory held at its end (MiB)."""
+    phases = [p for p in PHASE_ORDER if any(p in r["peak_mib"] for r in results)]
+    kind = "GPU MiB allocated" if results[0]["device"] == "cuda" else "RSS MiB"
+    lines = [
+        f"| job | run peak | {' | '.join(phases)} |",
+        "|---|---|" + "---|" * len(phases),
+    ]
+    for r in results:
+        cells = [f"{r['peak_mib'][p]:,.0f} / {r['end_mib'][p]:,.0f}" if p in r["peak_mib"] else "" for p in phases]
+        lines.append(f"| {r['job']} | **{r['run_peak_mib']:,.0f}** | {' | '.join(cells)} |")
+    lines.append("")
+    lines.append(f"{kind}: each phase's peak / held at its end; run peak: every phase but `floor`.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", help="A pipeline folder; default: the random sd35m pipeline.")
+    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR))
+    parser.add_argument("--adapters", nargs="+", choices=("lora", "full"), default=["lora", "full"])
+    parser.add_argument("--prior", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--steps", dest="steps_list", nargs="+", type=int, default=[10, 30])
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_class_images", type=int, default=4)
+    parser.add_argument("--inference_steps", type=int, default=5, help="Of class images, samples and evaluation.")
+    parser.add_argument("--samples", type=int, default=2, help="Card sample images (0: none).")
+    parser.add_argument("--evaluate", action="store_true", help="Also the evaluation stage (the toy checker).")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
+    parser.add_argument("--output_json")
+    # One job (the child process):
+    parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", choices=("lora", "full"), help=argparse.SUPPRESS)
+    parser.add_argument("--with_prior_preservation", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.job:
+        args.steps = args.steps_list[0]
+        result = run_job(args)
+        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        return
+    results = run_all(args)
+    print(table(results))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
