@@ -59,8 +59,6 @@ UNSUPPORTED_OPTIONS = {
     "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
     " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
-    "upsample_prompt": "rewriting captions into Ideogram 4's JSON schema is not implemented; write the captions in"
-    " the schema, or remove the flag",
 }
 
 
@@ -495,7 +493,12 @@ class DreamBoothConfig:
         "Ideogram 4: no autocast anywhere in the run (training, validation, samples): the transformer computes in its"
         " own dtype (`--mixed_precision`'s for the frozen base) on inputs cast to it, as the pipeline samples.",
     )
-    upsample_prompt: bool = _option(False, "Rewrite captions into Ideogram 4's JSON schema; not supported.")
+    upsample_prompt: bool = _option(
+        False,
+        "Ideogram 4 (LoRA): rewrite every prompt (captions, instance and class prompts, the validation prompt) into"
+        " its JSON caption schema with the pipeline's prompt enhancer (`--prompt_enhancer_head_id`), seeded by"
+        " `--seed`, before it is encoded.",
+    )
     prompt_enhancer_head_id: str = _option(
         "diffusers/qwen3-vl-8b-instruct-lm-head", "Ideogram 4's prompt-enhancer head, for `--upsample_prompt`."
     )

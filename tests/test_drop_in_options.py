@@ -223,7 +223,6 @@ README_COMMANDS = {
 REFUSED = {
     "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
-    "upsample_prompt": [],
 }
 
 

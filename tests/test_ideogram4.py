@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, Ideogram4PromptEnhancerHead
 from family_tester import DreamBoothFamilyTester
 from test_drop_in_options import readme_command
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer, family_for_pipeline, validation
 from diffusers_dreambooth.cli import parse_config
-from diffusers_dreambooth.families.ideogram4 import pack, unpack
+from diffusers_dreambooth.families.ideogram4 import Ideogram4Family, pack, unpack
 from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 PROMPT = "a photo of sks dog"
@@ -270,3 +270,88 @@ def test_disable_training_autocast_on_another_family_is_refused(pipeline_dirs, i
         DreamBoothTrainer(config).train()
     error = str(raised.value)
     assert "\n" not in error and "`--disable_training_autocast` is an option of ideogram4, not of krea2" in error
+
+
+UPSAMPLE_TOKENS = 8  # new tokens per rewritten caption (the script's 1024): each runs the 36-layer encoder
+
+
+def tiny_prompt_enhancer_head(pipeline, folder) -> str:
+    """An `Ideogram4PromptEnhancerHead` fitting the tiny Qwen3-VL (its width and vocabulary), saved to `folder`."""
+    text_config = pipeline.text_encoder.config.text_config
+    torch.manual_seed(0)
+    head = Ideogram4PromptEnhancerHead(hidden_size=text_config.hidden_size, vocab_size=text_config.vocab_size)
+    head.save_pretrained(folder)
+    return str(folder)
+
+
+def test_upsample_prompt_trains_on_the_enhancers_captions(
+    pipeline_dirs, pipeline, instance_dir, tmp_path, monkeypatch
+):
+    """`--upsample_prompt`: the instance prompt is encoded as `upsample_prompt`'s caption of it (seeded by `--seed`,
+    at the training resolution), two LoRA steps train, the LoRA loads in plain diffusers, and the head is not in the
+    saved run."""
+    head_folder = tiny_prompt_enhancer_head(pipeline, tmp_path / "head")
+    monkeypatch.setattr(Ideogram4Family, "upsample_max_new_tokens", UPSAMPLE_TOKENS)
+    config = tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        upsample_prompt=True,
+        prompt_enhancer_head_id=head_folder,
+        max_sequence_length=SEQUENCE,
+        num_validation_images=0,
+        skip_final_inference=True,
+    )
+    trainer = DreamBoothTrainer(config)
+    trainer.train()
+    assert trainer.global_step == 2
+    captions = trainer.family.captions
+    assert list(captions) == [PROMPT] and captions[PROMPT] != PROMPT
+    reference = DiffusionPipeline.from_pretrained(pipeline_dirs["ideogram4"])
+    reference.register_modules(prompt_enhancer_head=Ideogram4PromptEnhancerHead.from_pretrained(head_folder))
+    expected = reference.upsample_prompt(
+        PROMPT,
+        height=TINY_RESOLUTION,
+        width=TINY_RESOLUTION,
+        max_new_tokens=UPSAMPLE_TOKENS,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [captions[PROMPT]] == expected
+    # What was cached for training is the caption's embedding.
+    encoded, _, _, _ = reference.encode_prompt(
+        expected, grid_h=1, grid_w=1, max_sequence_length=SEQUENCE, device="cpu"
+    )
+    cached = trainer.prompt_embeds[PROMPT]["prompt_embeds"]
+    torch.testing.assert_close(cached, encoded[0, :SEQUENCE], rtol=0, atol=0)
+    plain = DiffusionPipeline.from_pretrained(pipeline_dirs["ideogram4"])
+    plain.load_lora_weights(str(tmp_path / "out"))
+    assert any("lora" in name for name, _ in plain.transformer.named_parameters())
+    assert not any("prompt_enhancer" in path.name for path in (tmp_path / "out").rglob("*"))
+
+
+def test_upsample_prompt_with_a_missing_head_stops_in_one_line(pipeline_dirs, instance_dir, tmp_path):
+    missing = tmp_path / "no-head"
+    config = tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        upsample_prompt=True,
+        prompt_enhancer_head_id=str(missing),
+    )
+    with pytest.raises(DreamBoothInputError) as raised:
+        DreamBoothTrainer(config).train()
+    error = str(raised.value)
+    assert "\n" not in error and f"`--prompt_enhancer_head_id={missing}`" in error
+
+
+def test_upsample_prompt_refuses_a_full_fine_tune_and_other_families(pipeline_dirs, instance_dir, tmp_path):
+    config = tiny_config(
+        pipeline_dirs["ideogram4"], instance_dir, tmp_path / "full", adapter="full", upsample_prompt=True
+    )
+    with pytest.raises(DreamBoothInputError, match="`--upsample_prompt` trains LoRA only"):
+        DreamBoothTrainer(config).train()
+    config = tiny_config(pipeline_dirs["krea2"], instance_dir, tmp_path / "krea2", upsample_prompt=True)
+    with pytest.raises(DreamBoothInputError, match="`--upsample_prompt` is an option of ideogram4, not of krea2"):
+        DreamBoothTrainer(config).train()

@@ -16,26 +16,40 @@ The objective is that of diffusers' `train_dreambooth_lora_ideogram4.py`:
 Prompts are encoded once by the pipeline's `encode_prompt`; its text part (and the mask of real tokens) is cached,
 and `predict` rebuilds the position, segment and indicator ids for each batch's image grid with the pipeline's
 `_prepare_ids`, which is what `encode_prompt` returns for that grid.
+
+`--upsample_prompt` (LoRA only, as diffusers' script) loads `--prompt_enhancer_head_id` as the pipeline's
+`prompt_enhancer_head` and rewrites every prompt with `Ideogram4Pipeline.upsample_prompt` before it is encoded, as the
+script rewrites its instance, class and per-image prompts: at the training resolution's aspect ratio (the script uses
+each batch's; with `--aspect_ratio_buckets` the square one here), temperature 1.0, at most 1024 new tokens (the
+script's; the caption in its chat template must fit `--max_sequence_length`). Unlike the script, each prompt is
+rewritten alone from a generator seeded with `--seed` (0 if unset): its caption depends only on the prompt and the
+seed. Class images are generated from the plain class prompt, as in the script. The validation prompt (and the card's
+samples) are rewritten by the pipeline itself (`prompt_upsampling=True`) from validation's fixed-seed generator: the
+same captions at every validation, one per validation image where the script rewrites once for all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline, Ideogram4Pipeline
+from diffusers import DiffusionPipeline, Ideogram4Pipeline, Ideogram4PromptEnhancerHead
 from diffusers.models.transformers.transformer_ideogram4 import LLM_TOKEN_INDICATOR
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from ..safeguards import DreamBoothInputError
 from .base import ImageConditioning, height_and_width, latent_scale_factor
 from .llm import LLMPromptFamily
 
 if TYPE_CHECKING:
     from ..config import DreamBoothConfig
+
+logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 2
 #: The pipeline's default guidance for its main steps (`guidance_schedule` is 7.0 for 45 steps, then 3.0).
@@ -46,7 +60,7 @@ class Ideogram4Family(LLMPromptFamily):
     name = "ideogram4"
     # `--disable_training_autocast` (the README's commands): the trainer's Accelerator then autocasts nothing, so the
     # transformer trains in its own dtype on inputs already cast to it, as the pipeline samples (and validates) it.
-    family_options = ("disable_training_autocast",)
+    family_options = ("disable_training_autocast", "upsample_prompt")
     hub_tags = ("ideogram4", "ideogram4-diffusers")
     pipeline_class_names = ("Ideogram4Pipeline",)
     denoiser_name = "transformer"
@@ -71,6 +85,10 @@ class Ideogram4Family(LLMPromptFamily):
     pixels = 512 * 512
     guidance_scale = None
     autocast_disabled = False
+    #: The generator seed of `--upsample_prompt`'s rewriting; None without it.
+    upsample_seed = None
+    #: Most new tokens of a rewritten caption: `upsample_prompt`'s default, as diffusers' script calls it.
+    upsample_max_new_tokens = 1024
 
     def configure(self, config: DreamBoothConfig) -> None:
         super().configure(config)
@@ -78,6 +96,64 @@ class Ideogram4Family(LLMPromptFamily):
         self.pixels = self.size[0] * self.size[1]
         self.guidance_scale = config.guidance_scale
         self.autocast_disabled = config.disable_training_autocast
+        #: `--upsample_prompt`'s caption of each prompt rewritten so far: what is encoded in its place.
+        self.captions: dict[str, str] = {}
+        self.upsample_seed = None
+        if config.upsample_prompt:
+            self.attach_prompt_enhancer(config)
+
+    def attach_prompt_enhancer(self, config: DreamBoothConfig) -> None:
+        """Load `--prompt_enhancer_head_id` as the pipeline's `prompt_enhancer_head`; refuse a full fine-tune, which
+        diffusers' LoRA-only script has no `--upsample_prompt` for (its save would hold the head)."""
+        if config.adapter != "lora":
+            raise DreamBoothInputError(
+                f"`--upsample_prompt` trains LoRA only, as diffusers' Ideogram 4 script; got"
+                f" `--adapter {config.adapter}`. Pass `--adapter lora` or remove `--upsample_prompt`."
+            )
+        source = config.prompt_enhancer_head_id
+        try:
+            head = Ideogram4PromptEnhancerHead.from_pretrained(source, cache_dir=config.cache_dir)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DreamBoothInputError(
+                f"`--prompt_enhancer_head_id={source}`: cannot load an `Ideogram4PromptEnhancerHead` ({reason})."
+                " Pass a local folder or Hub id of the head, or remove `--upsample_prompt`."
+            ) from error
+        self.pipeline.register_modules(prompt_enhancer_head=head.requires_grad_(False))
+        self.upsample_seed = 0 if config.seed is None else config.seed
+
+    @contextlib.contextmanager
+    def prompt_enhancer_on_device(self) -> Iterator[None]:
+        """The head beside the text encoder (its device and dtype) for the block, then back on the CPU. The pipeline's
+        cached enhancer holds the text encoder it was built on, which is released and loaded again between uses
+        (`IdleModules`): it is dropped after each, and the next use builds it on the encoder loaded then."""
+        pipeline = self.pipeline
+        pipeline.prompt_enhancer_head.to(pipeline.text_encoder.device, pipeline.text_encoder.dtype)
+        try:
+            yield
+        finally:
+            pipeline._prompt_enhancer = pipeline._caption_logits_processor = None
+            pipeline.prompt_enhancer_head.to("cpu")
+
+    def upsampled(self, prompts: list[str]) -> list[str]:
+        """`prompts` rewritten by `Ideogram4Pipeline.upsample_prompt`, each alone from a generator seeded with
+        `upsample_seed`, at the training resolution (its aspect ratio goes into the enhancer's instruction)."""
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self.captions]
+        if missing:
+            height, width = self.size
+            with self.prompt_enhancer_on_device():
+                for prompt in missing:
+                    (caption,) = self.pipeline.upsample_prompt(
+                        prompt,
+                        height=height,
+                        width=width,
+                        max_new_tokens=self.upsample_max_new_tokens,
+                        generator=torch.Generator().manual_seed(self.upsample_seed),
+                        device=self.pipeline.text_encoder.device,
+                    )
+                    logger.info("`--upsample_prompt`: %r is trained as %r", prompt, caption)
+                    self.captions[prompt] = caption
+        return [self.captions[prompt] for prompt in prompts]
 
     @contextlib.contextmanager
     def validation_pipeline(self, lora_weights: str | Path | None = None) -> Iterator[DiffusionPipeline]:
@@ -86,7 +162,15 @@ class Ideogram4Family(LLMPromptFamily):
         both in it: the pipeline casts the inputs of each to its own dtype, and the timestep to the trained one's."""
         if self.autocast_disabled:
             self.pipeline.unconditional_transformer.to(self.denoiser.dtype)
-        yield self.pipeline
+        with self.prompt_enhancer_on_device() if self.upsample_seed is not None else contextlib.nullcontext():
+            yield self.pipeline
+
+    def validation_inputs(self) -> dict[str, Any]:
+        """`sampling_inputs`; with `--upsample_prompt`, the pipeline rewrites the validation prompt too, as the
+        script does, so that validation is conditioned on captions like the trained ones."""
+        if self.upsample_seed is None:
+            return self.sampling_inputs()
+        return {**self.sampling_inputs(), "prompt_upsampling": True}
 
     def sampling_inputs(self) -> dict[str, Any]:
         """Validation at the training resolution, as diffusers' script validates (the pipeline's default is 2048 px),
@@ -115,7 +199,10 @@ class Ideogram4Family(LLMPromptFamily):
 
     def pipeline_prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The text part of `Ideogram4Pipeline.encode_prompt` (left-padded to `--max_sequence_length`) and the mask
-        of its real tokens; the image part depends on the grid, and is rebuilt by `predict`."""
+        of its real tokens; the image part depends on the grid, and is rebuilt by `predict`. With
+        `--upsample_prompt`, those of the prompts' rewritten captions (`upsampled`)."""
+        if self.upsample_seed is not None:
+            prompts = self.upsampled(prompts)
         length = self.max_sequence_length
         embeds, _, _, indicator = self.pipeline.encode_prompt(
             prompts, grid_h=1, grid_w=1, max_sequence_length=length, device=self.device
