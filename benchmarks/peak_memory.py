@@ -299,41 +299,12 @@ def job_name(args: argparse.Namespace) -> str:
 
 def sd35m_pipeline_dir(cache_dir: Path) -> Path:
     """The random `sd35m` pipeline, saved once under `cache_dir` and reused."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from train_speed import random_sd_pipeline_dir
 
-    from diffusers_dreambooth.testing_utils import build_clip_tokenizer
-
-    target = cache_dir / "sd35m-random-init"
-    if (target / "model_index.json").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer")
-        text_config = CLIPTextConfig(
-            **SD35M_TEXT_ENCODER,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(0)
-        pipeline = StableDiffusionPipeline(
-            vae=AutoencoderKL(**SD35M_VAE),
-            text_encoder=CLIPTextModel(text_config),
-            tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**SD35M_UNET),
-            scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        staging = Path(tmp) / "pipeline"
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    return target
+    scheduler = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    return random_sd_pipeline_dir(
+        cache_dir / "sd35m-random-init", SD35M_UNET, SD35M_VAE, SD35M_TEXT_ENCODER, scheduler, "about 200 MB"
+    )
 
 
 def write_photos(directory: Path, size: int, count: int = 4) -> None:

@@ -280,20 +280,28 @@ class PhaseTimer:
 
 def sd15_pipeline_dir(cache_dir: Path) -> Path:
     """A randomly initialised pipeline with SD 1.5's architecture, saved once under `cache_dir` and reused."""
+    return random_sd_pipeline_dir(
+        cache_dir / "sd15-random-init", SD15_UNET, SD15_VAE, SD15_TEXT_ENCODER, SD15_SCHEDULER, "about 4 GB"
+    )
+
+
+def random_sd_pipeline_dir(
+    target: Path, unet: dict, vae: dict, text_encoder: dict, scheduler: dict, size: str = "small"
+) -> Path:
+    """A randomly initialised (seed 0) SD-format pipeline of these component configs, saved once at `target`."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffusers_dreambooth.testing_utils import build_clip_tokenizer
 
-    target = cache_dir / "sd15-random-init"
     if (target / "model_index.json").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    logger.warning("Building a random SD 1.5-shaped pipeline in %s (once; about 4 GB).", target)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("Building a random SD-format pipeline in %s (once; %s).", target, size)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer")
         text_config = CLIPTextConfig(
-            **{**SD15_TEXT_ENCODER, "vocab_size": max(SD15_TEXT_ENCODER["vocab_size"], len(tokenizer))},
+            **{**text_encoder, "vocab_size": max(text_encoder.get("vocab_size", 0), len(tokenizer))},
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -301,11 +309,11 @@ def sd15_pipeline_dir(cache_dir: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             pipeline = StableDiffusionPipeline(
-                vae=AutoencoderKL(**SD15_VAE),
+                vae=AutoencoderKL(**vae),
                 text_encoder=CLIPTextModel(text_config),
                 tokenizer=tokenizer,
-                unet=UNet2DConditionModel(**SD15_UNET),
-                scheduler=DDPMScheduler(**SD15_SCHEDULER),
+                unet=UNet2DConditionModel(**unet),
+                scheduler=DDPMScheduler(**scheduler),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
