@@ -5,6 +5,7 @@ naming it, before any model loads."""
 import dataclasses
 
 import pytest
+from conftest import TINY_RESOLUTION, write_subject_images
 
 from diffusers_dreambooth import DreamBoothConfig
 from diffusers_dreambooth.cli import build_parser, parse_config
@@ -231,6 +232,20 @@ def readme_command(name: str, tmp_path) -> list[str]:
     if name == "hidream":  # its README trains on a captioned dataset
         paths = ["--dataset_name=linoyts/3d_icon", "--caption_column=prompt", paths[1]]
     return paths + COMMON + README_COMMANDS[name]
+
+
+def tiny_readme_command(name: str, pipeline_dir: str, tmp_path) -> list[str]:
+    """`readme_command(name)` on the tiny model: its base swapped, 2 steps at the tiny resolution, no Hub, no
+    tracker, no validation images; two subject photos written to its `dog` folder."""
+    write_subject_images(tmp_path / "dog", count=2)
+    swapped = {
+        "--pretrained_model_name_or_path": pipeline_dir,
+        "--max_train_steps": "2",
+        "--resolution": str(TINY_RESOLUTION),
+        "--report_to": "none",
+    }
+    flags = [f for f in readme_command(name, tmp_path) if f != "--push_to_hub" and f.split("=")[0] not in swapped]
+    return flags + [f"{key}={value}" for key, value in swapped.items()] + ["--num_validation_images=0"]
 
 
 def refused_error(flags: list[str], capsys) -> str:

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
+from conftest import TINY_RESOLUTION, tiny_config
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from family_tester import DreamBoothFamilyTester
-from test_drop_in_options import readme_command
+from test_drop_in_options import tiny_readme_command
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothPipeline, DreamBoothTrainer, family_for_pipeline
 from diffusers_dreambooth.cli import parse_config
@@ -258,17 +258,7 @@ def test_caption_dropout_trains_and_changes_the_update(pipeline_dirs, instance_d
 
 @pytest.mark.parametrize("key", KEYS)
 def test_readme_commands_train_two_steps(key, pipeline_dirs, tmp_path):
-    flags = readme_command(key, tmp_path)
-    write_subject_images(tmp_path / "dog", count=2)
-    swapped = {
-        "--pretrained_model_name_or_path": pipeline_dirs[key],
-        "--max_train_steps": "2",
-        "--resolution": str(TINY_RESOLUTION),
-        "--report_to": "none",
-    }
-    flags = [f for f in flags if f != "--push_to_hub" and f.split("=")[0] not in swapped]
-    flags += [f"{name}={value}" for name, value in swapped.items()] + ["--num_validation_images=0"]
-    config = parse_config(flags)
+    config = parse_config(tiny_readme_command(key, pipeline_dirs[key], tmp_path))
     trainer = DreamBoothTrainer(config)
     trainer.train()
     assert trainer.global_step == 2

@@ -6,16 +6,15 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_RESOLUTION, tiny_config, write_subject_images
+from conftest import tiny_config
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from test_drop_in_options import readme_command
-from test_quantization import lora_state
+from test_drop_in_options import tiny_readme_command
+from test_quantization import lora_state, one_line_error
 from torchao.float8.float8_linear import Float8Linear
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.cli import parse_config
-from diffusers_dreambooth.safeguards import DreamBoothInputError
 
 
 class LossRecorder(DreamBoothTrainer):
@@ -117,28 +116,13 @@ def test_fp8_matches_full_precision_closely_on_the_first_step(pipeline_dirs, ins
     ],
 )
 def test_readme_fp8_commands_train_two_steps(name, extra, pipeline_dirs, tmp_path):
-    write_subject_images(tmp_path / "dog", count=2)
-    swapped = {
-        "--pretrained_model_name_or_path": pipeline_dirs[name],
-        "--max_train_steps": "2",
-        "--resolution": str(TINY_RESOLUTION),
-        "--report_to": "none",
-    }
-    flags = [f for f in readme_command(name, tmp_path) if f != "--push_to_hub" and f.split("=")[0] not in swapped]
+    flags = tiny_readme_command(name, pipeline_dirs[name], tmp_path)
     flags = [f for f in flags if not f.startswith("--aspect_ratio_buckets")]
-    flags += [f"{key}={value}" for key, value in swapped.items()]
-    flags += ["--do_fp8_training", "--num_validation_images=0", "--skip_final_inference", *extra]
+    flags += ["--do_fp8_training", "--skip_final_inference", *extra]
     trainer = DreamBoothTrainer(parse_config(flags))
     pipeline = trainer.train()
     assert trainer.global_step == 2 and fp8_layers(pipeline.transformer)
     assert (tmp_path / f"trained-{name}-lora" / LORA_WEIGHT_NAME_SAFE).is_file()
-
-
-def one_line_error(config) -> str:
-    with pytest.raises(DreamBoothInputError) as raised:
-        DreamBoothTrainer(config).train()
-    assert "\n" not in str(raised.value)
-    return str(raised.value)
 
 
 def test_without_torchao_fp8_stops_before_loading(monkeypatch, instance_dir, tmp_path):

@@ -45,8 +45,8 @@ TOY_DIR = Path(BASE_MODEL_DIR).parent
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: What a run or file name may hold.
 SAFE_NAME = re.compile(r"^[\w][\w .()+-]{0,127}$")
-#: Options naming a file or folder (beside those the app sets): inside the work folder, or a Hub id where one is read.
-PATH_OPTIONS = (
+#: Options naming a file, folder or Hub repo that a run reads: inside the work folder, or a Hub id.
+HUB_OPTIONS = (
     "pretrained_model_name_or_path",
     "pretrained_vae_model_name_or_path",
     "pretrained_tokenizer_4_name_or_path",
@@ -55,14 +55,16 @@ PATH_OPTIONS = (
     "evaluation_dino_model",
     "evaluation_clip_model",
     "dataset_name",
+)
+#: Every option naming a file or folder (beside those the app sets): inside the work folder unless a Hub id is read.
+PATH_OPTIONS = (
+    *HUB_OPTIONS,
     "cache_dir",
     "concepts_list",
     "validation_image",
     "validation_images",
     "bnb_quantization_config_path",
 )
-#: The path options that may name a Hub repo instead of a local path.
-HUB_OPTIONS = PATH_OPTIONS[:8]
 
 
 class AppInputError(ValueError):

@@ -18,7 +18,7 @@ from ..config import DreamBoothConfig, read_options_file
 from ..families import family_class_named
 from ..toy import BASE_MODEL_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
 from .options import OptionField, changed_options, form_values, option_fields
-from .runs import AppInputError, Runs, RunStatus, check_path_options, is_hub_id
+from .runs import AppInputError, Runs, RunStatus, check_path_options, is_hub_id, review_photos
 
 #: What the base-model box holds for the bundled toy model.
 TOY_MODEL = "toy"
@@ -117,8 +117,6 @@ class App:
         """The photos' preview and, before training, the files the trainer would skip or refuse and why."""
         if not photos:
             return sorted(str(p) for p in SUBJECT_PHOTOS_DIR.iterdir()), "No photos: the bundled subject is trained."
-        from .runs import review_photos
-
         review = review_photos([Path(p) for p in photos])
         lines = [f"{len(review.accepted)} photo(s) to train on."]
         if len(review.accepted) < 3:
