@@ -187,6 +187,7 @@ class Runs:
         self._running: str | None = None
         self._checkers: dict[str, ToyChecker] = {}
         self._judged: dict[Path, bool] = {}
+        self._progress_cache: dict[Path, tuple[Any, Any]] = {}
 
     # Folders
 
@@ -282,7 +283,7 @@ class Runs:
     def status(self, name: str) -> RunStatus:
         folder = self.folder(name)
         output = folder / "output"
-        options, steps = read_progress(output / "logs" / PROGRESS_FILE)
+        options, steps = self._progress(output / "logs" / PROGRESS_FILE)
         code_file = folder / "exit_code"
         exit_code = int(code_file.read_text()) if code_file.is_file() else None
         if self.running == name:
@@ -329,6 +330,14 @@ class Runs:
                     self._judged[path] = judgement.is_subject
             curve.append({"step": step, "binding": sum(self._judged[path] for path in paths) / len(paths)})
         return curve
+
+    def _progress(self, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """`read_progress(path)`, read again only when the file changed (every open page polls it each second)."""
+        stat = path.stat() if path.is_file() else None
+        key = None if stat is None else (stat.st_mtime_ns, stat.st_size)
+        if path not in self._progress_cache or self._progress_cache[path][0] != key:
+            self._progress_cache[path] = (key, read_progress(path))
+        return self._progress_cache[path][1]
 
     def metadata(self, name: str) -> SubjectMetadata | None:
         path = self.output_dir(name) / SUBJECT_FILE_NAME
