@@ -12,10 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 import sys
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 
 from .config import DreamBoothConfig
 
@@ -29,10 +29,8 @@ def release_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def free_memory() -> None:
-    """Collect garbage and give freed memory back: the CUDA cache when CUDA is in use, the C heap on Linux."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    """Collect garbage and give freed memory back: the accelerator's cache, and the C heap on Linux."""
+    clear_device_cache(garbage_collection=True)  # accelerate's: gc, then the accelerator's cache (CUDA, XPU, MPS)
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
