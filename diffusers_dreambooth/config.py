@@ -384,6 +384,12 @@ class DreamBoothConfig:
         None, "Prompt for validation images during training; `{subject}` (`{subject_2}`, ...) as in `sample_prompts`."
     )
     num_validation_images: int = _option(4, "Validation images per validation run.")
+    num_validation_class_images: int = _option(
+        0,
+        "Images of the class prompt (the first subject's `--class_prompt`, no identifier) drawn at each validation"
+        " too, as `validation/step-N/class-{i}.png`: the web app plots language drift from them. Default 0: none,"
+        " so validation costs what diffusers' does.",
+    )
     validation_steps: int | None = _option(
         None, "Run validation every N optimizer steps. Default: 100 (full); LoRA runs use validation_epochs."
     )
@@ -557,6 +563,15 @@ class DreamBoothConfig:
         self._check_lora()
         self._check_unsupported()
         check_quantization_options(self)
+        if self.num_validation_class_images < 0:
+            raise ValueError(
+                f"`--num_validation_class_images` must be 0 or more, got {self.num_validation_class_images}."
+            )
+        if self.num_validation_class_images and not self.subject_data()[0].class_prompt:
+            raise ValueError(
+                "`--num_validation_class_images` draws images of `--class_prompt` at each validation; pass it (e.g."
+                " `a photo of dog`) or set it to 0."
+            )
         if self.evaluate and not all(subject.class_prompt for subject in self.subject_data()):
             raise ValueError(
                 "`--evaluate` measures prior preservation (PRES) on `--class_prompt`; pass it (e.g. `a photo of dog`),"
@@ -859,7 +874,7 @@ class DreamBoothConfig:
                     "`--with_prior_preservation` needs `--class_data_dir`, the folder where class images are read"
                     " and generated."
                 )
-        elif self.class_prompt or self.class_data_dir:
+        elif (self.class_prompt and not self.num_validation_class_images) or self.class_data_dir:
             logger.warning("`--class_prompt`/`--class_data_dir` are ignored without `--with_prior_preservation`.")
 
     def _check_concept_priors(self) -> None:

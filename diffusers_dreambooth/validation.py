@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .config import DreamBoothConfig
 from .safeguards import DreamBoothInputError
@@ -155,8 +156,10 @@ def generate_validation_images(
     seed: int,
     prompt: str | None = None,
     sampling_inputs: dict[str, Any] | None = None,
+    num_images: int | None = None,
 ) -> list[Image.Image]:
-    """`num_validation_images` images of `prompt` (default: `validation_prompt`), validation scheduler, fixed seed.
+    """`num_images` (default: `num_validation_images`) images of `prompt` (default: `validation_prompt`), validation
+    scheduler, fixed seed.
 
     With `--validation_images` (a super-resolution stage), one image per file instead: that file upscaled, as
     diffusers' IF stage II script validates. `sampling_inputs` are the family's extra call arguments. A checkpoint of
@@ -167,7 +170,8 @@ def generate_validation_images(
     scheduler = "pipeline" if config.validation_model_path else config.validation_scheduler
     with swapped_scheduler(pipeline, scheduler):
         if not config.validation_images:
-            return generate_images(pipeline, config, [prompt] * config.num_validation_images, seed, **inputs)
+            count = config.num_validation_images if num_images is None else num_images
+            return generate_images(pipeline, config, [prompt] * count, seed, **inputs)
         return [
             generate_images(pipeline, config, [prompt], seed, image=load_validation_image(path), **inputs)[0]
             for path in config.validation_images
@@ -183,6 +187,10 @@ def load_validation_image(path: str) -> Image.Image:
         raise DreamBoothInputError(f"`--validation_images`: cannot read `{path}` as an image ({error}).") from error
 
 
+#: A validation image's file name prefix when it shows the class prompt (`--num_validation_class_images`).
+CLASS_IMAGE_PREFIX = "class-"
+
+
 def run_validation(
     pipeline: DiffusionPipeline,
     config: DreamBoothConfig,
@@ -193,26 +201,60 @@ def run_validation(
     prompt: str | None = None,
 ) -> list[Path]:
     """Generate validation images of `prompt` (default: `validation_prompt`), write them as
-    `validation/step-{step}/{i}.png`, log them; return the paths."""
+    `validation/step-{step}/{i}.png`, log them; return the paths.
+
+    With `--num_validation_class_images`, images of the first subject's class prompt follow with the same seed, as
+    `class-{i}.png` beside them (for the language-drift curve). Each PNG holds its prompt as the text `prompt`.
+    """
     prompt = prompt or config.validation_prompt
     logger.info("Validation at step %d: images of %r", step, prompt)
     images = generate_validation_images(pipeline, config, seed, prompt=prompt, sampling_inputs=sampling_inputs)
     folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    paths = save_validation_images(images, prompt, folder)
+    logged = {"validation": (images, prompt)}
+    if config.num_validation_class_images:
+        class_prompt = config.subject_data()[0].class_prompt
+        class_images = generate_validation_images(
+            pipeline, config, seed, class_prompt, sampling_inputs, num_images=config.num_validation_class_images
+        )
+        paths += save_validation_images(class_images, class_prompt, folder, CLASS_IMAGE_PREFIX)
+        logged["validation_class"] = (class_images, class_prompt)
+    log_validation_images(trackers, logged, step)
+    return paths
+
+
+def save_validation_images(images: list[Image.Image], prompt: str, folder: Path, prefix: str = "") -> list[Path]:
+    """Write `images` as `folder/{prefix}{i}.png`, each with its prompt as PNG text, each whole or not at all (written
+    aside, then renamed): the web app reads them, prompt included, while the run goes on."""
     folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("prompt", prompt)
     paths = []
     for index, image in enumerate(images):
-        path = folder / f"{index}.png"
-        image.save(path)
-        paths.append(path)
+        paths.append(folder / f"{prefix}{index}.png")
+        partial = folder / f".{prefix}{index}.png.partial"
+        image.save(partial, format="PNG", pnginfo=info)
+        partial.replace(paths[-1])
+    return paths
+
+
+def log_validation_images(trackers: list, logged: dict[str, tuple[list[Image.Image], str]], step: int) -> None:
+    """Each tag's images (and their prompt) to tensorboard or wandb, as diffusers' scripts log validation: one wandb
+    log call for all tags, so they share a step."""
     for tracker in trackers:
         if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in images])
-            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+            for tag, (images, _) in logged.items():
+                stacked = np.stack([np.asarray(image) for image in images])
+                tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=prompt) for image in images]})
-    return paths
+            tracker.log(
+                {
+                    tag: [wandb.Image(image, caption=prompt) for image in images]
+                    for tag, (images, prompt) in logged.items()
+                }
+            )
 
 
 def image_grid(rows: list[list[Image.Image]], min_cell_size: int = 128) -> Image.Image:

@@ -45,6 +45,65 @@ def tiny_config(pretrained: str, instance_dir, output_dir, **overrides) -> Dream
     return DreamBoothConfig(**{**TINY_RUN, **paths, **overrides})
 
 
+def save_tiny_evaluation_models(
+    root: Path,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vit_hidden_size: int = 32,
+    vit_layers: int = 2,
+    clip_projection_dim: int = 16,
+) -> dict[str, str]:
+    """A tiny random ViT ("dino") and CLIP ("clip") under `root`, each saved with its processor like a Hub repo."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionConfig,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+    )
+
+    from diffusers_dreambooth.testing_utils import build_clip_tokenizer, clip_text_config
+
+    dino_dir, clip_dir = root / "dino", root / "clip"
+    torch.manual_seed(0)
+    vit_config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vit_hidden_size,
+        num_hidden_layers=vit_layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    ViTModel(vit_config).save_pretrained(dino_dir)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(dino_dir)
+
+    tokenizer = build_clip_tokenizer(root / "tokenizer")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
+    text_config = clip_text_config(
+        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
+    vision_config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    torch.manual_seed(0)
+    clip_config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=clip_projection_dim
+    )
+    CLIPModel(clip_config).save_pretrained(clip_dir)
+    return {"dino": str(dino_dir), "clip": str(clip_dir)}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """The tiny models run faster on one thread: on CPU, thread sync costs more than their small matmuls."""

@@ -1,5 +1,6 @@
 """The web app's functions (#18): the option list generated from the config, form values to options and back, path
-checks, photo review with the trainer's reasons, the one-run-at-a-time rule, Stop and Resume, and the token."""
+checks, photo review with the trainer's reasons, the one-run-at-a-time rule, Stop and Resume, the token, and the
+curves of validation images against steps (binding, drift, DINO, CLIP-I, CLIP-T)."""
 
 import dataclasses
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tiny_evaluation_models
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from diffusers_dreambooth import DreamBoothConfig
@@ -32,6 +35,7 @@ from diffusers_dreambooth.app.runs import (
 )
 from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.config import SECRET_FIELDS
+from diffusers_dreambooth.evaluation import load_evaluation_models, prompt_fidelity, subject_fidelity
 from diffusers_dreambooth.toy import (
     BASE_MODEL_DIR,
     CHECKER_DIR,
@@ -40,6 +44,7 @@ from diffusers_dreambooth.toy import (
     subject_scene,
     toy_dreambooth_config,
 )
+from diffusers_dreambooth.validation import run_validation, save_validation_images
 
 # The option list
 
@@ -276,24 +281,127 @@ def test_binding_beyond_localhost_needs_auth(capsys):
     assert parse_args([]).host == "127.0.0.1"
 
 
-def test_the_binding_curve_judges_each_validation_step_with_the_toy_checker(tmp_path):
-    """Runs evaluated by the toy world's checker show when the subject was learnt: per validation step, the share of
-    images the checker calls the subject."""
+# Curves
+
+
+def write_validation_step(run: Path, step: int, scenes: list, prompt: str, prefix: str = "") -> list[Path]:
+    """`scenes` rendered as the trainer saves validation images of `step` (its own `save_validation_images`)."""
+    folder = run / "output" / "validation" / f"step-{step}"
+    return save_validation_images([scene.render() for scene in scenes], prompt, folder, prefix)
+
+
+def test_validation_draws_class_prompt_images_beside_its_own_when_asked(tmp_path):
+    """`--num_validation_class_images` adds `class-{i}.png` of the class prompt, same seed; every image holds its
+    prompt; default runs draw none."""
+    pipeline = DiffusionPipeline.from_pretrained(BASE_MODEL_DIR)
+    pipeline.set_progress_bar_config(disable=True)
+    options = dict(validation_prompt="a photo of sks star", num_validation_images=2, validation_inference_steps=2)
+    config = toy_dreambooth_config(tmp_path / "out", num_validation_class_images=2, **options)
+    paths = run_validation(pipeline, config, step=5, seed=0, trackers=[])
+    assert [path.name for path in paths] == ["0.png", "1.png", "class-0.png", "class-1.png"]
+    assert sorted(path.name for path in paths[0].parent.iterdir()) == [path.name for path in paths]  # no partial
+    prompts = [Image.open(path).info["prompt"] for path in paths]
+    assert prompts == ["a photo of sks star"] * 2 + [config.class_prompt] * 2
+    assert not np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[2])))
+    default = toy_dreambooth_config(tmp_path / "default", **options)
+    assert [path.name for path in run_validation(pipeline, default, 5, 0, [])] == ["0.png", "1.png"]
+
+
+def test_class_prompt_images_need_a_class_prompt():
+    with pytest.raises(ValueError, match="`--num_validation_class_images` draws images of `--class_prompt`"):
+        toy_dreambooth_config("out", with_prior_preservation=False, class_prompt=None, num_validation_class_images=2)
+    with pytest.raises(ValueError, match="must be 0 or more, got -1"):
+        toy_dreambooth_config("out", num_validation_class_images=-1)
+
+
+def test_binding_and_drift_curves_judge_each_validation_step_with_the_toy_checker(tmp_path):
+    """Runs evaluated by the toy world's checker show when the subject was learnt (binding: images of the subject's
+    prompt it calls the subject) and whether the class drifted (drift: images of the class prompt it calls so)."""
     runs = Runs(tmp_path / "work")
     folder = runs.folder("toy")
     folder.mkdir()
     (folder / "options.json").write_text(json.dumps({"evaluation_dino_model": str(CHECKER_DIR)}))
     rng = np.random.default_rng(0)
-    validation = folder / "output" / "validation"
-    for step, scenes in {
-        10: [sample_scene(rng) for _ in range(4)],
-        20: [subject_scene(rng) for _ in range(4)],
-    }.items():
-        (validation / f"step-{step}").mkdir(parents=True)
-        for index, scene in enumerate(scenes):
-            scene.render().save(validation / f"step-{step}" / f"{index}.png")
-    curve = runs.binding_curve("toy", runs.status("toy").validation_images)
-    assert [point["step"] for point in curve] == [10, 20]
-    assert curve[0]["binding"] <= 0.25 and curve[1]["binding"] == 1.0
+    for step, subject in [(10, sample_scene), (20, subject_scene)]:
+        write_validation_step(folder, step, [subject(rng) for _ in range(4)], "a photo of sks star")
+    write_validation_step(folder, 10, [sample_scene(rng) for _ in range(4)], "a photo of a star", "class-")
+    write_validation_step(folder, 20, [subject_scene(rng) for _ in range(4)], "a photo of a star", "class-")
+    status = runs.status("toy")
+    assert [path.name for path in status.validation_images] == ["0.png", "1.png", "2.png", "3.png"] * 2
+    assert [path.name for path in status.class_images] == [
+        "class-0.png",
+        "class-1.png",
+        "class-2.png",
+        "class-3.png",
+    ] * 2
+    curves = {(row["curve"], row["step"]): row["share"] for row in runs.checker_curves("toy", status)}
+    assert set(curves) == {("binding", 10), ("binding", 20), ("drift", 10), ("drift", 20)}
+    assert curves["binding", 10] <= 0.25 and curves["binding", 20] == 1.0
+    assert curves["drift", 10] <= 0.25 and curves["drift", 20] == 1.0  # the class turned into the subject
     (folder / "options.json").write_text(json.dumps({}))  # no checker: no curve
-    assert runs.binding_curve("toy", runs.status("toy").validation_images) == []
+    assert runs.checker_curves("toy", runs.status("toy")) == []
+
+
+@pytest.mark.parametrize("models", ["toy checker", "tiny ViT and CLIP"])
+def test_dino_clip_curves_score_each_validation_step_as_the_final_evaluation(tmp_path, models):
+    """For runs with `--evaluate`: each step's DINO, CLIP-I, CLIP-T (and PRES of its class images) equal the
+    evaluation's own functions on that step's images, against the run's photos; CLIP-T without the identifier."""
+    if models == "toy checker":
+        dino_model = clip_model = str(CHECKER_DIR)
+    else:
+        saved = save_tiny_evaluation_models(tmp_path / "models")
+        dino_model, clip_model = saved["dino"], saved["clip"]
+    runs = Runs(tmp_path / "work")
+    folder = runs.folder("scored")
+    options = {
+        **toy_run_options(10),
+        "instance_data_dir": str(SUBJECT_PHOTOS_DIR),
+        "evaluate": True,
+        "evaluation_dino_model": dino_model,
+        "evaluation_clip_model": clip_model,
+    }
+    (folder / "output" / "logs").mkdir(parents=True)
+    (folder / "options.json").write_text(json.dumps(options))
+    config_line = {"config": {"instance_prompt": "a photo of sks star", "class_prompt": "a photo of a star"}}
+    (folder / "output" / "logs" / "progress.jsonl").write_text(json.dumps(config_line) + "\n")
+    rng = np.random.default_rng(0)
+    images = {
+        10: write_validation_step(folder, 10, [sample_scene(rng) for _ in range(3)], "a photo of sks star"),
+        20: write_validation_step(folder, 20, [subject_scene(rng) for _ in range(3)], "a photo of sks star"),
+    }
+    class_images = write_validation_step(
+        folder, 20, [sample_scene(rng) for _ in range(2)], "a photo of a star", "class-"
+    )
+    status = runs.status("scored")
+    assert status.identifier == "sks"
+    rows = runs.metric_curves("scored", status, wait=True)
+    scores = {(row["metric"], row["step"]): row["score"] for row in rows}
+    assert set(scores) == {(m, s) for m in ("DINO", "CLIP-I", "CLIP-T") for s in (10, 20)} | {("PRES", 20)}
+
+    dino, clip = load_evaluation_models(dino_model, clip_model)
+    photos = [Image.open(path).convert("RGB") for path in sorted(SUBJECT_PHOTOS_DIR.iterdir())]
+    for step, paths in images.items():
+        drawn = [Image.open(path).convert("RGB") for path in paths]
+        assert scores["DINO", step] == pytest.approx(subject_fidelity(drawn, photos, dino), abs=1e-5)
+        assert scores["CLIP-I", step] == pytest.approx(subject_fidelity(drawn, photos, clip), abs=1e-5)
+        clip_t = prompt_fidelity(drawn, ["a photo of star"] * len(drawn), clip)
+        assert scores["CLIP-T", step] == pytest.approx(clip_t, abs=1e-5)
+    drawn = [Image.open(path).convert("RGB") for path in class_images]
+    assert scores["PRES", 20] == pytest.approx(subject_fidelity(drawn, photos, dino), abs=1e-5)
+    if models == "toy checker":  # the checker's features: the subject's images are the subject's
+        assert scores["DINO", 20] > scores["DINO", 10] + 0.2 and scores["CLIP-T", 20] > scores["CLIP-T", 10]
+
+
+def test_dino_clip_curves_are_absent_without_evaluate_or_with_models_that_do_not_load(tmp_path):
+    runs = Runs(tmp_path / "work")
+    folder = runs.folder("plain")
+    options = {**toy_run_options(10), "instance_data_dir": str(SUBJECT_PHOTOS_DIR)}
+    (folder / "output").mkdir(parents=True)
+    (folder / "options.json").write_text(json.dumps(options))
+    write_validation_step(folder, 10, [subject_scene(np.random.default_rng(0))], "a photo of sks star")
+    assert runs.metric_curves("plain", runs.status("plain"), wait=True) == []
+    missing = {"evaluate": True, "evaluation_dino_model": str(tmp_path / "no-dino"), "evaluation_clip_model": "x/y"}
+    (folder / "options.json").write_text(json.dumps({**options, **missing}))
+    status = runs.status("plain")
+    assert runs.metric_curves("plain", status, wait=True) == []
+    assert runs.metric_error("plain", status)  # said once in the server's log, never raised into the page

@@ -3,18 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_tiny_evaluation_models, tiny_config
 from PIL import Image
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPVisionConfig,
-    ViTConfig,
-    ViTImageProcessorPil,
-    ViTModel,
-)
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
 from diffusers_dreambooth.evaluation import (
@@ -36,7 +26,6 @@ from diffusers_dreambooth.evaluation import (
     subject_fidelity,
 )
 from diffusers_dreambooth.subject import SubjectMetadata
-from diffusers_dreambooth.testing_utils import build_clip_tokenizer, clip_text_config
 from diffusers_dreambooth.toy import CHECKER_DIR
 from diffusers_dreambooth.toy.world import Scene, subject_scene
 
@@ -50,44 +39,14 @@ CLIP_PROJECTION_DIM = 16
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     """A tiny random ViT ("dino") and CLIP ("clip"), each saved with its processor like a Hub repo."""
-    root = tmp_path_factory.mktemp("evaluation_models")
-    dino_dir, clip_dir = root / "dino", root / "clip"
-    torch.manual_seed(0)
-    vit_config = ViTConfig(
+    return save_tiny_evaluation_models(
+        tmp_path_factory.mktemp("evaluation_models"),
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        hidden_size=VIT_HIDDEN_SIZE,
-        num_hidden_layers=VIT_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
+        vit_hidden_size=VIT_HIDDEN_SIZE,
+        vit_layers=VIT_LAYERS,
+        clip_projection_dim=CLIP_PROJECTION_DIM,
     )
-    ViTModel(vit_config).save_pretrained(dino_dir)
-    ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(dino_dir)
-
-    tokenizer = build_clip_tokenizer(root / "tokenizer")
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
-    text_config = clip_text_config(
-        tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
-    )
-    vision_config = CLIPVisionConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
-    torch.manual_seed(0)
-    clip_config = CLIPConfig(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        projection_dim=CLIP_PROJECTION_DIM,
-    )
-    CLIPModel(clip_config).save_pretrained(clip_dir)
-    return {"dino": str(dino_dir), "clip": str(clip_dir)}
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,14 @@ from PIL import Image
 
 from ..checkpoints import list_checkpoints
 from ..config import DreamBoothConfig
-from ..data import IMAGE_EXTENSIONS, UnreadableImageError, decode_image
-from ..evaluation import is_toy_checker
+from ..data import IMAGE_EXTENSIONS, UnreadableImageError, decode_image, load_subject_photos
+from ..evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, is_toy_checker
 from ..progress import PROGRESS_FILE, read_progress
 from ..safeguards import DreamBoothInputError
-from ..subject import SUBJECT_FILE_NAME, SubjectMetadata
+from ..subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata
 from ..toy import BASE_MODEL_DIR
-from ..toy.checker import ToyChecker
+from ..validation import CLASS_IMAGE_PREFIX
+from .curves import CheckerCurves, MetricCurves, MetricRequest, by_step
 
 #: The largest photo the app takes; the server refuses larger uploads before they reach it.
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -165,6 +166,8 @@ class RunStatus:
     seconds_per_step: float | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     validation_images: list[Path] = field(default_factory=list)
+    class_images: list[Path] = field(default_factory=list)  # of the class prompt, `--num_validation_class_images`
+    identifier: str | None = None  # as the trainer resolved it (`auto`: its rare token)
     log_tail: str = ""
     exit_code: int | None = None
 
@@ -185,8 +188,8 @@ class Runs:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._running: str | None = None
-        self._checkers: dict[str, ToyChecker] = {}
-        self._judged: dict[Path, bool] = {}
+        self._checker_curves = CheckerCurves()
+        self._metric_curves = MetricCurves()
         self._progress_cache: dict[Path, tuple[Any, Any]] = {}
 
     # Folders
@@ -296,6 +299,9 @@ class Runs:
             state = "failed" if exit_code not in (None, 0) else "new"
         total = options.get("max_train_steps")
         rates = [b["time"] - a["time"] for a, b in zip(steps[-11:], steps[-10:])]
+        images = [
+            path for paths in by_step(list((output / "validation").glob("step-*/*.png"))).values() for path in paths
+        ]
         return RunStatus(
             name=name,
             state=state,
@@ -303,33 +309,52 @@ class Runs:
             total=total,
             seconds_per_step=sum(rates) / len(rates) if rates else None,
             steps=steps,
-            validation_images=sorted(
-                (output / "validation").glob("step-*/*.png"), key=lambda p: (int(p.parent.name[5:]), p.name)
-            ),
+            validation_images=[path for path in images if not path.name.startswith(CLASS_IMAGE_PREFIX)],
+            class_images=[path for path in images if path.name.startswith(CLASS_IMAGE_PREFIX)],
+            identifier=run_identifier(options),
             log_tail=log_tail(folder / "train.log"),
             exit_code=exit_code,
         )
 
-    def binding_curve(self, name: str, validation_images: list[Path]) -> list[dict[str, Any]]:
+    def checker_curves(self, name: str, status: RunStatus) -> list[dict[str, Any]]:
         """For a run whose evaluation uses the toy world's checker: per validation step, the share of its images the
-        checker calls the subject (when the subject was learnt). Empty for other runs."""
+        checker calls the subject (`binding`: when the subject was learnt) and, with class-prompt images, the share of
+        those (`drift`: whether the class turned into the subject). Empty for other runs."""
         checker_dir = self.options(name).get("evaluation_dino_model")
         if not checker_dir or not is_toy_checker(checker_dir):
             return []
-        if checker_dir not in self._checkers:
-            self._checkers[checker_dir] = ToyChecker.from_pretrained(checker_dir).eval()
-        by_step: dict[int, list[Path]] = {}
-        for path in validation_images:
-            by_step.setdefault(int(path.parent.name[len("step-") :]), []).append(path)
-        curve = []
-        for step, paths in sorted(by_step.items()):
-            unseen = [path for path in paths if path not in self._judged]
-            if unseen:
-                images = [Image.open(path).convert("RGB") for path in unseen]
-                for path, judgement in zip(unseen, self._checkers[checker_dir].judge(images)):
-                    self._judged[path] = judgement.is_subject
-            curve.append({"step": step, "binding": sum(self._judged[path] for path in paths) / len(paths)})
-        return curve
+        return self._checker_curves.rows(checker_dir, status.validation_images, status.class_images)
+
+    def metric_curves(self, name: str, status: RunStatus, wait: bool = False) -> list[dict[str, Any]]:
+        """For a run with `--evaluate`: DINO, CLIP-I and CLIP-T of each validation step's images (PRES of its class
+        images), by the run's evaluation models, scored in the background (`wait`: now). Empty for other runs."""
+        request = self.metric_request(name, status)
+        return [] if request is None else self._metric_curves.rows(request, wait)
+
+    def metric_error(self, name: str, status: RunStatus) -> str | None:
+        """Why the run's evaluation models could not score its validation images, if they could not."""
+        request = self.metric_request(name, status)
+        return None if request is None else self._metric_curves.error(request)
+
+    def metric_request(self, name: str, status: RunStatus) -> MetricRequest | None:
+        """What scoring run `name`'s validation images needs, if it evaluates (`--evaluate`) and has some."""
+        options = self.options(name)
+        if not options.get("evaluate") or not status.validation_images:
+            return None
+
+        def load_photos() -> list[Image.Image]:
+            config = DreamBoothConfig(**options)
+            return [photo.image for photo in load_subject_photos(config, config.subject_data()[0])]
+
+        return MetricRequest(
+            dino_model=options.get("evaluation_dino_model", DEFAULT_DINO_MODEL),
+            clip_model=options.get("evaluation_clip_model", DEFAULT_CLIP_MODEL),
+            photos_key=str(self.folder(name)),
+            load_photos=load_photos,
+            identifier=status.identifier,
+            subject_images=tuple(status.validation_images),
+            class_images=tuple(status.class_images),
+        )
 
     def _progress(self, path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """`read_progress(path)`, read again only when the file changed (every open page polls it each second)."""
@@ -346,6 +371,17 @@ class Runs:
     def options(self, name: str) -> dict[str, Any]:
         path = self.folder(name) / "options.json"
         return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_identifier(options: dict[str, Any]) -> str | None:
+    """The identifier of a run's (first) subject as its progress log's options hold it, the trainer's `auto` or pivotal
+    tokens resolved; None when they name no instance prompt (`--concepts_list`)."""
+    prompt = options.get("instance_prompt")
+    return (
+        Subject.from_prompts(prompt, options.get("class_prompt"), options.get("identifier")).identifier
+        if prompt
+        else None
+    )
 
 
 def training_command() -> list[str]:

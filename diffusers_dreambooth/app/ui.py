@@ -17,6 +17,7 @@ from PIL import Image
 from ..config import DreamBoothConfig, read_options_file
 from ..families import family_class_named
 from ..toy import BASE_MODEL_DIR, SUBJECT_PHOTOS_DIR, toy_dreambooth_config
+from .curves import validation_step
 from .options import OptionField, changed_options, form_values, option_fields
 from .runs import AppInputError, Runs, RunStatus, check_path_options, is_hub_id, review_photos
 
@@ -28,9 +29,14 @@ NO_PRESET = "(none)"
 
 
 def toy_defaults(adapter: str = "full") -> DreamBoothConfig:
-    """The app's defaults: the bundled subject on the toy model, with validation images to watch as it trains."""
+    """The app's defaults: the bundled subject on the toy model, with validation images to watch as it trains, and
+    images of the class prompt beside them for the drift curve."""
     return toy_dreambooth_config(
-        "output", adapter=adapter, validation_prompt="a photo of {subject}", validation_steps=100
+        "output",
+        adapter=adapter,
+        validation_prompt="a photo of {subject}",
+        validation_steps=100,
+        num_validation_class_images=4,
     )
 
 
@@ -79,7 +85,7 @@ class App:
         options = check_path_options(changed_options(self.fields, advanced), self.runs.work_dir)
         options["pretrained_model_name_or_path"] = base_model_source(base_model, self.runs.work_dir)
         options.update(adapter=adapter, instance_prompt=instance_prompt, identifier=identifier.strip() or None)
-        if options.get("with_prior_preservation"):
+        if options.get("with_prior_preservation") or options.get("num_validation_class_images"):
             options["class_prompt"] = class_prompt
         return options
 
@@ -143,15 +149,24 @@ class App:
         return "Rare-token candidates (`auto` takes the first): " + ", ".join(f"`{word}`" for word in words)
 
     def watch(self, name: str):
-        """The progress line, the loss curves, validation images and the log's tail of run `name`."""
+        """The progress line, the loss curves, the binding and drift curves, the DINO/CLIP curves, validation images
+        (class-prompt ones captioned so) and the log's tail of run `name`."""
         try:
             status = self.runs.status(name)
         except AppInputError:
-            return "", None, None, [], ""
-        curve = self.runs.binding_curve(name, status.validation_images)
-        binding = pd.DataFrame(curve) if curve else None
-        images = [str(p) for p in status.validation_images]
-        return progress_line(status), loss_frame(status), binding, images, status.log_tail
+            return "", None, None, None, [], ""
+        shares = self.runs.checker_curves(name, status)
+        scores = self.runs.metric_curves(name, status)
+        images = [(str(p), f"step {validation_step(p)}") for p in status.validation_images]
+        images += [(str(p), f"step {validation_step(p)}: class prompt") for p in status.class_images]
+        return (
+            progress_line(status),
+            loss_frame(status),
+            pd.DataFrame(shares) if shares else None,
+            pd.DataFrame(scores) if scores else None,
+            images,
+            status.log_tail,
+        )
 
     def current_run(self):
         """The run the page shows on (re)load: the one training, else the run name as it is."""
@@ -332,11 +347,20 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
                 losses = gr.LinePlot(x="step", y="loss", color="curve", label="Losses", height=240)
                 binding = gr.LinePlot(
                     x="step",
-                    y="binding",
+                    y="share",
+                    color="curve",
                     y_lim=[0, 1],
-                    label="Binding: validation images the toy checker calls the subject",
+                    label="Binding and drift: subject- and class-prompt images the toy checker calls the subject",
                     height=240,
                     elem_id="binding",
+                )
+                metrics = gr.LinePlot(
+                    x="step",
+                    y="score",
+                    color="metric",
+                    label="DINO, CLIP-I, CLIP-T (and PRES) of the validation images",
+                    height=240,
+                    elem_id="metrics",
                 )
             validation = gr.Gallery(label="Validation images", columns=8, height=160)
             log = gr.Textbox(label="Log", lines=10, max_lines=10, autoscroll=True, elem_id="log")
@@ -381,7 +405,8 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
         start.click(app.start, form, [message, train_token], concurrency_limit=1)
         stop.click(app.stop, None, message)
         resume.click(app.resume, [name, train_token], [message, train_token], concurrency_limit=1)
-        gr.Timer(1.0).tick(app.watch, name, [progress, losses, binding, validation, log], show_progress="hidden")
+        watched = [progress, losses, binding, metrics, validation, log]
+        gr.Timer(1.0).tick(app.watch, name, watched, show_progress="hidden")
         page.load(app.current_run, None, name)
         page.load(app.review, photos, [preview, review])
         result = [grid, evaluation, card, weights]

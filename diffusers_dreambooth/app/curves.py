@@ -1,0 +1,182 @@
+"""Curves of a run's validation images against steps, for the page: binding and language drift as a checker judges
+them, and the paper's DINO, CLIP-I, CLIP-T (and PRES) as the run's evaluation models score them.
+
+Both are computed here, in the app's process, from the images the trainer saves (`validation/step-N/{i}.png`, and
+`class-{i}.png` with `--num_validation_class_images`), not by the trainer at each validation: the run spends no time
+or accelerator memory on them, an evaluation model that fails to load (a Hub id offline) cannot end the run, and
+runs already on disk get them too. Each image is judged or embedded once, then cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..evaluation import (
+    ImageEmbedder,
+    TextImageEmbedder,
+    load_evaluation_models,
+    mean_pairwise_cosine,
+    prompt_fidelity,
+    strip_identifier,
+)
+from ..toy.checker import ToyChecker
+
+logger = logging.getLogger(__name__)
+
+
+def validation_step(path: Path) -> int:
+    """The step of a validation image, from its folder `step-N`."""
+    return int(path.parent.name[len("step-") :])
+
+
+def by_step(paths: list[Path]) -> dict[int, list[Path]]:
+    """`paths` grouped by validation step, in step order."""
+    groups: dict[int, list[Path]] = {}
+    for path in sorted(paths, key=lambda path: (validation_step(path), path.name)):
+        groups.setdefault(validation_step(path), []).append(path)
+    return groups
+
+
+def image_prompt(image: Image.Image) -> str | None:
+    """The prompt a validation image was drawn with (the PNG text `prompt` the trainer writes), if it holds one."""
+    return image.info.get("prompt")
+
+
+class CheckerCurves:
+    """Binding (the share of subject-prompt images a checker calls the subject) and language drift (the share of
+    class-prompt images it calls the subject, DreamBooth Sec. 4.3) per validation step."""
+
+    def __init__(self) -> None:
+        self._checkers: dict[str, ToyChecker] = {}
+        self._judged: dict[Path, bool] = {}
+
+    def rows(self, checker_dir: str, subject_images: list[Path], class_images: list[Path]) -> list[dict[str, Any]]:
+        """`{"step", "share", "curve"}` rows, `curve` being `binding` or `drift` (the latter with class images)."""
+        if checker_dir not in self._checkers:
+            self._checkers[checker_dir] = ToyChecker.from_pretrained(checker_dir).eval()
+        checker = self._checkers[checker_dir]
+        rows = []
+        for curve, paths in (("binding", subject_images), ("drift", class_images)):
+            for step, step_paths in by_step(paths).items():
+                self._judge(checker, step_paths)
+                share = sum(self._judged[path] for path in step_paths) / len(step_paths)
+                rows.append({"step": step, "share": share, "curve": curve})
+        return rows
+
+    def _judge(self, checker: ToyChecker, paths: list[Path]) -> None:
+        unseen = [path for path in paths if path not in self._judged]
+        if unseen:
+            images = [Image.open(path).convert("RGB") for path in unseen]
+            for path, judgement in zip(unseen, checker.judge(images)):
+                self._judged[path] = judgement.is_subject
+
+
+@dataclass(frozen=True)
+class MetricRequest:
+    """What scoring a run's validation images needs: its evaluation models, the subject's photos (read on first
+    use), the identifier CLIP-T leaves out of the prompt, and the images."""
+
+    dino_model: str
+    clip_model: str
+    photos_key: str
+    load_photos: Callable[[], list[Image.Image]]
+    identifier: str | None
+    subject_images: tuple[Path, ...]
+    class_images: tuple[Path, ...] = ()
+
+
+class MetricCurves:
+    """DINO, CLIP-I and CLIP-T of each validation step's images against the subject's photos, and PRES (DINO of its
+    class-prompt images), as `evaluate_subject` computes them after training, scored in a background thread so the
+    page's poll never waits on a model.
+
+    Per image, DINO and CLIP-I are the mean cosine with every photo and CLIP-T the cosine with its prompt; their mean
+    over a step's images is exactly the metric of that step's images together.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], tuple[ImageEmbedder, TextImageEmbedder]] = {}
+        self._photos: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scores: dict[Path, dict[str, float]] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def rows(self, request: MetricRequest, wait: bool = False) -> list[dict[str, Any]]:
+        """`{"step", "score", "metric"}` rows of the steps scored so far; scores the rest in the background (or now,
+        with `wait`)."""
+        pending = [path for path in (*request.subject_images, *request.class_images) if path not in self._scores]
+        models = (request.dino_model, request.clip_model)
+        with self._lock:
+            idle = self._worker is None or not self._worker.is_alive()
+            if pending and idle and models not in self._failed:
+                self._worker = threading.Thread(target=self._score, args=(request, pending), daemon=True)
+                self._worker.start()
+            worker = self._worker
+        if wait and worker is not None:
+            worker.join()
+        return self._rows(request)
+
+    def error(self, request: MetricRequest) -> str | None:
+        """Why the request's models could not score, if they could not."""
+        return self._failed.get((request.dino_model, request.clip_model))
+
+    def _rows(self, request: MetricRequest) -> list[dict[str, Any]]:
+        rows = []
+        for paths, metrics in (
+            (request.subject_images, ("DINO", "CLIP-I", "CLIP-T")),
+            (request.class_images, ("PRES",)),
+        ):
+            for step, step_paths in by_step(list(paths)).items():
+                if all(path in self._scores for path in step_paths):
+                    for metric in metrics:
+                        score = sum(self._scores[path][metric] for path in step_paths) / len(step_paths)
+                        rows.append({"step": step, "score": score, "metric": metric})
+        return rows
+
+    def _score(self, request: MetricRequest, pending: list[Path]) -> None:
+        try:
+            dino, clip = self._loaded(request)
+            real_dino, real_clip = self._photo_embeddings(request, dino, clip)
+            for path in pending:
+                image = Image.open(path)
+                prompt = image_prompt(image) or ""
+                image = image.convert("RGB")
+                if path in request.class_images:
+                    self._scores[path] = {"PRES": mean_pairwise_cosine(dino.embed_images([image]), real_dino)}
+                    continue
+                clip_prompt = strip_identifier(prompt, request.identifier) if request.identifier else prompt
+                self._scores[path] = {
+                    "DINO": mean_pairwise_cosine(dino.embed_images([image]), real_dino),
+                    "CLIP-I": mean_pairwise_cosine(clip.embed_images([image]), real_clip),
+                    "CLIP-T": prompt_fidelity([image], [clip_prompt], clip),
+                }
+        except Exception as error:  # a model not found, offline, or not a DINO/CLIP: no curve, the page goes on
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            self._failed[(request.dino_model, request.clip_model)] = message
+            logger.warning("No DINO/CLIP curves for `%s`/`%s`: %s", request.dino_model, request.clip_model, message)
+
+    def _loaded(self, request: MetricRequest) -> tuple[ImageEmbedder, TextImageEmbedder]:
+        """The request's DINO and CLIP embedders, on the CPU (the run holds the accelerator), loaded once."""
+        key = (request.dino_model, request.clip_model)
+        if key not in self._models:
+            self._models[key] = load_evaluation_models(*key)
+        return self._models[key]
+
+    def _photo_embeddings(
+        self, request: MetricRequest, dino: ImageEmbedder, clip: TextImageEmbedder
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINO and CLIP embeddings of the subject's photos, computed once per photos and models."""
+        key = (request.dino_model, request.clip_model, request.photos_key)
+        if key not in self._photos:
+            photos = request.load_photos()
+            self._photos[key] = (dino.embed_images(photos), clip.embed_images(photos))
+        return self._photos[key]
