@@ -20,6 +20,16 @@ Usage:
 
     python benchmarks/peak_memory.py --output_json peak.json
     python benchmarks/peak_memory.py --adapters lora --prior off --steps 10   # one job
+    python benchmarks/peak_memory.py --reference_dir /tmp/diffusers_reference  # and diffusers' scripts beside
+
+With `--reference_dir` (a folder holding diffusers' `examples/dreambooth/train_dreambooth.py` and
+`train_dreambooth_lora.py`, which this repository does not ship), each job is also run by diffusers' script for its
+adapter, in its own process, with the flags both take (`shared_flags`: same model, photos, resolution, batch, steps,
+learning rate, rank, prior preservation, validation prompt and count), its own class images and output folder, and
+`benchmarks/reference_stand_in/` on its `PYTHONPATH`: a benchmark-only `torchvision` with just the transforms they
+use (no CPU torchvision is installable here). Its peak is `ru_maxrss` of its process (`os.wait4`), the same kernel
+high-water mark as `VmHWM`; it has no phases, so its import peak is measured apart, from `script --help`. A run
+counts only if it exits 0, writes its weights and prints a loss.
 
 The model (`--model sd35m`, built once into `--cache_dir`) is a randomly initialised SD-format pipeline with a 36M
 parameter UNet (SD 1.5's blocks at a fifth of the width), a 6M parameter VAE and a 12M parameter CLIP text encoder.
@@ -34,6 +44,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -238,19 +249,23 @@ def run_job(args: argparse.Namespace) -> dict:
 
 def job_flags(args: argparse.Namespace) -> list[str]:
     """The `examples/train.py` flags of the job (diffusers' flag names)."""
+    return shared_flags(args) + our_flags(args)
+
+
+def shared_flags(args: argparse.Namespace, outputs: Path | None = None) -> list[str]:
+    """The job's flags that diffusers' `train_dreambooth(_lora).py` take too; `outputs`: where its writes go."""
     work = Path(args.work_dir)
+    outputs = outputs or work
     flags = [
         f"--pretrained_model_name_or_path={args.model_dir}",
         f"--instance_data_dir={work / 'instance'}",
         f"--instance_prompt={INSTANCE_PROMPT}",
-        f"--output_dir={work / 'output'}",
+        f"--output_dir={outputs / 'output'}",
         f"--resolution={args.resolution}",
         "--train_batch_size=1",
         f"--max_train_steps={args.steps}",
         "--checkpointing_steps=500",
         f"--learning_rate={1e-4 if args.adapter == 'lora' else 5e-6}",
-        f"--adapter={args.adapter}",
-        "--report_to=none",
         f"--seed={args.seed}",
         "--mixed_precision=no",
     ]
@@ -259,20 +274,25 @@ def job_flags(args: argparse.Namespace) -> list[str]:
     if args.with_prior_preservation:
         flags += [
             "--with_prior_preservation",
-            f"--class_data_dir={work / 'class_images'}",
+            f"--class_data_dir={outputs / 'class_images'}",
             f"--class_prompt={CLASS_PROMPT}",
             f"--num_class_images={args.num_class_images}",
             "--sample_batch_size=2",
-            f"--prior_generation_steps={args.inference_steps}",
         ]
     if args.samples:
-        flags += [
-            f"--validation_prompt={INSTANCE_PROMPT} on the beach",
-            f"--num_validation_images={args.samples}",
-            f"--validation_inference_steps={args.inference_steps}",
-        ]
+        flags += [f"--validation_prompt={INSTANCE_PROMPT} on the beach", f"--num_validation_images={args.samples}"]
     else:
         flags.append("--num_validation_images=0")
+    return flags
+
+
+def our_flags(args: argparse.Namespace) -> list[str]:
+    """The job's flags that only `examples/train.py` has: the adapter, sampling steps, the evaluation stage."""
+    flags = [f"--adapter={args.adapter}", "--report_to=none"]
+    if args.with_prior_preservation:
+        flags.append(f"--prior_generation_steps={args.inference_steps}")
+    if args.samples:
+        flags.append(f"--validation_inference_steps={args.inference_steps}")
     if args.evaluate:
         from diffusers_dreambooth.toy import CHECKER_DIR
 
@@ -318,6 +338,7 @@ def write_photos(directory: Path, size: int, count: int = 4) -> None:
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
+    """Every job in its own process; with `--reference_dir`, each followed by diffusers' script on the same job."""
     model = args.model_dir or str(sd35m_pipeline_dir(Path(args.cache_dir)))
     results = []
     with tempfile.TemporaryDirectory(prefix="peak_memory-") as tmp:
@@ -326,23 +347,104 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 for steps in args.steps_list:
                     work = Path(tmp) / f"{adapter}-{prior}-{steps}"
                     write_photos(work / "instance", args.resolution)
-                    command = [sys.executable, str(Path(__file__).resolve()), "--job", f"--model_dir={model}"]
-                    command += [f"--work_dir={work}", f"--adapter={adapter}", f"--steps={steps}"]
-                    command += [f"--{name}={getattr(args, name)}" for name in PASSED]
-                    command += ["--with_prior_preservation"] if prior == "on" else []
-                    command += ["--evaluate"] if args.evaluate else []
-                    output = work / "result.json"
-                    command.append(f"--output_json={output}")
-                    logging.warning("Running %s", shlex.join(command))
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode or not output.is_file():
-                        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
-                        raise SystemExit(f"Job failed ({done.returncode}):\n" + "\n".join(tail))
-                    results.append(json.loads(output.read_text()))
+                    job = argparse.Namespace(**{**vars(args), "model_dir": model, "work_dir": str(work)})
+                    job.adapter, job.steps, job.with_prior_preservation = adapter, steps, prior == "on"
+                    result = run_our_job(job, work)
+                    if args.reference_dir:
+                        result["reference"] = run_reference_job(job, work / "reference")
+                    results.append(result)
                     shutil.rmtree(work, ignore_errors=True)
     return results
 
 
+def run_our_job(job: argparse.Namespace, work: Path) -> dict:
+    """One `examples/train.py` job in a fresh `--job` process; its per-phase result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--job", f"--model_dir={job.model_dir}"]
+    command += [f"--work_dir={work}", f"--adapter={job.adapter}", f"--steps={job.steps}"]
+    command += [f"--{name}={getattr(job, name)}" for name in PASSED]
+    command += ["--with_prior_preservation"] if job.with_prior_preservation else []
+    command += ["--evaluate"] if job.evaluate else []
+    output = work / "result.json"
+    command.append(f"--output_json={output}")
+    logging.warning("Running %s", shlex.join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode or not output.is_file():
+        raise SystemExit(f"Job failed ({done.returncode}):\n" + _tail(done.stdout + done.stderr))
+    return json.loads(output.read_text())
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    """The last `lines` lines of a run's output, for its error."""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# diffusers' own scripts on the same job (`--reference_dir`)
+
+
+def reference_script(job: argparse.Namespace) -> Path:
+    """diffusers' script for the job's adapter, in `--reference_dir`."""
+    path = Path(job.reference_dir) / REFERENCE_SCRIPTS[job.adapter]
+    if not path.is_file():
+        raise SystemExit(f"`--reference_dir` has no {path.name} (diffusers' examples/dreambooth/{path.name}): {path}")
+    return path
+
+
+def reference_environment(device: str) -> dict[str, str]:
+    """The environment of a reference run: the torchvision stand-in on `PYTHONPATH`, offline, on the job's device."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REFERENCE_STAND_IN), env.get("PYTHONPATH")) if p)
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def measured_run(command: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
+    """Run `command` to its end: (exit code, peak RSS MiB of it and its waited-for children, seconds, output)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # ru_maxrss: the process's (and its children's) VmHWM, KiB
+        process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        return process.returncode, usage.ru_maxrss / 1024, seconds, log.read()
+
+
+@functools.cache
+def reference_import_mib(script: Path, device: str) -> float:
+    """Peak RSS of `script --help`: Python and the script's imports, before any work."""
+    code, peak, _, output = measured_run([sys.executable, str(script), "--help"], reference_environment(device))
+    if code:
+        raise SystemExit(f"{script.name} --help failed ({code}):\n" + _tail(output))
+    return peak
+
+
+def run_reference_job(job: argparse.Namespace, work: Path) -> dict:
+    """diffusers' script on the job (same model, photos and flags; its own class images), in a fresh process."""
+    script = reference_script(job)
+    # --report_to: their default; accelerate skips it where tensorboard is not installed (here), as our `none`
+    command = [sys.executable, str(script), *shared_flags(job, work), "--report_to=tensorboard"]
+    logging.warning("Running %s", shlex.join(command))
+    code, peak, seconds, output = measured_run(command, reference_environment(job.device))
+    weights = work / "output" / REFERENCE_WEIGHTS[job.adapter]
+    losses = re.findall(r"loss=([-+0-9.e]+)", output)
+    if code or not weights.is_file() or not losses:
+        raise SystemExit(f"{script.name} failed ({code}; weights written: {weights.is_file()}):\n" + _tail(output))
+    return {
+        "script": script.name,
+        "command": shlex.join(command),
+        "run_peak_mib": peak,
+        "import_mib": reference_import_mib(script, job.device),
+        "seconds": seconds,
+        "last_loss": float(losses[-1]),
+        "weights": str(weights.relative_to(work)),
+    }
+
+
+REFERENCE_SCRIPTS = {"lora": "train_dreambooth_lora.py", "full": "train_dreambooth.py"}
+#: What each script writes at its end, the proof that it trained to the end.
+REFERENCE_WEIGHTS = {"lora": "pytorch_lora_weights.safetensors", "full": "unet/diffusion_pytorch_model.safetensors"}
+REFERENCE_STAND_IN = BENCHMARKS / "reference_stand_in"
 PASSED = ("resolution", "device", "seed", "num_class_images", "inference_steps", "samples", "threads")
 
 
@@ -362,6 +464,30 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(results: list[dict]) -> str:
+    """Per job: our whole-run peak against diffusers' script's, the ratio, and where each spends it (RSS MiB)."""
+    lines = [
+        "| job | ours: run peak | diffusers: run peak | ours / diffusers | ours: import | diffusers: import"
+        " | ours: training | ours: after training | diffusers: last loss | ours / diffusers: seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = r["reference"]
+        after = max(r["peak_mib"].get(p, 0.0) for p in ("saving", "samples", "evaluation", "card"))
+        lines.append(
+            f"| {r['job']} | {r['run_peak_mib']:,.0f} | {ref['run_peak_mib']:,.0f}"
+            f" | **{r['run_peak_mib'] / ref['run_peak_mib']:.2f}x** | {r['peak_mib']['import']:,.0f}"
+            f" | {ref['import_mib']:,.0f} | {r['peak_mib']['training']:,.0f} | {after:,.0f} | {ref['last_loss']:.4f}"
+            f" | {r['seconds']:.0f} / {ref['seconds']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        "Ours: the `--job` process's VmHWM (reset per phase; `floor` left out). diffusers: `ru_maxrss` of the"
+        " script's process (`os.wait4`); its import: the same of `script --help`."
+    )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", help="A pipeline folder; default: the random sd35m pipeline.")
@@ -377,6 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=2, help="Card sample images (0: none).")
     parser.add_argument("--evaluate", action="store_true", help="Also the evaluation stage (the toy checker).")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
+    parser.add_argument(
+        "--reference_dir",
+        help="A folder with diffusers' examples/dreambooth/train_dreambooth.py and train_dreambooth_lora.py: run each"
+        " job with them too (torchvision.transforms from benchmarks/reference_stand_in) and print the side by side.",
+    )
     parser.add_argument("--output_json")
     # One job (the child process):
     parser.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
@@ -396,6 +527,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = run_all(args)
     print(table(results))
+    if args.reference_dir:
+        print()
+        print(side_by_side(results))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
 
