@@ -1,12 +1,13 @@
 """The web app end to end in a real headless browser (#18): Debian's Chromium driven by Playwright.
 
 The server runs as a user starts it (`python -m diffusers_dreambooth.app`), pointed at the test suite's local Hub.
-The test uploads the bundled photos (and a crafted name and an unreadable file), trains a short run on the toy model,
-watches the progress reach the end, sees the grid, generates, pushes, and saves screenshots (`APP_SCREENSHOTS`
-names a folder to keep them in, as the README's are made).
+The first test uploads the bundled photos (and a crafted name and an unreadable file), trains a short run on the toy
+model, watches the progress and the curves, sees the grid, generates, pushes, and saves screenshots (`APP_SCREENSHOTS`
+names a folder to keep them in, as the README's are made). The second stops a run as it trains and resumes it.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from hub_server import LocalHub
 
+from diffusers_dreambooth.checkpoints import list_checkpoints
 from diffusers_dreambooth.toy import SUBJECT_PHOTOS_DIR
 
 playwright = pytest.importorskip("playwright.sync_api", reason='the app extra: pip install -e ".[app]"')
@@ -82,6 +84,21 @@ def set_option(page, name: str, value: str) -> None:
     box.press("Tab")
 
 
+def set_options(page, options: dict[str, str], uncheck: tuple[str, ...] = ()) -> None:
+    """Open the advanced section, type each option, untick those of `uncheck`, and close it again (the progress
+    shows below)."""
+    page.get_by_text("Advanced: every other option").click()
+    for name, value in options.items():
+        set_option(page, name, value)
+    for name in uncheck:
+        page.locator(f"#option-{name} input[type=checkbox]").uncheck()
+    page.get_by_text("Advanced: every other option").click()
+
+
+def progress_text(page) -> str:
+    return page.locator("#progress").inner_text()
+
+
 def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server, hub, tmp_path):
     url, work = server
     crafted = tmp_path / "crafted"
@@ -100,15 +117,8 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
         review = page.locator("#review").inner_text()
         assert f"{len(photos)} photo(s) to train on" in review and "is not a readable image" in review
 
-        page.get_by_text("Advanced: every other option").click()
-        for name, value in {
-            "max_train_steps": str(STEPS),
-            "num_class_images": "8",
-            "validation_steps": "10",
-            "checkpointing_steps": "10",
-        }.items():
-            set_option(page, name, value)
-        page.get_by_text("Advanced: every other option").click()  # closed again: the progress shows below
+        options = {"num_class_images": "8", "validation_steps": "10", "checkpointing_steps": "10"}
+        set_options(page, {"max_train_steps": str(STEPS), **options})
         page.locator("#start").click()
         page.locator("#progress").get_by_text("running").wait_for(timeout=60_000)
 
@@ -123,6 +133,8 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
 
         page.locator("#progress").get_by_text(f"finished, step {STEPS}/{STEPS}").wait_for(timeout=400_000)
         assert "Saved the trained subject" in page.locator("#log textarea").input_value()
+        for plot in ("#binding", "#metrics"):  # binding and drift; DINO, CLIP-I, CLIP-T and PRES (the toy checker's)
+            page.locator(plot).locator("canvas, svg").first.wait_for(timeout=60_000)
         screenshot(page, tmp_path, "app-training", "#start")
 
         page.get_by_role("tab", name="Result").click()
@@ -156,3 +168,38 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
     assert outside == [] and not (tmp_path.parent / "escape.png").exists()
     written = [path for path in work.rglob("*") if path.is_file() and path.suffix in (".json", ".log", ".md", ".txt")]
     assert written and not [path for path in written if hub.token in path.read_text(errors="replace")]
+
+
+def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(server, tmp_path):
+    """Stop while the run trains: it saves a checkpoint (as Ctrl-C does) and shows stopped; Resume continues from
+    that checkpoint to the last step."""
+    url, work = server
+    steps = 200
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.goto(url)
+        page.locator("#run-name textarea, #run-name input").first.fill("stop-resume")
+        options = {"num_class_images": "8", "checkpointing_steps": "1000", "validation_steps": "1000"}
+        set_options(page, {"max_train_steps": str(steps), "sample_prompts": "", **options}, uncheck=("evaluate",))
+        page.locator("#start").click()
+        page.wait_for_function(
+            "() => /running, step ([3-9]|[0-9]{2,})\\//.test(document.querySelector('#progress').innerText)",
+            timeout=300_000,
+        )
+        page.locator("#stop").click()
+        page.locator("#message").get_by_text("Stopping stop-resume").wait_for(timeout=30_000)
+        page.locator("#progress").get_by_text("stopped, step").wait_for(timeout=120_000)
+        stopped_at = int(re.search(r"step (\d+)/", progress_text(page)).group(1))
+        checkpoints = list_checkpoints(work / "runs" / "stop-resume" / "output")
+        assert 3 <= stopped_at < steps and [path.name for path in checkpoints] == [f"checkpoint-{stopped_at}"]
+
+        page.locator("#resume").click()
+        page.locator("#message").get_by_text("Resumed stop-resume from its latest checkpoint").wait_for(timeout=30_000)
+        page.locator("#progress").get_by_text(f"finished, step {steps}/{steps}").wait_for(timeout=400_000)
+        log = page.locator("#log textarea").input_value()
+        browser.close()
+    assert "Saved the trained subject" in log
+    assert (work / "runs" / "stop-resume" / "output" / "dreambooth.json").is_file()
+    train_log = (work / "runs" / "stop-resume" / "train.log").read_text()
+    assert f"Resuming from {checkpoints[0]}" in train_log  # from the checkpoint Stop saved

@@ -26,6 +26,9 @@ TOY_MODEL = "toy"
 #: The repo's ready-made configs (present in a checkout or a Space, not in an installed wheel).
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "examples" / "configs"
 NO_PRESET = "(none)"
+#: Fixed colours of the curves, which their plots' labels name (the plots' own legends fall below their frame).
+CURVE_COLORS = {"binding": "#1f77b4", "drift": "#ff7f0e"}
+METRIC_COLORS = {"DINO": "#1f77b4", "CLIP-I": "#2ca02c", "CLIP-T": "#ff7f0e", "PRES": "#d62728"}
 
 
 def toy_defaults(adapter: str = "full") -> DreamBoothConfig:
@@ -344,22 +347,26 @@ def build_app(work_dir: str | Path) -> gr.Blocks:
                 resume = gr.Button("Resume", elem_id="resume")
             progress = gr.Markdown(elem_id="progress")
             with gr.Row():
-                losses = gr.LinePlot(x="step", y="loss", color="curve", label="Losses", height=240)
+                losses = gr.LinePlot(x="step", y="loss", color="curve", label="Losses", height=300)
                 binding = gr.LinePlot(
                     x="step",
                     y="share",
                     color="curve",
+                    color_map=CURVE_COLORS,
                     y_lim=[0, 1],
-                    label="Binding and drift: subject- and class-prompt images the toy checker calls the subject",
-                    height=240,
+                    label="Binding (blue) and drift (orange): subject- and class-prompt images the toy checker calls"
+                    " the subject",
+                    height=300,
                     elem_id="binding",
                 )
                 metrics = gr.LinePlot(
                     x="step",
                     y="score",
                     color="metric",
-                    label="DINO, CLIP-I, CLIP-T (and PRES) of the validation images",
-                    height=240,
+                    color_map=METRIC_COLORS,
+                    label="DINO (blue), CLIP-I (green), CLIP-T (orange), PRES (red, lower is better) of the validation"
+                    " images",
+                    height=300,
                     elem_id="metrics",
                 )
             validation = gr.Gallery(label="Validation images", columns=8, height=160)
