@@ -372,11 +372,15 @@ def test_dino_clip_curves_score_each_validation_step_as_the_final_evaluation(tmp
     class_images = write_validation_step(
         folder, 20, [sample_scene(rng) for _ in range(2)], "a photo of a star", "class-"
     )
+    unprompted = folder / "output" / "validation" / "step-30" / "0.png"  # saved without its prompt: no CLIP-T
+    unprompted.parent.mkdir()
+    subject_scene(rng).render().save(unprompted)
     status = runs.status("scored")
     assert status.identifier == "sks"
     rows = runs.metric_curves("scored", status, wait=True)
     scores = {(row["metric"], row["step"]): row["score"] for row in rows}
-    assert set(scores) == {(m, s) for m in ("DINO", "CLIP-I", "CLIP-T") for s in (10, 20)} | {("PRES", 20)}
+    expected = {(m, s) for m in ("DINO", "CLIP-I", "CLIP-T") for s in (10, 20)} | {("PRES", 20)}
+    assert set(scores) == expected | {("DINO", 30), ("CLIP-I", 30)}
 
     dino, clip = load_evaluation_models(dino_model, clip_model)
     photos = [Image.open(path).convert("RGB") for path in sorted(SUBJECT_PHOTOS_DIR.iterdir())]

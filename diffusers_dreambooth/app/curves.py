@@ -106,7 +106,7 @@ class MetricCurves:
         self._models: dict[tuple[str, str], tuple[ImageEmbedder, TextImageEmbedder]] = {}
         self._photos: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._scores: dict[Path, dict[str, float]] = {}
-        self._failed: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str, str], str] = {}
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -114,10 +114,9 @@ class MetricCurves:
         """`{"step", "score", "metric"}` rows of the steps scored so far; scores the rest in the background (or now,
         with `wait`)."""
         pending = [path for path in (*request.subject_images, *request.class_images) if path not in self._scores]
-        models = (request.dino_model, request.clip_model)
         with self._lock:
             idle = self._worker is None or not self._worker.is_alive()
-            if pending and idle and models not in self._failed:
+            if pending and idle and self._key(request) not in self._failed:
                 self._worker = threading.Thread(target=self._score, args=(request, pending), daemon=True)
                 self._worker.start()
             worker = self._worker
@@ -126,8 +125,12 @@ class MetricCurves:
         return self._rows(request)
 
     def error(self, request: MetricRequest) -> str | None:
-        """Why the request's models could not score, if they could not."""
-        return self._failed.get((request.dino_model, request.clip_model))
+        """Why the request's models could not score its images, if they could not."""
+        return self._failed.get(self._key(request))
+
+    @staticmethod
+    def _key(request: MetricRequest) -> tuple[str, str, str]:
+        return request.dino_model, request.clip_model, request.photos_key
 
     def _rows(self, request: MetricRequest) -> list[dict[str, Any]]:
         rows = []
@@ -136,8 +139,8 @@ class MetricCurves:
             (request.class_images, ("PRES",)),
         ):
             for step, step_paths in by_step(list(paths)).items():
-                if all(path in self._scores for path in step_paths):
-                    for metric in metrics:
+                for metric in metrics:  # a step's metric once each of its images has it
+                    if all(metric in self._scores.get(path, {}) for path in step_paths):
                         score = sum(self._scores[path][metric] for path in step_paths) / len(step_paths)
                         rows.append({"step": step, "score": score, "metric": metric})
         return rows
@@ -148,20 +151,22 @@ class MetricCurves:
             real_dino, real_clip = self._photo_embeddings(request, dino, clip)
             for path in pending:
                 image = Image.open(path)
-                prompt = image_prompt(image) or ""
+                prompt = image_prompt(image)
                 image = image.convert("RGB")
                 if path in request.class_images:
                     self._scores[path] = {"PRES": mean_pairwise_cosine(dino.embed_images([image]), real_dino)}
                     continue
-                clip_prompt = strip_identifier(prompt, request.identifier) if request.identifier else prompt
-                self._scores[path] = {
+                scores = {
                     "DINO": mean_pairwise_cosine(dino.embed_images([image]), real_dino),
                     "CLIP-I": mean_pairwise_cosine(clip.embed_images([image]), real_clip),
-                    "CLIP-T": prompt_fidelity([image], [clip_prompt], clip),
                 }
+                if prompt is not None:  # images saved before validation wrote their prompt get no CLIP-T
+                    clip_prompt = strip_identifier(prompt, request.identifier) if request.identifier else prompt
+                    scores["CLIP-T"] = prompt_fidelity([image], [clip_prompt], clip)
+                self._scores[path] = scores
         except Exception as error:  # a model not found, offline, or not a DINO/CLIP: no curve, the page goes on
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            self._failed[(request.dino_model, request.clip_model)] = message
+            self._failed[self._key(request)] = message
             logger.warning("No DINO/CLIP curves for `%s`/`%s`: %s", request.dino_model, request.clip_model, message)
 
     def _loaded(self, request: MetricRequest) -> tuple[ImageEmbedder, TextImageEmbedder]:
@@ -175,7 +180,7 @@ class MetricCurves:
         self, request: MetricRequest, dino: ImageEmbedder, clip: TextImageEmbedder
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """DINO and CLIP embeddings of the subject's photos, computed once per photos and models."""
-        key = (request.dino_model, request.clip_model, request.photos_key)
+        key = self._key(request)
         if key not in self._photos:
             photos = request.load_photos()
             self._photos[key] = (dino.embed_images(photos), clip.embed_images(photos))
