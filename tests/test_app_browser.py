@@ -134,7 +134,7 @@ def test_photos_in_a_subject_trained_watched_sampled_generated_and_pushed(server
         page.locator("#progress").get_by_text(f"finished, step {STEPS}/{STEPS}").wait_for(timeout=400_000)
         assert "Saved the trained subject" in page.locator("#log textarea").input_value()
         for plot in ("#binding", "#metrics"):  # binding and drift; DINO, CLIP-I, CLIP-T and PRES (the toy checker's)
-            page.locator(plot).locator("canvas, svg").first.wait_for(timeout=60_000)
+            page.locator(plot).locator("svg.marks").first.wait_for(timeout=60_000)  # vega drew data
         screenshot(page, tmp_path, "app-training", "#start")
 
         page.get_by_role("tab", name="Result").click()
@@ -198,6 +198,7 @@ def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(server, tmp_path):
         page.locator("#message").get_by_text("Resumed stop-resume from its latest checkpoint").wait_for(timeout=30_000)
         page.locator("#progress").get_by_text(f"finished, step {steps}/{steps}").wait_for(timeout=400_000)
         log = page.locator("#log textarea").input_value()
+        assert page.locator("#metrics svg.marks").count() == 0  # no `--evaluate`: no DINO/CLIP curves
         browser.close()
     assert "Saved the trained subject" in log
     assert (work / "runs" / "stop-resume" / "output" / "dreambooth.json").is_file()
