@@ -31,7 +31,11 @@ class IdleModules:
         reload: Callable[[str, torch.dtype], torch.nn.Module],
     ) -> None:
         self.pipeline, self.device, self.reload = pipeline, device, reload
-        self.offloaded = offloaded if device.type == "cuda" else []
+        # A released component is not offloaded as well: moved to the CPU first and held in this list, it would stay
+        # in memory after its release, and come back to the device beside its reloaded copy.
+        released_modules = [getattr(pipeline, name) for name in released]
+        kept = [module for module in offloaded if not any(module is other for other in released_modules)]
+        self.offloaded = kept if device.type == "cuda" else []
         self.released = {name: getattr(pipeline, name).dtype for name in released}
         self.away = False
 

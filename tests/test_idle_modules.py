@@ -60,3 +60,24 @@ def test_released_text_encoders_leave_memory_for_training_and_come_back_unchange
         assert all(not p.requires_grad for p in encoder.parameters())
         for key, value in getattr(kept, name).state_dict().items():
             torch.testing.assert_close(encoder.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_released_encoder_is_not_also_offloaded_so_nothing_keeps_it_alive(pipeline_dirs):
+    """On a GPU the idle modules go to the CPU; a released one must not, or the list would hold it after its release
+    (and bring it back beside its reloaded copy)."""
+    import gc
+    import weakref
+
+    from diffusers import DiffusionPipeline
+
+    from diffusers_dreambooth.idle_modules import IdleModules
+
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd3"])
+    encoders = [getattr(pipeline, name) for name in TEXT_ENCODERS]
+    released = weakref.ref(pipeline.text_encoder_3)
+    idle = IdleModules(pipeline, torch.device("cuda"), [pipeline.vae, *encoders], ["text_encoder_3"], reload=None)
+    assert [id(module) for module in idle.offloaded] == [id(pipeline.vae), id(encoders[0]), id(encoders[1])]
+    idle.set_aside()  # on this CPU machine, moving to "cpu" is a no-op; the release is real
+    del encoders
+    gc.collect()
+    assert pipeline.text_encoder_3 is None and released() is None
