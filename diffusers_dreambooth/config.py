@@ -56,8 +56,6 @@ AUTO_BUCKETS = "auto"
 #: Options of diffusers' DreamBooth scripts that this trainer parses but cannot honour yet, with why and what to do
 #: instead. Setting one to anything but its default stops the run before any model loads.
 UNSUPPORTED_OPTIONS = {
-    "fsdp_text_encoder": "FSDP for the text encoder is not implemented; remove the flag: frozen text encoders run once"
-    " before training and then leave the GPU",
     "enable_npu_flash_attention": "Ascend NPUs are not supported; remove the flag (PyTorch SDPA attention is used)",
 }
 
@@ -482,7 +480,11 @@ class DreamBoothConfig:
     remote_text_encoder_url: str = _option(
         DEFAULT_REMOTE_TEXT_ENCODER_URL, "Endpoint of `--remote_text_encoder` (diffusers' FLUX.2 script's)."
     )
-    fsdp_text_encoder: bool = _option(False, "Shard the text encoder with FSDP; not supported.")
+    fsdp_text_encoder: bool = _option(
+        False,
+        "FLUX.2, FLUX.2 [klein], Z-Image, Ideogram 4: shard the frozen LLM text encoder over the processes with FSDP"
+        " while prompts are encoded (`text_encoder_sharding`).",
+    )
     enable_npu_flash_attention: bool = _option(False, "Flash attention on Ascend NPUs; not supported.")
     enable_vae_tiling: bool = _option(
         False, "Sana: tile the DC-AE for validation and card samples, as diffusers' Sana script does."

@@ -28,6 +28,7 @@ from .quantization import check_quantization_file
 from .remote_text_encoder import remote_text_encoder_for
 from .safeguards import DreamBoothInputError
 from .subject import Subject, prompt_words
+from .text_encoder_sharding import check_text_encoder_sharding
 from .validation import sampling_scheduler
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
         remote_text_encoder_for(config)  # a full fine-tune, or no token, fails before FLUX.2 loads
     if config.validation_model_path is not None:
         check_validation_model(config, pipeline_given)
+    check_text_encoder_sharding(config, pipeline_given)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(

@@ -65,6 +65,7 @@ from .safeguards import (
     stop_requests,
 )
 from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
+from .text_encoder_sharding import shard_text_encoders
 from .validation import run_validation
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class DreamBoothTrainer:
         self.family.sample_as_trained()
         self._load_images()
         self._set_up_trainable_modules()
+        shard_text_encoders(config, self.family, accelerator)  # `--fsdp_text_encoder`: dropped after the caches
         self._build_caches()
         self._set_aside_idle_modules(loaded_base)
         free_memory()  # the caching's activations

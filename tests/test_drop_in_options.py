@@ -222,7 +222,6 @@ README_COMMANDS = {
 
 #: A value for each option `UNSUPPORTED_OPTIONS` refuses, as diffusers' READMEs and scripts pass it.
 REFUSED = {
-    "fsdp_text_encoder": [],
     "enable_npu_flash_attention": [],
 }
 

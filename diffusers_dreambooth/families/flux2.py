@@ -231,7 +231,7 @@ class Flux2Family(LLMPromptFamily):
 
 class Flux2DevFamily(Flux2Family):
     name = "flux2"
-    family_options = ("text_encoder_out_layers", "remote_text_encoder")
+    family_options = ("text_encoder_out_layers", "remote_text_encoder", "fsdp_text_encoder")
     hub_tags = ("flux2", "flux2-diffusers")
     pipeline_class_names = ("Flux2Pipeline",)
     option_defaults = flux2_option_defaults([10, 20, 30])
@@ -254,7 +254,7 @@ class Flux2DevFamily(Flux2Family):
 
 class Flux2KleinFamily(Flux2Family):
     name = "flux2-klein"
-    family_options = ("text_encoder_out_layers", "caption_dropout")
+    family_options = ("text_encoder_out_layers", "caption_dropout", "fsdp_text_encoder")
     hub_tags = ("flux2-klein", "flux2-klein-diffusers")
     pipeline_class_names = ("Flux2KleinPipeline",)
     drops_captions = True

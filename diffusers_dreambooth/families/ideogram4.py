@@ -60,7 +60,7 @@ class Ideogram4Family(LLMPromptFamily):
     name = "ideogram4"
     # `--disable_training_autocast` (the README's commands): the trainer's Accelerator then autocasts nothing, so the
     # transformer trains in its own dtype on inputs already cast to it, as the pipeline samples (and validates) it.
-    family_options = ("disable_training_autocast", "upsample_prompt")
+    family_options = ("disable_training_autocast", "upsample_prompt", "fsdp_text_encoder")
     hub_tags = ("ideogram4", "ideogram4-diffusers")
     pipeline_class_names = ("Ideogram4Pipeline",)
     denoiser_name = "transformer"

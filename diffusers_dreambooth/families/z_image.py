@@ -29,6 +29,7 @@ class ZImageFamily(LLMPromptFamily):
     name = "z-image"
     hub_tags = ("z-image",)  # diffusers' script's card tags
     pipeline_class_names = ("ZImagePipeline",)
+    family_options = ("fsdp_text_encoder",)
     denoiser_name = "transformer"
     # diffusers' script's `--lora_layers` default.
     denoiser_lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
