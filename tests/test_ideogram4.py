@@ -330,6 +330,50 @@ def test_upsample_prompt_trains_on_the_enhancers_captions(
     assert not any("prompt_enhancer" in path.name for path in (tmp_path / "out").rglob("*"))
 
 
+def test_upsample_prompt_rewrites_the_validation_prompt_at_validation(
+    pipeline_dirs, pipeline, instance_dir, tmp_path, monkeypatch
+):
+    """At each validation the pipeline itself rewrites the validation prompt (`prompt_upsampling=True`, from the
+    validation generator), with the head beside the encoder that validation loaded again, and draws the image."""
+    from diffusers import Ideogram4Pipeline
+
+    head_folder = tiny_prompt_enhancer_head(pipeline, tmp_path / "head")
+    monkeypatch.setattr(Ideogram4Family, "upsample_max_new_tokens", UPSAMPLE_TOKENS)
+    rewritten, original = [], Ideogram4Pipeline.upsample_prompt
+
+    def recording_upsample_prompt(self, prompt, **options):
+        # The pipeline asks for up to `max_sequence_length` new tokens at validation; a real head stops at its end of
+        # caption long before, the random tiny one never does, so its captions are cut as training's are.
+        captions = original(self, prompt, **{**options, "max_new_tokens": UPSAMPLE_TOKENS})
+        head = self.prompt_enhancer_head
+        on_encoder = next(head.parameters()).device == self.text_encoder.device
+        rewritten.append((prompt, options.get("generator") is not None, on_encoder, captions))
+        return captions
+
+    monkeypatch.setattr(Ideogram4Pipeline, "upsample_prompt", recording_upsample_prompt)
+    validation_prompt = "a photo of sks dog on the moon"
+    config = tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        upsample_prompt=True,
+        prompt_enhancer_head_id=head_folder,
+        max_sequence_length=SEQUENCE,
+        validation_prompt=validation_prompt,
+        validation_steps=2,
+        num_validation_images=1,
+        skip_final_inference=True,
+    )
+    trainer = DreamBoothTrainer(config)
+    trainer.train()
+    at_validation = [call for call in rewritten if validation_prompt in call[0]]
+    assert [call[:3] for call in at_validation] == [([validation_prompt], True, True)]
+    assert at_validation[0][3][0] != validation_prompt  # a caption, not the prompt
+    assert validation_prompt not in trainer.family.captions  # training captions are the instance prompt's alone
+    assert (tmp_path / "out" / "validation" / "step-2" / "0.png").is_file()
+
+
 def test_upsample_prompt_with_a_missing_head_stops_in_one_line(pipeline_dirs, instance_dir, tmp_path):
     missing = tmp_path / "no-head"
     config = tiny_config(
