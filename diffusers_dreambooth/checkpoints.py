@@ -16,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
 from .safeguards import DreamBoothInputError
 
 logger = logging.getLogger(__name__)
@@ -138,3 +140,17 @@ def read_trainer_state(checkpoint: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     return {"global_step": checkpoint_step(checkpoint)}
+
+
+def run_seed(seed: int | None, resume_dir: Path | None) -> int:
+    """The configured `seed`, else the resumed run's, else a random one shared by all processes."""
+    if seed is not None:
+        return seed
+    if resume_dir is not None:
+        saved = read_trainer_state(resume_dir).get("seed")
+        if saved is not None:
+            return saved
+    seeds = [int.from_bytes(os.urandom(4), "little")]
+    broadcast_object_list(seeds)
+    logger.info("No `--seed` given; using seed %d (pass it to reproduce this run).", seeds[0])
+    return seeds[0]

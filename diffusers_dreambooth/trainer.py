@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, ProjectConfiguration, broadcast_object_list
+from accelerate.utils import AutocastKwargs, ProjectConfiguration
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.optimization import get_scheduler
@@ -116,7 +116,7 @@ class DreamBoothTrainer:
         check_before_loading(config, pipeline_given=self.pipeline is not None)  # bad paths fail before any loading
         self.accelerator = accelerator = self._make_accelerator()
         resume_dir = checkpoints.resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        self.seed = self._resolve_seed(resume_dir)
+        self.seed = checkpoints.run_seed(config.seed, resume_dir)
         loaded_base = self.pipeline is None
         if loaded_base:
             self.pipeline = load_base_pipeline(config)
@@ -287,19 +287,6 @@ class DreamBoothTrainer:
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         return accelerator
-
-    def _resolve_seed(self, resume_dir: Path | None) -> int:
-        """The configured seed, else the resumed run's, else a random one shared by all processes."""
-        if self.config.seed is not None:
-            return self.config.seed
-        if resume_dir is not None:
-            seed = checkpoints.read_trainer_state(resume_dir).get("seed")
-            if seed is not None:
-                return seed
-        seeds = [int.from_bytes(os.urandom(4), "little")]
-        broadcast_object_list(seeds)
-        logger.info("No `--seed` given; using seed %d (pass it to reproduce this run).", seeds[0])
-        return seeds[0]
 
     def _check_resolution(self) -> None:
         check_resolution(self.config.resolution, self.family.resolution_multiple)

@@ -213,3 +213,16 @@ def test_final_staging_dir_clears_a_leftover_from_a_crash(tmp_path):
     leftover = final_staging_dir(tmp_path)
     (leftover / "model_index.json").write_text("half")
     assert list(final_staging_dir(tmp_path).iterdir()) == []
+
+
+def test_the_run_seed_is_the_configured_one_else_the_resumed_runs_else_a_fresh_one(tmp_path, caplog):
+    from diffusers_dreambooth.checkpoints import run_seed
+
+    temporary = temporary_checkpoint_dir(tmp_path, 2)
+    temporary.mkdir()
+    checkpoint = publish_checkpoint(temporary, 2, {"global_step": 2, "seed": 7})
+    assert run_seed(5, checkpoint) == 5
+    assert run_seed(None, checkpoint) == 7
+    with caplog.at_level("INFO", logger="diffusers_dreambooth.checkpoints"):
+        fresh = run_seed(None, None)
+    assert 0 <= fresh < 2**32 and f"using seed {fresh}" in caplog.text
