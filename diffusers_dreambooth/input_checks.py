@@ -23,6 +23,7 @@ from .data import check_image_folder
 from .families import FAMILIES, DreamBoothFamily, family_class_named
 from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
 from .model_card import is_hub_id
+from .optimization import check_optimizer_installed
 from .pipeline_loading import check_pipeline_source
 from .quantization import check_quantization_file
 from .remote_text_encoder import remote_text_encoder_for
@@ -54,6 +55,7 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
     if config.validation_model_path is not None:
         check_validation_model(config, pipeline_given)
     check_text_encoder_sharding(config, pipeline_given)
+    check_optimizer_installed(config)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import sys
 
 import torch
 from accelerate.utils.memory import clear_device_cache
 
 from .config import DreamBoothConfig
+from .safeguards import DreamBoothInputError
 
 
 def release_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -47,16 +49,24 @@ def _malloc_trim():
         return None
 
 
+def check_optimizer_installed(config: DreamBoothConfig) -> None:
+    """Raise `DreamBoothInputError` before any model loads when the optimizer's package is missing."""
+    if config.optimizer.lower() == "prodigy":
+        option, package = "--optimizer prodigy", "prodigyopt"
+    elif config.use_8bit_adam:
+        option, package = "--use_8bit_adam", "bitsandbytes"
+    else:
+        return
+    if importlib.util.find_spec(package) is None:
+        raise DreamBoothInputError(f"`{option}` needs {package}: `pip install {package}`, or remove the option.")
+
+
 def make_optimizer(config: DreamBoothConfig, param_groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
     """The run's optimizer over `param_groups`: `--optimizer prodigy`, `--use_8bit_adam` (bitsandbytes), else AdamW."""
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer.lower() == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as error:
-            raise ImportError(
-                "`--optimizer prodigy` needs the prodigy optimizer: `pip install prodigyopt`."
-            ) from error
+        from prodigyopt import Prodigy  # installed: `check_optimizer_installed`
+
         return Prodigy(
             param_groups,
             lr=learning_rate,
@@ -68,10 +78,8 @@ def make_optimizer(config: DreamBoothConfig, param_groups: list[dict], learning_
             safeguard_warmup=config.prodigy_safeguard_warmup,
         )
     if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes`.") from error
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(param_groups, lr=learning_rate, betas=betas, eps=config.adam_epsilon)
     # The fused kernel does the whole update in one pass (4.5x faster than the default loop on CPU for the toy UNet).
     devices = {p.device.type for group in param_groups for p in group["params"]}

@@ -385,3 +385,24 @@ def test_another_familys_option_is_refused_not_ignored(pipeline_dirs, instance_d
     with pytest.raises(DreamBoothInputError, match=f"{re.escape(message)}, not of stable-diffusion"):
         DreamBoothTrainer(config).train()
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "package", "option"),
+    [
+        ({"optimizer": "prodigy"}, "prodigyopt", "--optimizer prodigy"),
+        ({"use_8bit_adam": True}, "bitsandbytes", "--use_8bit_adam"),
+    ],
+)
+def test_a_missing_optimizer_package_stops_in_one_line_before_loading(
+    options, package, option, monkeypatch, instance_dir, tmp_path
+):
+    """README_flux.md's `--optimizer=prodigy` without prodigyopt, say: one line naming the option and the install,
+    before any model loads (here there is none)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)  # what `import` meets where it is not installed
+    config = tiny_config(tmp_path / "no-model", instance_dir, tmp_path / "out", **options)
+    with pytest.raises(DreamBoothInputError) as raised:
+        DreamBoothTrainer(config).train()
+    assert str(raised.value) == f"`{option}` needs {package}: `pip install {package}`, or remove the option."
