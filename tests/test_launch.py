@@ -13,6 +13,7 @@ from diffusers import DiffusionPipeline
 from hub_server import LocalHub
 from PIL import Image
 from safetensors.torch import load_file
+from test_drop_in_options import README_COMMANDS, tiny_readme_command
 
 from diffusers_dreambooth.quiet_imports import IMPORT_NOISE
 
@@ -156,3 +157,27 @@ def test_only_the_main_process_writes_checkpoints_cards_and_uploads(pipeline_dir
     assert commits == 1
     # ... and none from the other process.
     assert [line for line in other if str(output_dir) in line or hub_address in line] == []
+
+
+#: The families whose README commands `test_text_encoder_sharding.py` already trains on two processes, and HiDream,
+#: whose README trains on a Hub dataset (its two-process run is `test_hidream.py`'s concern).
+ELSEWHERE = ("flux2", "flux2_klein", "z_image", "ideogram4", "hidream")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [name for name in README_COMMANDS if name not in ELSEWHERE])
+def test_each_familys_readme_command_trains_on_two_processes(family, pipeline_dirs, tmp_path):
+    """#17's "several processes" for every family: its README command, on its tiny model, trains 2 steps over two
+    CPU processes (gloo) and saves a LoRA that loads in plain diffusers, with the keys of the one-process run."""
+    runs = {}
+    for launcher, folder in ((SINGLE, "one"), (DOUBLE, "two")):
+        flags = tiny_readme_command(family, pipeline_dirs[family], tmp_path / folder)
+        # Without the README's Hub VAE (SDXL's) and buckets past the tiny transformers' positions (Z-Image's).
+        flags = [f for f in flags if not f.startswith(("--aspect_ratio_buckets=", "--pretrained_vae_model_name"))]
+        launch(launcher, flags, env={"ACCELERATE_USE_CPU": "1"} if launcher is DOUBLE else None)
+        runs[folder] = tmp_path / folder / f"trained-{family}-lora"
+    one, two = (load_file(runs[name] / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert any(name.endswith("lora_B.weight") and value.abs().sum() > 0 for name, value in two.items())  # it trained
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dirs[family])
+    pipe.load_lora_weights(runs["two"])
