@@ -154,6 +154,7 @@ def test_path_options_are_checked_and_hub_ids_pass(tmp_path):
         ({"dataset_name": "../data"}, "`dataset_name`"),
         ({"logging_dir": "../logs"}, "`logging_dir`"),
         ({"resume_from_checkpoint": "/tmp/checkpoint-5"}, "`resume_from_checkpoint`"),
+        ({"allow_pickle": True}, "`allow_pickle`: the app loads safetensors weights only"),
     ]:
         with pytest.raises(AppInputError, match=option):
             check_path_options(options, work)

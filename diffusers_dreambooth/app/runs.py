@@ -98,7 +98,7 @@ def inside(root: Path, path: str | Path, what: str, also_readable: tuple[Path, .
 
 def check_path_options(options: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     """`options` with every path option resolved inside `work_dir` (a Hub id is left as it is where one can be read);
-    raises `AppInputError` naming the option otherwise."""
+    raises `AppInputError` naming the option otherwise, and for `allow_pickle`, which no browser may turn on."""
     checked = dict(options)
     for name in PATH_OPTIONS:
         value = options.get(name)
@@ -113,6 +113,11 @@ def check_path_options(options: dict[str, Any], work_dir: Path) -> dict[str, Any
         safe_name(options["logging_dir"], "`logging_dir`")
     if options.get("resume_from_checkpoint") not in (None, "latest"):
         raise AppInputError("`resume_from_checkpoint` is `latest` here: Resume continues a run from its latest one.")
+    if options.get("allow_pickle"):  # a pickle runs code on load: a server loads safetensors only
+        raise AppInputError(
+            "`allow_pickle`: the app loads safetensors weights only (a pickle can run code on the server). Convert the"
+            " model's weights to safetensors, or train it with `examples/train.py`."
+        )
     return checked
 
 
