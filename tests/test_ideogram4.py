@@ -284,6 +284,20 @@ def tiny_prompt_enhancer_head(pipeline, folder) -> str:
     return str(folder)
 
 
+def upsampling_config(pipeline_dirs, instance_dir, tmp_path, head_folder: str, **options) -> DreamBoothConfig:
+    """A LoRA run on the tiny Ideogram 4 with `--upsample_prompt` and the tiny head in `head_folder`, into `out`."""
+    return tiny_config(
+        pipeline_dirs["ideogram4"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        upsample_prompt=True,
+        prompt_enhancer_head_id=head_folder,
+        max_sequence_length=SEQUENCE,
+        **options,
+    )
+
+
 def test_upsample_prompt_trains_on_the_enhancers_captions(
     pipeline_dirs, pipeline, instance_dir, tmp_path, monkeypatch
 ):
@@ -292,14 +306,11 @@ def test_upsample_prompt_trains_on_the_enhancers_captions(
     saved run."""
     head_folder = tiny_prompt_enhancer_head(pipeline, tmp_path / "head")
     monkeypatch.setattr(Ideogram4Family, "upsample_max_new_tokens", UPSAMPLE_TOKENS)
-    config = tiny_config(
-        pipeline_dirs["ideogram4"],
+    config = upsampling_config(
+        pipeline_dirs,
         instance_dir,
-        tmp_path / "out",
-        adapter="lora",
-        upsample_prompt=True,
-        prompt_enhancer_head_id=head_folder,
-        max_sequence_length=SEQUENCE,
+        tmp_path,
+        head_folder,
         num_validation_images=0,
         skip_final_inference=True,
     )
@@ -352,14 +363,11 @@ def test_upsample_prompt_rewrites_the_validation_prompt_at_validation(
 
     monkeypatch.setattr(Ideogram4Pipeline, "upsample_prompt", recording_upsample_prompt)
     validation_prompt = "a photo of sks dog on the moon"
-    config = tiny_config(
-        pipeline_dirs["ideogram4"],
+    config = upsampling_config(
+        pipeline_dirs,
         instance_dir,
-        tmp_path / "out",
-        adapter="lora",
-        upsample_prompt=True,
-        prompt_enhancer_head_id=head_folder,
-        max_sequence_length=SEQUENCE,
+        tmp_path,
+        head_folder,
         validation_prompt=validation_prompt,
         validation_steps=2,
         num_validation_images=1,

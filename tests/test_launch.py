@@ -152,7 +152,9 @@ def test_only_the_main_process_writes_checkpoints_cards_and_uploads(pipeline_dir
     for name in ("checkpoint-1", "checkpoint-3"):
         assert f"rename {output_dir / f'.{name}.partial'} -> {output_dir / name}" in main
     assert f"write {output_dir / 'README.md'}" in main
-    assert f"write {output_dir / 'validation' / 'step-1' / '0.png'}" in main
+    validation = output_dir / "validation" / "step-1"  # each image written aside, then renamed into place
+    assert f"write {validation / '.0.png.partial'}" in main
+    assert f"rename {validation / '.0.png.partial'} -> {validation / '0.png'}" in main
     assert f"connect {hub_address}" in main
     assert commits == 1
     # ... and none from the other process.
