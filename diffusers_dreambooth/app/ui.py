@@ -69,6 +69,13 @@ def detected_family(base_model: str, work_dir: Path) -> str:
     return f"Family: {family.__name__ if family else 'not supported'} ({name})"
 
 
+def not_started(error: Exception) -> tuple[str, Any]:
+    """Why Start or Resume did nothing, in the status line and a toast, the token field emptied. Not `gr.Error`, whose
+    red badge would stay on the status and token field until they next change (a second Start while busy, say)."""
+    gr.Warning(str(error), duration=10)
+    return f"Not started: {error}", gr.update(value="")
+
+
 class App:
     """The page's handlers, on one work folder."""
 
@@ -105,7 +112,7 @@ class App:
             options.update(instance_data_dir=str(folder / "photos"), class_data_dir=str(folder / "class_images"))
             self.runs.start(name, options, token=token or None)
         except (AppInputError, ValueError) as error:
-            raise gr.Error(str(error), print_exception=False, duration=10) from None
+            return not_started(error)
         return f"Started `{name}`.", gr.update(value="")  # the token field is emptied, never shown back
 
     def resume(self, name: str, token: str):
@@ -115,7 +122,7 @@ class App:
                 raise AppInputError(f"Run `{name}` has not started yet; press Start.")
             self.runs.start(name, options, token=token or None, resume=True)
         except (AppInputError, ValueError) as error:
-            raise gr.Error(str(error), print_exception=False, duration=10) from None
+            return not_started(error)
         return f"Resumed `{name}` from its latest checkpoint.", gr.update(value="")
 
     def stop(self) -> str:
