@@ -36,16 +36,17 @@ def check_text_encoder_sharding(config: DreamBoothConfig, pipeline_given: bool) 
     """Refuse, before any model loads, what `--fsdp_text_encoder` cannot shard or cannot load again afterwards."""
     if not config.fsdp_text_encoder:
         return
-    conflicts = {
-        "pipeline_given": "it shards the encoder of a base the trainer loads itself, which it can load again whole"
-        " for sampling; train from `--pretrained_model_name_or_path` instead of a pipeline object",
-        "quantize_text_encoders": "FSDP shards float weights, not bitsandbytes' quantized ones; remove one of the two",
-        "remote_text_encoder": "the endpoint encodes the prompts, no text encoder loads; remove one of the two",
-    }
-    for name, why in conflicts.items():
-        if pipeline_given if name == "pipeline_given" else getattr(config, name):
-            option = "a pipeline passed to the trainer" if name == "pipeline_given" else f"`--{name}`"
-            raise DreamBoothInputError(f"`--fsdp_text_encoder` with {option}: {why}.")
+    if pipeline_given:
+        why = "a pipeline passed to the trainer: it shards the encoder of a base the trainer loads itself, which it"
+        why += " can load again whole for sampling; train from `--pretrained_model_name_or_path` instead"
+    elif config.quantize_text_encoders:
+        why = "`--quantize_text_encoders`: FSDP shards float weights, not bitsandbytes' quantized ones;"
+        why += " remove one of the two"
+    elif config.remote_text_encoder:
+        why = "`--remote_text_encoder`: the endpoint encodes the prompts, no text encoder loads; remove one of the two"
+    else:
+        return
+    raise DreamBoothInputError(f"`--fsdp_text_encoder` with {why}.")
 
 
 def shard_text_encoders(config: DreamBoothConfig, family: DreamBoothFamily, accelerator: Accelerator) -> None:
