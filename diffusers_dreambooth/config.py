@@ -164,8 +164,8 @@ class DreamBoothConfig:
     )
     allow_pickle: bool = _option(
         False,
-        "Also load base-model weights stored as pickle (`.bin`/`.ckpt`), which can run code when loaded; only for"
-        " files you trust. Default: safetensors only.",
+        "Also load base-model and evaluation-model weights stored as pickle (`.bin`/`.ckpt`), which can run code"
+        " when loaded; only for files you trust. Default: safetensors only.",
     )
     adapter: Literal["full", "lora"] = _option(
         "full", "What is trained: `full` fine-tunes the denoiser's weights, `lora` trains PEFT LoRA adapters."

@@ -163,10 +163,26 @@ class _PretrainedEmbedder:
         name_or_path: str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        allow_pickle: bool = False,
     ) -> _Embedder:
-        """Load the model and its processor from a repo id or folder (default: the paper's model)."""
+        """Load the model and its processor from a repo id or folder (default: the paper's model).
+
+        Weights load from safetensors only unless `allow_pickle`: a Hub repo holding only `pytorch_model.bin` is
+        read from the safetensors conversion the Hub's bot made of it, as transformers does with
+        `use_safetensors=True`; a folder holding only pickles is refused in one line.
+        """
         name_or_path = name_or_path or cls.default_model
-        model = cls.model_class.from_pretrained(name_or_path, **_load_kwargs(torch_dtype))
+        try:
+            model = cls.model_class.from_pretrained(
+                name_or_path, use_safetensors=None if allow_pickle else True, **_load_kwargs(torch_dtype)
+            )
+        except OSError as error:
+            if allow_pickle or "safetensors" not in str(error):
+                raise
+            raise OSError(
+                f"The evaluation model `{name_or_path}` has no safetensors weights, only pickle files (`.bin`), which"
+                " can run code when loaded: convert it to safetensors, or pass `--allow_pickle` if you trust it."
+            ) from None
         if device is not None:
             model = model.to(device)
         return cls(model, cls.processor_class.from_pretrained(name_or_path))
@@ -261,17 +277,20 @@ def load_evaluation_models(
     clip_model: str = DEFAULT_CLIP_MODEL,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[ImageEmbedder, TextImageEmbedder]:
-    """The DINO and CLIP embedders of `evaluate_subject`, from transformers repo ids or folders.
+    """The DINO and CLIP embedders of `evaluate_subject`, from transformers repo ids or folders (safetensors weights
+    only unless `allow_pickle`).
 
     A folder holding the toy world's checker (`diffusers_dreambooth.toy.ToyChecker`) stands in for either: its
     features as DINO, its (shape, colour, background) judgements as CLIP.
     """
+    load = {"torch_dtype": torch_dtype, "device": device, "allow_pickle": allow_pickle}
     toy_dino = _toy_checker(dino_model)
     toy_clip = toy_dino if clip_model == dino_model else _toy_checker(clip_model)
-    dino = toy_dino or DinoEmbedder.from_pretrained(dino_model, torch_dtype=torch_dtype, device=device)
+    dino = toy_dino or DinoEmbedder.from_pretrained(dino_model, **load)
     clip = ToyAttributeEmbedder(toy_clip) if toy_clip is not None else None
-    return dino, clip or ClipEmbedder.from_pretrained(clip_model, torch_dtype=torch_dtype, device=device)
+    return dino, clip or ClipEmbedder.from_pretrained(clip_model, **load)
 
 
 def describe_evaluation_model(name_or_path: str) -> str:
@@ -283,7 +302,7 @@ def describe_evaluation_model(name_or_path: str) -> str:
 
 def _toy_checker(name_or_path: str) -> ToyChecker | None:
     """The `ToyChecker` saved in folder `name_or_path`, or None when it holds something else (or is a repo id)."""
-    return ToyChecker.from_pretrained(name_or_path).eval() if is_toy_checker(name_or_path) else None
+    return ToyChecker.from_pretrained(name_or_path, use_safetensors=True).eval() if is_toy_checker(name_or_path) else None
 
 
 def is_toy_checker(name_or_path: str) -> bool:

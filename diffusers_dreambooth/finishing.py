@@ -143,7 +143,9 @@ def write_evaluation(job: FinishingJob) -> None:
     """The paper's metrics of the trained subject (`diffusers_dreambooth.evaluation`), into `dreambooth.json` and so
     onto the card; with several subjects, each subject's, named `<identifier class>: <metric>`."""
     config, metadata = job.config, job.metadata
-    dino, clip = load_evaluation_models(config.evaluation_dino_model, config.evaluation_clip_model)
+    dino, clip = load_evaluation_models(
+        config.evaluation_dino_model, config.evaluation_clip_model, allow_pickle=config.allow_pickle
+    )
 
     def generate(batch: list[str], seed: int) -> list[Image.Image]:
         with job.autocast():

@@ -56,6 +56,8 @@ def check_before_loading(config: DreamBoothConfig, pipeline_given: bool = False)
         check_validation_model(config, pipeline_given)
     check_text_encoder_sharding(config, pipeline_given)
     check_optimizer_installed(config)
+    if config.evaluate:
+        check_evaluation_models(config)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise DreamBoothInputError(
@@ -119,6 +121,24 @@ def _folder_resolution_multiple(folder: Path) -> int | None:
         return family.resolution_multiple_of(configs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_evaluation_models(config: DreamBoothConfig) -> None:
+    """Raise unless each `--evaluate` model is a Hub id or a folder holding safetensors weights (or
+    `--allow_pickle`), so a wrong one fails before training instead of after it."""
+    for option in ("evaluation_dino_model", "evaluation_clip_model"):
+        name_or_path = getattr(config, option)
+        folder = Path(name_or_path)
+        if not folder.exists() and not is_hub_id(name_or_path):
+            raise DreamBoothInputError(
+                f"`--{option}={name_or_path}` is neither a folder nor a Hub repo id (`org/name`). Pass a transformers"
+                " model folder or repo id, or the toy world's checker folder."
+            )
+        if folder.is_dir() and not config.allow_pickle and not any(folder.glob("*.safetensors")):
+            raise DreamBoothInputError(
+                f"`--{option}={name_or_path}` holds no safetensors weights; pickle files (`.bin`) can run code when"
+                " loaded: convert them to safetensors, or pass `--allow_pickle` if you trust them."
+            )
 
 
 def check_validation_model(config: DreamBoothConfig, pipeline_given: bool = False) -> None:

@@ -1,10 +1,13 @@
 """The paper's metrics on tiny random DINO (ViT) and CLIP models saved offline, and images of the toy world."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_evaluation_models, tiny_config
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusers_dreambooth import DreamBoothConfig, DreamBoothTrainer
 from diffusers_dreambooth.evaluation import (
@@ -163,6 +166,25 @@ def test_load_evaluation_models_from_folders(model_dirs):
     )
     assert isinstance(dino, DinoEmbedder) and isinstance(clip, ClipEmbedder)
     assert dino.model.dtype == torch.float32 and clip.model.device.type == "cpu"
+
+
+def pickled_copy(folder: str, destination) -> str:
+    """A copy of a saved transformers model folder with its weights only in a pickle `pytorch_model.bin`."""
+    shutil.copytree(folder, destination)
+    torch.save(load_file(destination / "model.safetensors"), destination / "pytorch_model.bin")
+    (destination / "model.safetensors").unlink()
+    return str(destination)
+
+
+def test_evaluation_models_load_safetensors_only_unless_pickles_are_allowed(model_dirs, tmp_path):
+    dino_dir = pickled_copy(model_dirs["dino"], tmp_path / "dino")
+    with pytest.raises(OSError, match=r"^The evaluation model `.*dino` has no safetensors weights.*--allow_pickle") as e:
+        load_evaluation_models(dino_dir, model_dirs["clip"])
+    assert "\n" not in str(e.value)
+    dino, _ = load_evaluation_models(dino_dir, model_dirs["clip"], allow_pickle=True)
+    reference = DinoEmbedder.from_pretrained(model_dirs["dino"])
+    image = subject_photos(1)
+    assert torch.equal(dino.embed_images(image), reference.embed_images(image))
 
 
 def test_subject_fidelity_prefers_the_subject(dino, clip):

@@ -342,6 +342,26 @@ def test_pickle_weights_are_refused_unless_allowed(pickled_pipeline_dir, instanc
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("option", "make", "message"),
+    [
+        ("evaluation_dino_model", lambda d: d, r"`--evaluation_dino_model=.*` holds no safetensors weights"),
+        ("evaluation_clip_model", lambda d: d / "missing", r"`--evaluation_clip_model=.*` is neither a folder nor"),
+    ],
+)
+def test_evaluation_models_are_checked_before_loading(option, make, message, pipeline_dirs, instance_dir, tmp_path):
+    folder = tmp_path / "evaluation_model"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle")
+    options = {"evaluate": True, "class_prompt": "a photo of dog", option: str(make(folder))}
+    config = tiny_config(pipeline_dirs["sd"], instance_dir, tmp_path / "out", max_train_steps=1, **options)
+    with pytest.raises(DreamBoothInputError, match=message):
+        check_before_loading(config)
+    if option == "evaluation_dino_model":
+        config.allow_pickle = True
+        check_before_loading(config)
+
+
 def test_a_subject_with_pickle_weights_is_refused_unless_asked_for(pickled_pipeline_dir):
     subject = Subject("sks", "dog", "a photo of sks dog")
     metadata = SubjectMetadata([subject], "full", "stable-diffusion", "StableDiffusionPipeline")

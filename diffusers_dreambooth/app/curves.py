@@ -61,7 +61,7 @@ class CheckerCurves:
     def rows(self, checker_dir: str, subject_images: list[Path], class_images: list[Path]) -> list[dict[str, Any]]:
         """`{"step", "share", "curve"}` rows, `curve` being `binding` or `drift` (the latter with class images)."""
         if checker_dir not in self._checkers:
-            self._checkers[checker_dir] = ToyChecker.from_pretrained(checker_dir).eval()
+            self._checkers[checker_dir] = ToyChecker.from_pretrained(checker_dir, use_safetensors=True).eval()
         checker = self._checkers[checker_dir]
         rows = []
         for curve, paths in (("binding", subject_images), ("drift", class_images)):
