@@ -302,7 +302,9 @@ def describe_evaluation_model(name_or_path: str) -> str:
 
 def _toy_checker(name_or_path: str) -> ToyChecker | None:
     """The `ToyChecker` saved in folder `name_or_path`, or None when it holds something else (or is a repo id)."""
-    return ToyChecker.from_pretrained(name_or_path, use_safetensors=True).eval() if is_toy_checker(name_or_path) else None
+    return (
+        ToyChecker.from_pretrained(name_or_path, use_safetensors=True).eval() if is_toy_checker(name_or_path) else None
+    )
 
 
 def is_toy_checker(name_or_path: str) -> bool:

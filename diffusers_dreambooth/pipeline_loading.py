@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from .config import DreamBoothConfig
-from .quantization import pipeline_quantization_loading
+from .quantization import component_quantization_loading, pipeline_quantization_loading
 from .safeguards import DreamBoothInputError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_pipeline(
 
 def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.dtype) -> torch.nn.Module:
     """The base pipeline's component `name` loaded again, alone, as `load_base_pipeline` loaded it (its class as
-    `model_index.json` names it), in `torch_dtype`."""
+    `model_index.json` names it, quantized on a GPU as the run quantizes it), in `torch_dtype`."""
     if name in (separate := separate_component_sources(config)):
         return load_separate_component(config, name, separate[name], torch_dtype)
     source = config.pretrained_model_name_or_path
@@ -96,6 +96,7 @@ def load_base_component(config: DreamBoothConfig, name: str, torch_dtype: torch.
             variant=config.variant,
             torch_dtype=torch_dtype,
             use_safetensors=None if config.allow_pickle else True,
+            **component_quantization_loading(config, name, library),
             **options,
         )
 

@@ -203,13 +203,13 @@ def loads_quantized() -> bool:
     return torch.cuda.is_available()
 
 
-def pipeline_quantization_loading(config: DreamBoothConfig) -> dict[str, Any]:
-    """`DiffusionPipeline.from_pretrained`'s `quantization_config` argument for the run (empty without quantization
-    or without a GPU): diffusers' bitsandbytes config for the denoiser, transformers' for text encoders."""
+def _loading_quantization(config: DreamBoothConfig) -> tuple[dict[str, Any], list[str]] | None:
+    """(the `BitsAndBytesConfig` arguments with the compute dtype, the component names) of a run whose components
+    load quantized, or None: no quantization, no GPU, or a pipeline of no family the trainer knows."""
     kwargs = quantization_kwargs(config)
     if kwargs is None or not loads_quantized():
-        return {}
-    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+        return None
+    from diffusers import DiffusionPipeline
 
     from .families import family_class_named
 
@@ -217,15 +217,37 @@ def pipeline_quantization_loading(config: DreamBoothConfig) -> dict[str, Any]:
     index = DiffusionPipeline.load_config(config.pretrained_model_name_or_path, **options)
     family = family_class_named(index.get("_class_name"))
     if family is None:  # not a family the trainer knows: `family_for_pipeline` says so once it is loaded
-        return {}
-    backend = "bitsandbytes_4bit" if kwargs.get("load_in_4bit") else "bitsandbytes_8bit"
+        return None
     compute = {"bnb_4bit_compute_dtype": _weight_dtype(config)} if kwargs.get("load_in_4bit") else {}
-    quantization = PipelineQuantizationConfig(
-        quant_backend=backend,
-        quant_kwargs={**kwargs, **compute},
-        components_to_quantize=quantized_component_names(config, family),
-    )
+    return {**kwargs, **compute}, quantized_component_names(config, family)
+
+
+def pipeline_quantization_loading(config: DreamBoothConfig) -> dict[str, Any]:
+    """`DiffusionPipeline.from_pretrained`'s `quantization_config` argument for the run (empty without quantization
+    or without a GPU): diffusers' bitsandbytes config for the denoiser, transformers' for text encoders."""
+    loading = _loading_quantization(config)
+    if loading is None:
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    kwargs, names = loading
+    backend = "bitsandbytes_4bit" if kwargs.get("load_in_4bit") else "bitsandbytes_8bit"
+    quantization = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=names)
     return {"quantization_config": quantization}
+
+
+def component_quantization_loading(config: DreamBoothConfig, name: str, library: str) -> dict[str, Any]:
+    """`from_pretrained`'s `quantization_config` argument for the base component `name` (of `library`, `diffusers` or
+    `transformers`) loaded alone, as `pipeline_quantization_loading` quantizes it in the pipeline (empty where that
+    loads it unquantized)."""
+    loading = _loading_quantization(config)
+    if loading is None or name not in loading[1]:
+        return {}
+    if library == "transformers":
+        from transformers import BitsAndBytesConfig
+    else:
+        from diffusers import BitsAndBytesConfig
+    return {"quantization_config": BitsAndBytesConfig(**loading[0])}
 
 
 def _weight_dtype(config: DreamBoothConfig) -> torch.dtype:
@@ -240,18 +262,29 @@ def quantize_base(
     With `--do_fp8_training`, the denoiser's linear layers are converted to FP8 compute instead."""
     if config.do_fp8_training:
         convert_to_fp8_training(family.denoiser)
+    for name in quantized_component_names(config, type(family)) if quantization_kwargs(config) else ():
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            quantize_component(module, name, type(family), config, dtype)
+
+
+def quantize_component(
+    module: torch.nn.Module,
+    name: str,
+    family: type[DreamBoothFamily],
+    config: DreamBoothConfig,
+    dtype: torch.dtype | None,
+) -> None:
+    """Swap the linear layers of the pipeline component `name` for bitsandbytes ones, as `quantize_base` does, when
+    the run quantizes it and it did not load quantized; also for a component loaded again after its release."""
     kwargs = quantization_kwargs(config)
-    if kwargs is None:
+    if kwargs is None or name not in quantized_component_names(config, family) or is_quantized(module):
         return
     bnb_config = _bnb_config(kwargs, dtype or torch.float32)
-    for name in quantized_component_names(config, type(family)):
-        module = getattr(pipeline, name, None)
-        if module is None or is_quantized(module):
-            continue
-        skip = set(bnb_config.llm_int8_skip_modules or ()) | set(getattr(module, "_keep_in_fp32_modules", None) or ())
-        if name != family.denoiser_name:
-            skip.update(_TEXT_ENCODER_SKIPS)
-        swap_linear_layers(module, bnb_config, skip)
+    skip = set(bnb_config.llm_int8_skip_modules or ()) | set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if name != family.denoiser_name:
+        skip.update(_TEXT_ENCODER_SKIPS)
+    swap_linear_layers(module, bnb_config, skip)
 
 
 def is_quantized(module: torch.nn.Module) -> bool:

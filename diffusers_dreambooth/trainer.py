@@ -8,7 +8,6 @@ checkpoint, or spread over more processes, computes the same steps as one unbrok
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
@@ -55,7 +54,7 @@ from .pipeline_loading import diffusers_pipeline_class, load_base_component, loa
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
 from .prior import generate_class_images, missing_class_images
 from .progress import trackers_for
-from .quantization import cast_frozen_base, quantize_base
+from .quantization import cast_frozen_base, quantize_base, quantize_component
 from .safeguards import (
     DreamBoothInputError,
     NonFiniteLossError,
@@ -482,10 +481,16 @@ class DreamBoothTrainer:
         releases = loaded_base and self.text_encoders_frozen and family.releases_frozen_text_encoders
         loaded = [name for name in family.text_encoder_names if getattr(self.pipeline, name) is not None]
         released = loaded if releases else []
-        reload = functools.partial(load_base_component, self.config)
         offloaded = self.modules_idle_during_training()
-        self.idle = IdleModules(self.pipeline, self.accelerator.device, offloaded, released, reload)
+        self.idle = IdleModules(self.pipeline, self.accelerator.device, offloaded, released, self._reload_component)
         self.idle.set_aside()
+
+    def _reload_component(self, name: str, dtype: torch.dtype) -> torch.nn.Module:
+        """A released base component loaded again, and quantized as the run quantizes it."""
+        module = load_base_component(self.config, name, dtype)
+        compute_dtype = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
+        quantize_component(module, name, type(self.family), self.config, compute_dtype)
+        return module
 
     def modules_idle_during_training(self) -> list[torch.nn.Module]:
         """The frozen modules no training step runs once the caches are built: the VAE when every image's latents

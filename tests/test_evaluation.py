@@ -178,7 +178,9 @@ def pickled_copy(folder: str, destination) -> str:
 
 def test_evaluation_models_load_safetensors_only_unless_pickles_are_allowed(model_dirs, tmp_path):
     dino_dir = pickled_copy(model_dirs["dino"], tmp_path / "dino")
-    with pytest.raises(OSError, match=r"^The evaluation model `.*dino` has no safetensors weights.*--allow_pickle") as e:
+    with pytest.raises(
+        OSError, match=r"^The evaluation model `.*dino` has no safetensors weights.*--allow_pickle"
+    ) as e:
         load_evaluation_models(dino_dir, model_dirs["clip"])
     assert "\n" not in str(e.value)
     dino, _ = load_evaluation_models(dino_dir, model_dirs["clip"], allow_pickle=True)

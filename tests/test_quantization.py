@@ -8,8 +8,10 @@ import pkgutil
 import shutil
 
 import bitsandbytes as bnb
+import diffusers
 import pytest
 import torch
+import transformers
 from conftest import tiny_config, write_subject_images
 from diffusers import DiffusionPipeline, PipelineQuantizationConfig
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
@@ -147,6 +149,38 @@ def test_bnb_quantization_config_path_quantizes_as_the_json_says(pipeline_dirs, 
     assert (tmp_path / "out" / LORA_WEIGHT_NAME_SAFE).is_file()
 
 
+def test_released_text_encoders_come_back_quantized(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
+    """A family that drops its frozen text encoders between samplings (the LLM families; SD3 here, told to) loads
+    them again quantized as they were, at each validation and for the returned pipeline: reloaded whole, FLUX.2's
+    24B Mistral would not fit the GPU its quantized copy was chosen for."""
+    from diffusers_dreambooth import trainer as trainer_module
+    from diffusers_dreambooth.families.stable_diffusion_3 import StableDiffusion3Family
+
+    monkeypatch.setattr(StableDiffusion3Family, "releases_frozen_text_encoders", True)
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    at_validation = []
+
+    def recording_validation(pipeline, *args, **kwargs):
+        at_validation.append([quantization.is_quantized(getattr(pipeline, name)) for name in names])
+
+    monkeypatch.setattr(trainer_module, "run_validation", recording_validation)
+    config = tiny_config(
+        pipeline_dirs["sd3"],
+        instance_dir,
+        tmp_path / "out",
+        adapter="lora",
+        quantize_base="nf4",
+        quantize_text_encoders=True,
+        max_train_steps=2,
+        validation_prompt="a photo of sks dog",
+        validation_steps=1,
+        num_validation_images=1,
+    )
+    pipeline = DreamBoothTrainer(config).train()
+    assert at_validation == [[True] * 3] * 2
+    assert all(quantization.is_quantized(getattr(pipeline, name)) for name in names)
+
+
 def test_quantized_text_encoders_keep_their_output_head(pipeline_dirs):
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
     config = tiny_config(pipeline_dirs["sd"], "dog", "out", adapter="lora", quantize_base="int8")
@@ -184,6 +218,14 @@ def test_on_a_gpu_the_pipeline_loads_quantized(pipeline_dirs, monkeypatch):
     int8 = tiny_config(pipeline_dirs["sd"], "dog", "out", adapter="lora", quantize_base="int8")
     loading = quantization.pipeline_quantization_loading(int8)["quantization_config"]
     assert loading.quant_backend == "bitsandbytes_8bit" and loading.components_to_quantize == ["unet"]
+    # A component loaded again alone (a released text encoder) gets the same config, of its own library.
+    encoder = quantization.component_quantization_loading(config, "text_encoder_2", "transformers")
+    assert isinstance(encoder["quantization_config"], transformers.BitsAndBytesConfig)
+    assert encoder["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    assert encoder["quantization_config"].bnb_4bit_quant_type == "nf4"
+    denoiser = quantization.component_quantization_loading(config, "transformer", "diffusers")
+    assert isinstance(denoiser["quantization_config"], diffusers.BitsAndBytesConfig)
+    assert quantization.component_quantization_loading(int8, "text_encoder", "transformers") == {}
 
 
 def one_line_error(config) -> str:
