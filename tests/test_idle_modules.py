@@ -2,6 +2,9 @@
 their embeddings are cached, and come back, loaded from the base model, exactly as they were whenever sampling needs
 them: validation, the final save, the finishing stages."""
 
+import gc
+import weakref
+
 import numpy as np
 import torch
 from conftest import tiny_config
@@ -9,6 +12,7 @@ from PIL import Image
 
 from diffusers_dreambooth import DreamBoothTrainer
 from diffusers_dreambooth.families.stable_diffusion_3 import StableDiffusion3Family
+from diffusers_dreambooth.idle_modules import IdleModules
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 PREDICT = StableDiffusion3Family.predict
@@ -65,12 +69,7 @@ def test_released_text_encoders_leave_memory_for_training_and_come_back_unchange
 def test_a_released_encoder_is_not_also_offloaded_so_nothing_keeps_it_alive(pipeline_dirs):
     """On a GPU the idle modules go to the CPU; a released one must not, or the list would hold it after its release
     (and bring it back beside its reloaded copy)."""
-    import gc
-    import weakref
-
     from diffusers import DiffusionPipeline
-
-    from diffusers_dreambooth.idle_modules import IdleModules
 
     pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd3"])
     encoders = [getattr(pipeline, name) for name in TEXT_ENCODERS]
@@ -81,3 +80,26 @@ def test_a_released_encoder_is_not_also_offloaded_so_nothing_keeps_it_alive(pipe
     del encoders
     gc.collect()
     assert pipeline.text_encoder_3 is None and released() is None
+
+
+def test_in_a_run_nothing_keeps_a_released_encoder_alive(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
+    """The encoders a run releases are freed for its training steps: no cache, hook or list of the trainer holds
+    them (their memory would stay, and the reloaded copy come on top of it)."""
+    monkeypatch.setattr(StableDiffusion3Family, "releases_frozen_text_encoders", True)
+    released, alive_at_steps = [], []
+    set_aside = IdleModules.set_aside
+
+    def recording_set_aside(idle):
+        released.extend(weakref.ref(getattr(idle.pipeline, name)) for name in idle.released)
+        set_aside(idle)
+
+    def recording_predict(family, *args, **kwargs):
+        gc.collect()
+        alive_at_steps.append(sum(ref() is not None for ref in released))
+        return PREDICT(family, *args, **kwargs)
+
+    monkeypatch.setattr(IdleModules, "set_aside", recording_set_aside)
+    monkeypatch.setattr(StableDiffusion3Family, "predict", recording_predict)
+    config = tiny_config(pipeline_dirs["sd3"], instance_dir, tmp_path / "out", adapter="lora", max_train_steps=2)
+    DreamBoothTrainer(config).train()
+    assert len(released) == 3 and alive_at_steps == [0, 0]
