@@ -65,7 +65,7 @@ from .safeguards import (
 )
 from .subject import SUBJECT_FILE_NAME, Subject, SubjectMetadata, fill_subject
 from .text_encoder_sharding import shard_text_encoders
-from .validation import run_validation
+from .validation import run_validation, vae_slicing
 
 logger = logging.getLogger(__name__)
 
@@ -504,7 +504,8 @@ class DreamBoothTrainer:
         return idle
 
     def _cache_latents(self, images: list[TrainingImage]) -> LatentCache:
-        """Latents of the images with a fixed crop, encoded in batches of one crop size (one per bucket)."""
+        """Latents of the images with a fixed crop, in batches of one crop size (one per bucket), the VAE encoding one
+        image at a time (`vae_slicing`)."""
         config = self.config
         fixed = [has_fixed_crop(im, config.resolution, config.center_crop, config.random_flip) for im in images]
         cache = LatentCache([None] * len(images), [None] * len(images))
@@ -512,13 +513,14 @@ class DreamBoothTrainer:
         for i, is_fixed in enumerate(fixed):
             if is_fixed:
                 by_size.setdefault(images[i].crop_size(config.resolution), []).append(i)
-        for todo in by_size.values():
-            for start in range(0, len(todo), config.sample_batch_size):
-                chunk = todo[start : start + config.sample_batch_size]
-                pixels = torch.stack([self._pixels(images[i], None)[0] for i in chunk])
-                mean, std = self.family.encode_image_distribution(pixels)
-                for j, i in enumerate(chunk):
-                    cache.mean[i], cache.std[i] = mean[j], std[j]
+        with vae_slicing(self.family.vae):
+            for todo in by_size.values():
+                for start in range(0, len(todo), config.sample_batch_size):
+                    chunk = todo[start : start + config.sample_batch_size]
+                    pixels = torch.stack([self._pixels(images[i], None)[0] for i in chunk])
+                    mean, std = self.family.encode_image_distribution(pixels)
+                    for j, i in enumerate(chunk):
+                        cache.mean[i], cache.std[i] = mean[j], std[j]
         return cache
 
     def _pixels(self, image: TrainingImage, generator: torch.Generator | None) -> tuple[torch.Tensor, tuple]:

@@ -130,16 +130,16 @@ def generate_images(
     if config.guidance_scale is not None:
         options["guidance_scale"] = config.guidance_scale
     generator = torch.Generator(pipeline.device).manual_seed(seed)
-    with sliced_decoding(pipeline):
+    with vae_slicing(getattr(pipeline, "vae", None)):
         return pipeline(prompt=prompts, generator=generator, **{**options, **inputs}).images
 
 
 @contextlib.contextmanager
-def sliced_decoding(pipeline: DiffusionPipeline) -> Iterator[None]:
-    """Inside the block the pipeline's VAE decodes one image at a time (its `use_slicing`), as diffusers' scripts
-    draw validation images one by one: decoding at full resolution is the largest part of sampling's peak memory,
-    and it grows with the batch (issue #21). The images differ from a batched decode only by rounding."""
-    vae = getattr(pipeline, "vae", None)
+def vae_slicing(vae: torch.nn.Module | None) -> Iterator[None]:
+    """Inside the block the VAE encodes and decodes one image at a time (its `use_slicing`), as diffusers' scripts
+    draw validation images one by one and encode each training batch: at full resolution the VAE's activations are
+    the largest part of the peak memory of sampling and of latent caching, and they grow with the batch (issue #21).
+    The latents and images differ from a batched pass only by rounding."""
     if not hasattr(vae, "use_slicing"):
         yield
         return

@@ -41,8 +41,9 @@ def train_counting(pipeline_dirs, family, images, tmp_path, **options):
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_fixed_crops_and_frozen_text_encoders_are_encoded_once(pipeline_dirs, square_instance_dir, tmp_path, family):
     calls = train_counting(pipeline_dirs, family, square_instance_dir, tmp_path)
-    # Four images in one VAE batch; one call of each text encoder for the one prompt.
-    assert calls.pop("vae_encoder") == 1
+    # Four images in one caching batch, which the VAE encodes one by one (its slicing, for memory), and never again
+    # in the steps; one call of each text encoder for the one prompt.
+    assert calls.pop("vae_encoder") == 4
     assert calls == {name: 1 for name in calls}
     assert len(calls) == {"sd": 1, "sdxl": 2, "sd3": 3, "flux": 2}[family]
 
@@ -61,8 +62,8 @@ def test_class_images_are_encoded_once_too(pipeline_dirs, square_instance_dir, t
         class_data_dir=str(class_dir),
         num_class_images=4,
     )
-    # One VAE batch for the subject photos, one for the class images; both prompts in one text-encoder call.
-    assert calls.pop("vae_encoder") == 2
+    # The 4 subject photos and the 4 class images, each encoded once; both prompts in one text-encoder call.
+    assert calls.pop("vae_encoder") == 8
     assert calls == {name: 1 for name in calls} and len(calls) == {"sd": 1, "sdxl": 2}[family]
 
 
@@ -73,7 +74,7 @@ def test_random_crops_are_encoded_every_step(pipeline_dirs, instance_dir, tmp_pa
 
 def test_trained_text_encoder_runs_every_step(pipeline_dirs, square_instance_dir, tmp_path):
     calls = train_counting(pipeline_dirs, "sd", square_instance_dir, tmp_path, train_text_encoder=True)
-    assert calls == {"vae_encoder": 1, "text_encoder": 5}
+    assert calls == {"vae_encoder": 4, "text_encoder": 5}  # the four photos cached, one at a time
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,27 @@ def test_release_optimizer_state_keeps_the_groups_and_the_optimizer_can_step_aga
     optimizer.step()  # starts a fresh state
     assert int(optimizer.state[weight]["step"]) == 1
     free_memory()  # gc, then the C heap's free pages (Linux) or the CUDA cache: never raises
+
+
+def test_latents_are_cached_one_image_at_a_time(pipeline_dirs, square_instance_dir, tmp_path, monkeypatch):
+    """Caching encodes `--sample_batch_size` images per call with the VAE's slicing on (its activations at full
+    resolution grow with the batch), and caches what a batched encode gives, up to rounding."""
+    from diffusers import AutoencoderKL
+
+    calls = []
+    encode = AutoencoderKL.encode
+
+    def recorded(vae, x, *args, **kwargs):
+        calls.append((x.shape[0], vae.use_slicing))
+        return encode(vae, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recorded)
+    config = tiny_config(pipeline_dirs["sd"], square_instance_dir, tmp_path / "out", max_train_steps=1)
+    trainer = DreamBoothTrainer(config)
+    trainer.train()
+    assert calls[0] == (4, True) and not trainer.pipeline.vae.use_slicing
+    pixels = torch.stack([trainer._pixels(image, None)[0] for image in trainer.instance_images])
+    with torch.no_grad():
+        batched, _ = trainer.family.encode_image_distribution(pixels)  # slicing off again: one batched encode
+    assert calls[-1] == (4, False)
+    torch.testing.assert_close(torch.stack(trainer.instance_latents.mean), batched, rtol=0, atol=1e-5)
