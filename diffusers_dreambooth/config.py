@@ -213,7 +213,11 @@ class DreamBoothConfig:
         None, "Folder of class images; missing ones are generated there by the frozen base model."
     )
     num_class_images: int = _option(100, "How many class images prior preservation uses (generated if missing).")
-    sample_batch_size: int = _option(4, "Batch size for generating class images.")
+    sample_batch_size: int = _option(
+        4,
+        "Batch size for generating images (class, validation, sample and evaluation images) and for caching"
+        " latents: larger is faster and takes more memory.",
+    )
     prior_generation_precision: Literal["no", "fp32", "fp16", "bf16"] | None = _option(
         None, "Precision of class-image generation (autocast); default: fp16 on GPU, fp32 on CPU."
     )

@@ -125,13 +125,22 @@ def generate_images(
 ) -> list[Image.Image]:
     """One image per prompt with the pipeline's scheduler, `--validation_inference_steps` and `--guidance_scale`;
     `inputs` go to the pipeline's call too (e.g. the image a super-resolution stage upscales), and override those two
-    (Krea 2's `--validation_num_inference_steps` and `--validation_guidance_scale` on `--validation_model_path`)."""
+    (Krea 2's `--validation_num_inference_steps` and `--validation_guidance_scale` on `--validation_model_path`).
+
+    At most `--sample_batch_size` prompts go in one call (the evaluation's 32 class-prompt images would otherwise be
+    one batch, 64 with guidance), all calls drawing from one generator seeded with `seed`: with a deterministic
+    scheduler the images are those of one call with every prompt.
+    """
     options = {"num_inference_steps": config.validation_inference_steps}
     if config.guidance_scale is not None:
         options["guidance_scale"] = config.guidance_scale
     generator = torch.Generator(pipeline.device).manual_seed(seed)
+    images = []
     with vae_slicing(getattr(pipeline, "vae", None)):
-        return pipeline(prompt=prompts, generator=generator, **{**options, **inputs}).images
+        for start in range(0, len(prompts), config.sample_batch_size):
+            batch = prompts[start : start + config.sample_batch_size]
+            images.extend(pipeline(prompt=batch, generator=generator, **{**options, **inputs}).images)
+    return images
 
 
 @contextlib.contextmanager

@@ -56,8 +56,10 @@ def test_a_failing_stage_after_the_save_costs_nothing_and_the_others_still_run(
 ):
     output_dir = tmp_path / "out"
     options = {}
-    if stage == "evaluation":  # a real failure: the evaluation model is not there
-        options = dict(evaluation_dino_model=str(tmp_path / "no-such-model"))
+    if stage == "evaluation":  # a real failure: the evaluation model's folder holds weights but no config
+        (tmp_path / "broken-model").mkdir()
+        (tmp_path / "broken-model" / "model.safetensors").write_bytes(b"not a model")
+        options = dict(evaluation_dino_model=str(tmp_path / "broken-model"))
     elif stage == "push":  # a real failure: the test suite runs with `HF_HUB_OFFLINE=1`
         options = dict(push_to_hub=True, hub_model_id="user/sks-dog")
     else:

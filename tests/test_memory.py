@@ -2,6 +2,7 @@
 evaluation drawn after it; sampling decodes one image at a time. Memory itself is measured by
 `benchmarks/peak_memory.py`, not here."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -144,3 +145,32 @@ def test_latents_are_cached_one_image_at_a_time(pipeline_dirs, square_instance_d
         batched, _ = trainer.family.encode_image_distribution(pixels)  # slicing off again: one batched encode
     assert calls[-1] == (4, False)
     torch.testing.assert_close(torch.stack(trainer.instance_latents.mean), batched, rtol=0, atol=1e-5)
+
+
+def test_images_are_drawn_sample_batch_size_at_a_time_as_one_call_would(pipeline_dirs):
+    """Validation, samples and evaluation (whose class-prompt images are up to 32 in one request) call the pipeline
+    with at most `--sample_batch_size` prompts; one generator runs through the calls, so a deterministic scheduler
+    draws the images one call with every prompt would."""
+    from diffusers_dreambooth.validation import generate_images
+
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dirs["sd"])
+    pipeline.set_progress_bar_config(disable=True)
+    batches = []
+    call = type(pipeline).__call__
+
+    def recorded(self, prompt, **kwargs):
+        batches.append(len(prompt))
+        return call(self, prompt=prompt, **kwargs)
+
+    prompts = [f"a photo of sks dog {index}" for index in range(7)]
+    chunked = tiny_config(pipeline_dirs["sd"], "dog", "out", sample_batch_size=3, validation_inference_steps=3)
+    whole = tiny_config(pipeline_dirs["sd"], "dog", "out", sample_batch_size=7, validation_inference_steps=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipeline), "__call__", recorded)
+        images = generate_images(pipeline, chunked, prompts, seed=0, output_type="np")
+        assert batches == [3, 3, 1]
+        reference = generate_images(pipeline, whole, prompts, seed=0, output_type="np")
+        assert batches[3:] == [7]
+    assert len(images) == 7
+    for image, expected in zip(images, reference):
+        np.testing.assert_allclose(image, expected, atol=1e-4)
