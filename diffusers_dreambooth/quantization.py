@@ -262,7 +262,7 @@ def quantize_base(
     With `--do_fp8_training`, the denoiser's linear layers are converted to FP8 compute instead."""
     if config.do_fp8_training:
         convert_to_fp8_training(family.denoiser)
-    for name in quantized_component_names(config, type(family)) if quantization_kwargs(config) else ():
+    for name in quantized_component_names(config, type(family)):
         module = getattr(pipeline, name, None)
         if module is not None:
             quantize_component(module, name, type(family), config, dtype)
