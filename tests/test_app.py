@@ -27,6 +27,7 @@ from diffusers_dreambooth.app.runs import (
     PATH_OPTIONS,
     AppInputError,
     Runs,
+    RunStatus,
     ServerBusy,
     check_path_options,
     inside,
@@ -410,3 +411,42 @@ def test_dino_clip_curves_are_absent_without_evaluate_or_with_models_that_do_not
     status = runs.status("plain")
     assert runs.metric_curves("plain", status, wait=True) == []
     assert runs.metric_error("plain", status)  # said once in the server's log, never raised into the page
+
+
+@pytest.mark.slow
+def test_a_finished_lora_run_shows_its_progress_losses_metrics_weights_and_kohya_export(tmp_path):
+    """The Result tab's pieces on a real LoRA run with prior preservation and `--evaluate`: the progress line, both
+    loss curves, the evaluation table, the LoRA download and its kohya export; the run is listed for a new page."""
+    from diffusers_dreambooth.app.ui import TOY_MODEL, App, progress_line
+
+    app = App(tmp_path / "work")
+    options = toy_dreambooth_config(
+        "unused",
+        adapter="lora",
+        max_train_steps=4,
+        num_class_images=4,
+        checkpointing_steps=100,
+        sample_prompts=None,
+        num_validation_images=0,
+        evaluation_prompts=["a photo of {subject} on a green background"],
+        evaluation_images_per_prompt=2,
+    ).to_dict()
+    options = {key: value for key, value in options.items() if value is not None}
+    app.runs.start("lora-run", options)
+    assert app.runs.wait(300) == 0, app.runs.status("lora-run").log_tail
+
+    line, losses, *_ = app.watch("lora-run")
+    assert line == "**lora-run**: finished, step 4/4"
+    assert set(losses["curve"]) == {"instance_loss", "prior_loss", "loss"}
+    assert sorted(set(losses["step"])) == [1, 2, 3, 4]
+    running = RunStatus("lora-run", "running", step=1, total=4, seconds_per_step=2.0)  # speed, time left
+    assert progress_line(running) == "**lora-run**: running, step 1/4 · 0.50 steps/s · 00:06 left"
+
+    grid, table, card, weights = app.result("lora-run")
+    assert grid is None and "# DreamBooth LoRA" in card
+    assert {"DINO", "CLIP-I", "CLIP-T", "PRES", "DIV"} <= set(table["metric"])
+    assert weights == str(app.runs.output_dir("lora-run") / "pytorch_lora_weights.safetensors")
+    exported = Path(app.export_kohya("lora-run"))
+    assert exported.is_file() and exported.suffix == ".safetensors" and exported.parent == Path(weights).parent
+    assert App(tmp_path / "work").runs.names() == ["lora-run"]  # a new page lists the earlier run
+    assert app.candidates(TOY_MODEL).startswith("Rare-token candidates (`auto` takes the first): `")
