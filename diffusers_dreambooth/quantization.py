@@ -262,10 +262,14 @@ def quantize_base(
     With `--do_fp8_training`, the denoiser's linear layers are converted to FP8 compute instead."""
     if config.do_fp8_training:
         convert_to_fp8_training(family.denoiser)
+    kwargs = quantization_kwargs(config)
+    if kwargs is None:
+        return
+    bnb_config = _bnb_config(kwargs, dtype or torch.float32)
     for name in quantized_component_names(config, type(family)):
         module = getattr(pipeline, name, None)
         if module is not None:
-            quantize_component(module, name, type(family), config, dtype)
+            _swap_component(module, name, type(family), bnb_config)
 
 
 def quantize_component(
@@ -275,12 +279,17 @@ def quantize_component(
     config: DreamBoothConfig,
     dtype: torch.dtype | None,
 ) -> None:
-    """Swap the linear layers of the pipeline component `name` for bitsandbytes ones, as `quantize_base` does, when
-    the run quantizes it and it did not load quantized; also for a component loaded again after its release."""
+    """Quantize the pipeline component `name` as `quantize_base` does, when the run quantizes it: for a component
+    loaded again after its release."""
     kwargs = quantization_kwargs(config)
-    if kwargs is None or name not in quantized_component_names(config, family) or is_quantized(module):
+    if kwargs is not None and name in quantized_component_names(config, family):
+        _swap_component(module, name, family, _bnb_config(kwargs, dtype or torch.float32))
+
+
+def _swap_component(module: torch.nn.Module, name: str, family: type[DreamBoothFamily], bnb_config) -> None:
+    """Swap the component's linear layers for `bnb_config`'s bitsandbytes ones, unless it loaded quantized."""
+    if is_quantized(module):
         return
-    bnb_config = _bnb_config(kwargs, dtype or torch.float32)
     skip = set(bnb_config.llm_int8_skip_modules or ()) | set(getattr(module, "_keep_in_fp32_modules", None) or ())
     if name != family.denoiser_name:
         skip.update(_TEXT_ENCODER_SKIPS)

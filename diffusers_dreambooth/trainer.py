@@ -370,7 +370,7 @@ class DreamBoothTrainer:
         for module in self.pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        quantize_base(self.pipeline, family, config, MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision))
+        quantize_base(self.pipeline, family, config, self.mixed_precision_dtype)
         self.trained = {family.denoiser_name: family.denoiser}
         # `--prior_preservation_mode model` needs the base denoiser's predictions: LoRA turns its adapters off for
         # them; a full fine-tune keeps a frozen copy (one more denoiser's weights in memory, no gradients).
@@ -415,7 +415,7 @@ class DreamBoothTrainer:
         """PEFT adapters in float32 on a frozen base kept in its own dtype, or in the mixed-precision dtype if set."""
         config, family = self.config, self.family
         targets = family.denoiser_lora_targets(config)
-        cast_to = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
+        cast_to = self.mixed_precision_dtype
         device = self.accelerator.device
         # The adapters' random initial weights come from the seed alone, not from whatever drew from torch's global
         # generator before (class-image generation, say): same seed, same adapters, in any process and any rerun.
@@ -435,6 +435,11 @@ class DreamBoothTrainer:
                     )
                 )
         cast_training_params(list(self.trained.values()), dtype=torch.float32)
+
+    @property
+    def mixed_precision_dtype(self) -> torch.dtype | None:
+        """The dtype of `--mixed_precision` as accelerate runs it (None without mixed precision)."""
+        return MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
 
     @property
     def prior_from_images(self) -> bool:
@@ -488,8 +493,7 @@ class DreamBoothTrainer:
     def _reload_component(self, name: str, dtype: torch.dtype) -> torch.nn.Module:
         """A released base component loaded again, and quantized as the run quantizes it."""
         module = load_base_component(self.config, name, dtype)
-        compute_dtype = MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision)
-        quantize_component(module, name, type(self.family), self.config, compute_dtype)
+        quantize_component(module, name, type(self.family), self.config, self.mixed_precision_dtype)
         return module
 
     def modules_idle_during_training(self) -> list[torch.nn.Module]:
