@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
 from .model_card import is_hub_id
+from .safeguards import PICKLE_REMEDY
 from .toy.checker import ToyChecker
 from .toy.metrics import ToyAttributeEmbedder
 
@@ -180,8 +181,8 @@ class _PretrainedEmbedder:
             if allow_pickle or "safetensors" not in str(error):
                 raise
             raise OSError(
-                f"The evaluation model `{name_or_path}` has no safetensors weights, only pickle files (`.bin`), which"
-                " can run code when loaded: convert it to safetensors, or pass `--allow_pickle` if you trust it."
+                f"The evaluation model `{name_or_path}` has no safetensors weights, only pickle files (`.bin`);"
+                f" {PICKLE_REMEDY}"
             ) from None
         if device is not None:
             model = model.to(device)

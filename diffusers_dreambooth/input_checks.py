@@ -27,7 +27,7 @@ from .optimization import check_optimizer_installed
 from .pipeline_loading import check_pipeline_source
 from .quantization import check_quantization_file
 from .remote_text_encoder import remote_text_encoder_for
-from .safeguards import DreamBoothInputError
+from .safeguards import PICKLE_REMEDY, DreamBoothInputError
 from .subject import Subject, prompt_words
 from .text_encoder_sharding import check_text_encoder_sharding
 from .validation import sampling_scheduler
@@ -136,8 +136,8 @@ def check_evaluation_models(config: DreamBoothConfig) -> None:
             )
         if folder.is_dir() and not config.allow_pickle and not any(folder.glob("*.safetensors")):
             raise DreamBoothInputError(
-                f"`--{option}={name_or_path}` holds no safetensors weights; pickle files (`.bin`) can run code when"
-                " loaded: convert them to safetensors, or pass `--allow_pickle` if you trust them."
+                f"`--{option}={name_or_path}` holds no safetensors weights, only pickle files (`.bin`);"
+                f" {PICKLE_REMEDY}"
             )
 
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from .config import DreamBoothConfig
 from .quantization import component_quantization_loading, pipeline_quantization_loading
-from .safeguards import DreamBoothInputError
+from .safeguards import PICKLE_REMEDY, DreamBoothInputError
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +203,7 @@ def readable_load_errors(option: str, source: str) -> Iterator[None]:
     except OSError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "safetensors" in reason:
-            hint = (
-                "Its weights are only in pickle files (`.bin`), which can run code when loaded: convert them to"
-                " safetensors, or pass `--allow_pickle` if you trust them."
-            )
+            hint = f"Its weights are only in pickle files (`.bin`); {PICKLE_REMEDY}"
         elif not Path(source).exists() and huggingface_hub.is_offline_mode():
             hint = (
                 "It is not a local folder and the Hub is offline (HF_HUB_OFFLINE): download it first where the Hub"

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 #: Signals that ask a run to save a checkpoint and stop: Ctrl-C, and what job schedulers send before killing a job.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+#: What each refusal of pickle-only weights (base model, adapters, evaluation models) says: the risk, the two fixes.
+PICKLE_REMEDY = (
+    "pickle files can run code when loaded: convert them to safetensors, or pass `--allow_pickle` if you trust them."
+)
+
 
 class DreamBoothInputError(ValueError):
     """A mistake in the run's options or input files, such as a missing photo folder or a model folder that is not a
