@@ -1,9 +1,11 @@
 """The frozen modules that no training step runs once the caches are built, and where they wait meanwhile.
 
 On a GPU, the VAE (when every image's latents are cached) and frozen text encoders (their embeddings are cached) move
-to the CPU, so their memory goes to training. A family's frozen LLM text encoders (`releases_frozen_text_encoders`:
-Flux.2 [dev]'s Mistral 3 alone holds 24B parameters) leave memory altogether, on any device, and are loaded again from
-the base model only while sampling needs them: at each validation, and for the final save and finishing stages.
+to the CPU, so their memory goes to training. Frozen text encoders leave memory altogether where that frees more
+(`releases_text_encoders`): a family's LLM encoders on any device (`releases_frozen_text_encoders`: Flux.2 [dev]'s
+Mistral 3 alone holds 24B parameters), and every family's when training runs off a GPU, where moving to the CPU frees
+nothing. A released encoder is loaded again from the base model only while sampling needs it: at each validation, and
+for the final save and finishing stages.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import torch
 from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
+
+
+def releases_text_encoders(family: type, device: torch.device) -> bool:
+    """Whether a run on `device` releases the frozen text encoders of `family` (a `DreamBoothFamily` class) rather
+    than keeping them: always for LLM encoders, and off a GPU for every encoder. On the CPU a released CLIP costs a
+    read of its safetensors for each sampling (from the page cache after the first) and takes its weights off the
+    loop's peak (issue #21); on a GPU, CLIP waiting on the CPU costs no reload."""
+    return family.releases_frozen_text_encoders or device.type != "cuda"
 
 
 class IdleModules:

@@ -44,7 +44,7 @@ from .ema import EMA_STATE_NAME, load_ema_state, make_ema, save_ema_state
 from .families import ImageConditioning, family_for_pipeline
 from .finishing import FinishingJob, finish_subject
 from .identifiers import AUTO_IDENTIFIER, rare_token_identifiers
-from .idle_modules import IdleModules
+from .idle_modules import IdleModules, releases_text_encoders
 from .input_checks import check_before_loading, check_bucket_sizes, check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
@@ -480,14 +480,15 @@ class DreamBoothTrainer:
         self.class_latents = self._cache_latents(self.class_images)
 
     def _set_aside_idle_modules(self, loaded_base: bool) -> None:
-        """Set aside the modules no training step runs (`IdleModules`), until sampling needs them. Frozen LLM text
-        encoders are released only from a base the trainer loaded itself, which it can load again."""
-        family = self.family
-        releases = loaded_base and self.text_encoders_frozen and family.releases_frozen_text_encoders
+        """Set aside the modules no training step runs (`IdleModules`), until sampling needs them. Frozen text
+        encoders are released (`releases_text_encoders`) only from a base the trainer loaded itself, which it can load
+        again."""
+        family, device = self.family, self.accelerator.device
+        releases = loaded_base and self.text_encoders_frozen and releases_text_encoders(type(family), device)
         loaded = [name for name in family.text_encoder_names if getattr(self.pipeline, name) is not None]
         released = loaded if releases else []
         offloaded = self.modules_idle_during_training()
-        self.idle = IdleModules(self.pipeline, self.accelerator.device, offloaded, released, self._reload_component)
+        self.idle = IdleModules(self.pipeline, device, offloaded, released, self._reload_component)
         self.idle.set_aside()
 
     def _reload_component(self, name: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -150,13 +150,11 @@ def test_bnb_quantization_config_path_quantizes_as_the_json_says(pipeline_dirs, 
 
 
 def test_released_text_encoders_come_back_quantized(pipeline_dirs, instance_dir, tmp_path, monkeypatch):
-    """A family that drops its frozen text encoders between samplings (the LLM families; SD3 here, told to) loads
-    them again quantized as they were, at each validation and for the returned pipeline: reloaded whole, FLUX.2's
-    24B Mistral would not fit the GPU its quantized copy was chosen for."""
+    """A run that drops its frozen text encoders between samplings (the LLM families; off a GPU, every family: SD3
+    here) loads them again quantized as they were, at each validation and for the returned pipeline: reloaded whole,
+    FLUX.2's 24B Mistral would not fit the GPU its quantized copy was chosen for."""
     from diffusers_dreambooth import trainer as trainer_module
-    from diffusers_dreambooth.families.stable_diffusion_3 import StableDiffusion3Family
 
-    monkeypatch.setattr(StableDiffusion3Family, "releases_frozen_text_encoders", True)
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     at_validation = []
 

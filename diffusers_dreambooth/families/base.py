@@ -80,8 +80,9 @@ class DreamBoothFamily:
     #: Whether `--aspect_ratio_buckets` can train it: its samples may be any (height, width) multiple of
     #: `resolution_multiple`. False for DeepFloyd IF, whose stages are trained and cascaded at square sizes.
     supports_aspect_ratio_buckets: ClassVar[bool] = True
-    #: Whether frozen text encoders leave memory once their embeddings are cached, loaded again only for sampling
-    #: (`idle_modules.IdleModules`): worth a reload for LLM encoders of many GB, not for CLIP.
+    #: Whether frozen text encoders leave memory once their embeddings are cached even on a GPU, loaded again only for
+    #: sampling (`idle_modules.releases_text_encoders`): worth a reload for LLM encoders of many GB; CLIP waits on the
+    #: CPU (off a GPU every family's encoders are released).
     releases_frozen_text_encoders: ClassVar[bool] = False
     #: Whether the text encoder reads the tokenizer's attention mask, as the pipeline does (T5 in DeepFloyd IF).
     uses_attention_mask: ClassVar[bool] = False
