@@ -46,7 +46,7 @@ import torch
 from .safeguards import DreamBoothInputError
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import BitsAndBytesConfig, DiffusionPipeline
 
     from .config import DreamBoothConfig
     from .families import DreamBoothFamily
@@ -182,7 +182,7 @@ def quantization_kwargs(config: DreamBoothConfig) -> dict[str, Any] | None:
     return kwargs
 
 
-def _bnb_config(kwargs: dict[str, Any], compute_dtype: torch.dtype):
+def _bnb_config(kwargs: dict[str, Any], compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     from diffusers import BitsAndBytesConfig
 
     extra = {"bnb_4bit_compute_dtype": compute_dtype} if kwargs.get("load_in_4bit") else {}
@@ -286,7 +286,9 @@ def quantize_component(
         _swap_component(module, name, family, _bnb_config(kwargs, dtype or torch.float32))
 
 
-def _swap_component(module: torch.nn.Module, name: str, family: type[DreamBoothFamily], bnb_config) -> None:
+def _swap_component(
+    module: torch.nn.Module, name: str, family: type[DreamBoothFamily], bnb_config: BitsAndBytesConfig
+) -> None:
     """Swap the component's linear layers for `bnb_config`'s bitsandbytes ones, unless it loaded quantized."""
     if is_quantized(module):
         return
