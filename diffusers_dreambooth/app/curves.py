@@ -4,7 +4,8 @@ them, and the paper's DINO, CLIP-I, CLIP-T (and PRES) as the run's evaluation mo
 Both are computed here, in the app's process, from the images the trainer saves (`validation/step-N/{i}.png`, and
 `class-{i}.png` with `--num_validation_class_images`), not by the trainer at each validation: the run spends no time
 or accelerator memory on them, an evaluation model that fails to load (a Hub id offline) cannot end the run, and
-runs already on disk get them too. Each image is judged or embedded once, then cached.
+runs already on disk get them too. Each image is judged or embedded once, then cached; a step's images are embedded
+together.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ..evaluation import (
     TextImageEmbedder,
     load_evaluation_models,
     mean_pairwise_cosine,
-    prompt_fidelity,
     strip_identifier,
 )
 from ..toy.checker import ToyChecker
@@ -149,25 +149,48 @@ class MetricCurves:
         try:
             dino, clip = self._loaded(request)
             real_dino, real_clip = self._photo_embeddings(request, dino, clip)
-            for path in pending:
-                image = Image.open(path)
-                prompt = image_prompt(image)
-                image = image.convert("RGB")
-                if path in request.class_images:
-                    self._scores[path] = {"PRES": mean_pairwise_cosine(dino.embed_images([image]), real_dino)}
-                    continue
-                scores = {
-                    "DINO": mean_pairwise_cosine(dino.embed_images([image]), real_dino),
-                    "CLIP-I": mean_pairwise_cosine(clip.embed_images([image]), real_clip),
-                }
-                if prompt is not None:  # images saved before validation wrote their prompt get no CLIP-T
-                    clip_prompt = strip_identifier(prompt, request.identifier) if request.identifier else prompt
-                    scores["CLIP-T"] = prompt_fidelity([image], [clip_prompt], clip)
-                self._scores[path] = scores
+            for paths in by_step(pending).values():  # one call per model for a step's images, not one per image
+                classes = [path for path in paths if path in request.class_images]
+                if classes:
+                    rows = dino.embed_images([Image.open(path).convert("RGB") for path in classes])
+                    for path, row in zip(classes, rows):
+                        self._scores[path] = {"PRES": mean_pairwise_cosine(row[None], real_dino)}
+                subjects = [path for path in paths if path not in request.class_images]
+                if subjects:
+                    self._score_subject_images(request, subjects, dino, clip, real_dino, real_clip)
         except Exception as error:  # a model not found, offline, or not a DINO/CLIP: no curve, the page goes on
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             self._failed[self._key(request)] = message
             logger.warning("No DINO/CLIP curves for `%s`/`%s`: %s", request.dino_model, request.clip_model, message)
+
+    def _score_subject_images(
+        self,
+        request: MetricRequest,
+        paths: list[Path],
+        dino: ImageEmbedder,
+        clip: TextImageEmbedder,
+        real_dino: torch.Tensor,
+        real_clip: torch.Tensor,
+    ) -> None:
+        """DINO, CLIP-I and CLIP-T of one step's subject images, each model embedding them in one call. Images saved
+        before validation wrote their prompt get no CLIP-T."""
+        opened = [Image.open(path) for path in paths]
+        prompts = [image_prompt(image) for image in opened]
+        images = [image.convert("RGB") for image in opened]
+        dino_rows, clip_rows = dino.embed_images(images), clip.embed_images(images)
+        prompted = [i for i, prompt in enumerate(prompts) if prompt is not None]
+        texts = [
+            strip_identifier(prompts[i], request.identifier) if request.identifier else prompts[i] for i in prompted
+        ]
+        text_rows = dict(zip(prompted, clip.embed_texts(texts))) if prompted else {}
+        for i, path in enumerate(paths):
+            scores = {
+                "DINO": mean_pairwise_cosine(dino_rows[i : i + 1], real_dino),
+                "CLIP-I": mean_pairwise_cosine(clip_rows[i : i + 1], real_clip),
+            }
+            if i in text_rows:  # CLIP-T: the cosine of the image with its own prompt
+                scores["CLIP-T"] = mean_pairwise_cosine(clip_rows[i : i + 1], text_rows[i][None])
+            self._scores[path] = scores
 
     def _loaded(self, request: MetricRequest) -> tuple[ImageEmbedder, TextImageEmbedder]:
         """The request's DINO and CLIP embedders, on the CPU (the run holds the accelerator), loaded once."""
