@@ -20,12 +20,17 @@ from diffusers import DiffusionPipeline
 logger = logging.getLogger(__name__)
 
 
+def offloading_frees_memory(device: torch.device) -> bool:
+    """Whether moving an idle module from `device` to the CPU frees memory: only from a GPU's own memory."""
+    return device.type == "cuda"
+
+
 def releases_text_encoders(family: type, device: torch.device) -> bool:
     """Whether a run on `device` releases the frozen text encoders of `family` (a `DreamBoothFamily` class) rather
     than keeping them: always for LLM encoders, and off a GPU for every encoder. On the CPU a released CLIP costs a
     read of its safetensors for each sampling (from the page cache after the first) and takes its weights off the
     loop's peak (issue #21); on a GPU, CLIP waiting on the CPU costs no reload."""
-    return family.releases_frozen_text_encoders or device.type != "cuda"
+    return family.releases_frozen_text_encoders or not offloading_frees_memory(device)
 
 
 class IdleModules:
@@ -45,7 +50,7 @@ class IdleModules:
         # in memory after its release, and come back to the device beside its reloaded copy.
         released_modules = [getattr(pipeline, name) for name in released]
         kept = [module for module in offloaded if not any(module is other for other in released_modules)]
-        self.offloaded = kept if device.type == "cuda" else []
+        self.offloaded = kept if offloading_frees_memory(device) else []
         self.released = {name: getattr(pipeline, name).dtype for name in released}
         self.away = False
 
