@@ -182,9 +182,11 @@ def quantization_kwargs(config: DreamBoothConfig) -> dict[str, Any] | None:
     return kwargs
 
 
-def _bnb_config(kwargs: dict[str, Any], compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+def _bnb_config(kwargs: dict[str, Any], compute_dtype: torch.dtype | None) -> BitsAndBytesConfig:
+    """The bitsandbytes config of `kwargs`, 4-bit layers computing in `compute_dtype` (float32 when None)."""
     from diffusers import BitsAndBytesConfig
 
+    compute_dtype = compute_dtype or torch.float32
     extra = {"bnb_4bit_compute_dtype": compute_dtype} if kwargs.get("load_in_4bit") else {}
     return BitsAndBytesConfig(**kwargs, **extra)
 
@@ -265,7 +267,7 @@ def quantize_base(
     kwargs = quantization_kwargs(config)
     if kwargs is None:
         return
-    bnb_config = _bnb_config(kwargs, dtype or torch.float32)
+    bnb_config = _bnb_config(kwargs, dtype)
     for name in quantized_component_names(config, type(family)):
         module = getattr(pipeline, name, None)
         if module is not None:
@@ -283,7 +285,7 @@ def quantize_component(
     loaded again after its release."""
     kwargs = quantization_kwargs(config)
     if kwargs is not None and name in quantized_component_names(config, family):
-        _swap_component(module, name, family, _bnb_config(kwargs, dtype or torch.float32))
+        _swap_component(module, name, family, _bnb_config(kwargs, dtype))
 
 
 def _swap_component(
