@@ -149,15 +149,15 @@ class MetricCurves:
         try:
             dino, clip = self._loaded(request)
             real_dino, real_clip = self._photo_embeddings(request, dino, clip)
-            for paths in by_step(pending).values():  # one call per model for a step's images, not one per image
-                classes = [path for path in paths if path in request.class_images]
-                if classes:
-                    rows = dino.embed_images([Image.open(path).convert("RGB") for path in classes])
-                    for path, row in zip(classes, rows):
-                        self._scores[path] = {"PRES": mean_pairwise_cosine(row[None], real_dino)}
-                subjects = [path for path in paths if path not in request.class_images]
-                if subjects:
-                    self._score_subject_images(request, subjects, dino, clip, real_dino, real_clip)
+            class_images = set(request.class_images)
+            pending_classes = [path for path in pending if path in class_images]
+            pending_subjects = [path for path in pending if path not in class_images]
+            for classes in by_step(pending_classes).values():  # one call per model for a step's images
+                rows = dino.embed_images([Image.open(path).convert("RGB") for path in classes])
+                for path, row in zip(classes, rows):
+                    self._scores[path] = {"PRES": mean_pairwise_cosine(row[None], real_dino)}
+            for subjects in by_step(pending_subjects).values():
+                self._score_subject_images(request, subjects, dino, clip, real_dino, real_clip)
         except Exception as error:  # a model not found, offline, or not a DINO/CLIP: no curve, the page goes on
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             self._failed[self._key(request)] = message
