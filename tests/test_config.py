@@ -1,5 +1,6 @@
 """Options: diffusers' flags parse unchanged, files parse, bad combinations fail with the option's name."""
 
+import dataclasses
 import json
 
 import pytest
@@ -210,3 +211,9 @@ def test_saved_config_round_trips_and_never_holds_the_token(tmp_path):
     assert DreamBoothConfig.from_dict(json.loads(text)) == DreamBoothConfig(
         instance_data_dir="dog", instance_prompt="a photo of sks dog"
     )
+
+
+def test_help_lists_every_option():
+    """`examples/train.py --help` formats every field's help (a stray `%` in one breaks the whole page)."""
+    page = build_parser().format_help()
+    assert all(f"--{field.name}" in page for field in dataclasses.fields(DreamBoothConfig))
