@@ -7,6 +7,7 @@ checkpoint, or spread over more processes, computes the same steps as one unbrok
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -48,7 +49,7 @@ from .idle_modules import IdleModules, releases_text_encoders
 from .input_checks import check_before_loading, check_bucket_sizes, check_inputs, check_resolution
 from .kohya import export_kohya_lora
 from .lora import load_lora_checkpoint
-from .losses import dreambooth_loss
+from .losses import DreamBoothLoss, dreambooth_loss
 from .optimization import free_memory, make_optimizer, release_optimizer_state
 from .pipeline_loading import diffusers_pipeline_class, load_base_component, load_base_pipeline
 from .pivotal import TEXTUAL_INVERSION_WEIGHT_NAME, TokenEmbeddings, new_token_names
@@ -690,8 +691,14 @@ class DreamBoothTrainer:
         trained = list(self.prepared.values())
         for micro in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
-                losses = self._micro_step(self.global_step * config.gradient_accumulation_steps + micro)
-                accelerator.backward(losses.loss)
+                micro_step = self.global_step * config.gradient_accumulation_steps + micro
+                parts = self._backward_passes()
+                for number, part in enumerate(parts):
+                    with self._gradient_sync(last=number == len(parts) - 1):
+                        part_losses = self._micro_step(micro_step, part)
+                        accelerator.backward(part_losses.loss)
+                    parts[number] = DreamBoothLoss(*(value.detach() for value in part_losses))
+                losses = DreamBoothLoss(*(sum(values) for values in zip(*parts)))
                 # One host sync per micro-step: the loss values for the logs, checked before the update is applied.
                 values = self._loss_values(losses)
                 if accelerator.sync_gradients and self.token_embeddings is not None:
@@ -726,12 +733,32 @@ class DreamBoothTrainer:
             )
         return values
 
-    def _micro_step(self, micro_step: int):
-        """Loss of this process's slice of global micro-batch `micro_step`.
+    def _backward_passes(self) -> list[slice | None]:
+        """The parts of a micro-batch that run forward and backward in turn: the whole batch (`None`), or with
+        `--prior_backward separate` and class images the subject examples, then the class examples."""
+        if self.config.prior_backward == "joint" or not self.prior_from_images:
+            return [None]
+        per_process = self.config.train_batch_size
+        return [slice(0, per_process), slice(per_process, 2 * per_process)]
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Before the last backward pass of a micro-batch, gradients are not averaged over processes: they are, once,
+        summed over both passes, by the last."""
+        if last or not self.accelerator.sync_gradients or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for model in self.prepared.values():
+            stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def _micro_step(self, micro_step: int, part: slice | None = None) -> DreamBoothLoss:
+        """Loss of this process's slice of global micro-batch `micro_step`, or of its examples `part` of them, the
+        rest of the batch left out of the sum (`_backward_passes`: the parts' losses add up to the whole batch's).
 
         The examples form one shape group, or with `--aspect_ratio_buckets` two when the batch's subject bucket and
         class bucket differ: each group is noised and denoised at its own shape (one denoiser call per group), and
-        the DreamBooth loss averages over the examples of both, as it would over one batch.
+        the DreamBooth loss averages over the examples of both, as it would over one batch. A part's noise and
+        timesteps are the whole batch's draws for its examples.
         """
         config, family = self.config, self.family
         examples, positions = self._batch_examples(micro_step)
@@ -755,6 +782,15 @@ class DreamBoothTrainer:
                 n + config.noise_offset * channel_noise[start:stop] for n, (start, stop, _, _) in zip(noise, groups)
             ]
 
+        part = part or slice(0, len(examples))
+        pieces = []  # each shape group's examples within the part, with their noise
+        for (start, stop, _, _), group_noise, group_latent_noise in zip(groups, noise, latent_noise):
+            first, last = max(start, part.start), min(stop, part.stop)
+            if first < last:
+                rows = slice(first - start, last - start)
+                pieces.append((first - part.start, last - part.start, group_noise[rows], group_latent_noise[rows]))
+        examples, positions, timesteps = examples[part], positions[part], timesteps[part]
+
         prompts = [images[i].prompt for images, _, i in examples]
         dtype = self.input_dtype
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
@@ -762,7 +798,7 @@ class DreamBoothTrainer:
         prompt_embeds = family.step_prompt_embeds(prompt_embeds, is_prior, generator)
         denoiser = self.prepared[family.denoiser_name]
         predictions, targets, group_timesteps = [], [], []
-        for (start, stop, _, _), group_noise, group_latent_noise in zip(groups, noise, latent_noise):
+        for start, stop, group_noise, group_latent_noise in pieces:
             mean, std, conditioning = self._latent_distribution(
                 examples[start:stop], positions[start:stop], micro_step
             )

@@ -80,13 +80,18 @@ def test_accelerate_launch_single_process_with_diffusers_flags(pipeline_dirs, in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["full", "lora"])
-def test_two_processes_match_one_with_the_same_global_batch(pipeline_dirs, instance_dir, tmp_path, adapter):
+@pytest.mark.parametrize("adapter, prior_backward", [("full", "joint"), ("lora", "joint"), ("full", "separate")])
+def test_two_processes_match_one_with_the_same_global_batch(
+    pipeline_dirs, instance_dir, tmp_path, adapter, prior_backward
+):
+    """Also `--prior_backward separate` on two processes: the gradients are averaged over processes once, after
+    both halves' backward passes, and match one process's joint batch."""
     class_dir = tmp_path / "class"
     options = [f"--adapter={adapter}", "--rank=4"]
     one = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "one", batch_size=2) + options
     launch(SINGLE, one)
     two = diffusers_flags(pipeline_dirs["sd"], instance_dir, class_dir, tmp_path / "two", batch_size=1) + options
+    two.append(f"--prior_backward={prior_backward}")
     launch(DOUBLE, two, env={"ACCELERATE_USE_CPU": "1"})
     weights = "pytorch_lora_weights.safetensors" if adapter == "lora" else "unet/diffusion_pytorch_model.safetensors"
     one, two = load_file(tmp_path / "one" / weights), load_file(tmp_path / "two" / weights)
