@@ -21,6 +21,7 @@ Usage:
     python benchmarks/peak_memory.py --output_json peak.json
     python benchmarks/peak_memory.py --adapters lora --prior off --steps 10   # one job
     python benchmarks/peak_memory.py --reference_dir /tmp/diffusers_reference  # and diffusers' scripts beside
+    python benchmarks/peak_memory.py --prior on --our_flags="--prior_backward separate"  # with more of our flags
 
 With `--reference_dir` (a folder holding diffusers' `examples/dreambooth/train_dreambooth.py` and
 `train_dreambooth_lora.py`, which this repository does not ship), each job is also run by diffusers' script for its
@@ -305,7 +306,7 @@ def shared_flags(args: argparse.Namespace, outputs: Path | None = None) -> list[
 
 def our_flags(args: argparse.Namespace) -> list[str]:
     """The job's flags that only `examples/train.py` has: the adapter, sampling steps, the evaluation stage."""
-    flags = [f"--adapter={args.adapter}", "--report_to=none"]
+    flags = [f"--adapter={args.adapter}", "--report_to=none", *shlex.split(args.our_flags)]
     if args.with_prior_preservation:
         flags.append(f"--prior_generation_steps={args.inference_steps}")
     if args.samples:
@@ -328,7 +329,7 @@ def our_flags(args: argparse.Namespace) -> list[str]:
 
 def job_name(args: argparse.Namespace) -> str:
     prior = "prior" if args.with_prior_preservation else "no prior"
-    return f"{args.adapter}, {prior}, {args.steps} steps"
+    return f"{args.adapter}, {prior}, {args.steps} steps" + (f", {args.our_flags}" if args.our_flags else "")
 
 
 # The jobs (in the parent process)
@@ -462,7 +463,7 @@ REFERENCE_SCRIPTS = {"lora": "train_dreambooth_lora.py", "full": "train_dreamboo
 #: What each script writes at its end, the proof that it trained to the end.
 REFERENCE_WEIGHTS = {"lora": "pytorch_lora_weights.safetensors", "full": "unet/diffusion_pytorch_model.safetensors"}
 REFERENCE_STAND_IN = BENCHMARKS / "reference_stand_in"
-PASSED = ("resolution", "device", "seed", "num_class_images", "inference_steps", "samples", "threads")
+PASSED = ("resolution", "device", "seed", "num_class_images", "inference_steps", "samples", "threads", "our_flags")
 
 
 def table(results: list[dict]) -> str:
@@ -525,6 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=2, help="Card sample images (0: none).")
     parser.add_argument("--evaluate", action="store_true", help="Also the evaluation stage (the toy checker).")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default).")
+    parser.add_argument(
+        "--our_flags", default="", help="More examples/train.py flags for our runs, e.g. '--prior_backward separate'."
+    )
     parser.add_argument(
         "--reference_dir",
         help="A folder with diffusers' examples/dreambooth/train_dreambooth.py and train_dreambooth_lora.py: run each"

@@ -155,6 +155,7 @@ PASSED_VALUES = (
     "validation_inference_steps",
     "seed",
     "floor",
+    "prior_backward",
 )
 PASSED_FLAGS = ("gradient_checkpointing", "use_8bit_adam", "random_flip", "breakdown")
 
@@ -379,6 +380,7 @@ def build_config(args: argparse.Namespace, base_model: Path, photos: Path, work:
         checkpointing_steps=total_steps + 1,
         train_text_encoder=args.train_text_encoder,
         gradient_checkpointing=args.gradient_checkpointing,
+        prior_backward=args.prior_backward if args.with_prior_preservation else "joint",
         use_8bit_adam=args.use_8bit_adam,
         mixed_precision=args.mixed_precision,
         random_flip=args.random_flip,
@@ -428,12 +430,12 @@ class FloorStep:
     """One bare training step of the trained modules: forward, MSE, backward, optimizer step, on random inputs.
 
     The inputs have the step's shapes (latents, timesteps, and text embeddings, or token ids through the text encoder
-    when it is trained; twice the batch with prior preservation). The modules are those the trainer calls (LoRA
-    adapters, gradient checkpointing, dtypes and accelerate's mixed-precision autocast as set up), stepped by the
-    trainer's own optimizer (the torch one inside accelerate's wrapper; its state is not allocated twice), with the
-    run's gradient clipping when it clips (`torch.nn.utils.clip_grad_norm_`: asked-for work, not overhead). Left out:
-    batch assembly, VAE encoding of random crops, noise and timestep sampling, the learning-rate schedule and fp16
-    loss scaling.
+    when it is trained; twice the batch with prior preservation, as two passes with `--prior_backward separate`). The
+    modules are those the trainer calls (LoRA adapters, gradient checkpointing, dtypes and accelerate's
+    mixed-precision autocast as set up), stepped by the trainer's own optimizer (the torch one inside accelerate's
+    wrapper; its state is not allocated twice), with the run's gradient clipping when it clips
+    (`torch.nn.utils.clip_grad_norm_`: asked-for work, not overhead). Left out: batch assembly, VAE encoding of random
+    crops, noise and timestep sampling, the learning-rate schedule and fp16 loss scaling.
     """
 
     def __init__(self, trainer: DreamBoothTrainer, seed: int) -> None:
@@ -444,6 +446,10 @@ class FloorStep:
         self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         self.max_grad_norm, self.parameters = config.max_grad_norm, trainer.trained_parameters
         self.batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
+        # `--prior_backward separate`: the subject half, then the class half, each forward and backward.
+        half = config.train_batch_size
+        separate = config.with_prior_preservation and config.prior_backward == "separate"
+        self.parts = [slice(0, half), slice(half, 2 * half)] if separate else [slice(None)]
         size = config.resolution // family.vae_scale_factor
         self.latent_shape = (self.batch, family.vae.config.latent_channels, size, size)
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -466,16 +472,20 @@ class FloorStep:
         """Seconds of the whole step, when `split` of its forward part (synchronized on CUDA), and CPU seconds."""
         synchronize(self.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        prompt_embeds = self.prompt_embeds if self.text_encoder is None else self.text_encoder(self.token_ids)[0]
-        prediction = self.unet(
-            self.latents, self.timesteps, encoder_hidden_states=prompt_embeds.to(self.dtype), return_dict=False
-        )[0]
-        loss = F.mse_loss(prediction.float(), self.noise)
-        forward = None
-        if split:
-            synchronize(self.device)
-            forward = time.perf_counter() - start
-        loss.backward()
+        forward = 0.0 if split else None
+        for part in self.parts:
+            part_start = time.perf_counter()
+            if self.text_encoder is None:
+                prompt_embeds = self.prompt_embeds[part]
+            else:
+                prompt_embeds = self.text_encoder(self.token_ids[part])[0]
+            latents, timesteps, prompt_embeds = self.latents[part], self.timesteps[part], prompt_embeds.to(self.dtype)
+            prediction = self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), self.noise[part])
+            if split:
+                synchronize(self.device)
+                forward += time.perf_counter() - part_start
+            loss.backward()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
@@ -925,6 +935,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--with_prior_preservation", action="store_true")
     parser.add_argument("--train_text_encoder", action="store_true")
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--prior_backward", choices=("joint", "separate"), default="joint", help="With --with_prior_preservation."
+    )
     parser.add_argument("--use_8bit_adam", action="store_true")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--resolution", type=int, help="Default: 512 for sd15, 32 for toy and tiny.")
