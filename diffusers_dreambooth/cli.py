@@ -116,8 +116,8 @@ def main(args: list[str] | None = None) -> None:
     if names_a_subject(args):
         config = parse_config(args)
     else:  # e.g. no flags at all, or `--adapter lora`
+        config = parse_toy_config(args)  # `--help` prints the options and exits here, before the message below
         logger.info("No base model or subject given: training the bundled subject on the toy model (see --help).")
-        config = parse_toy_config(args)
     try:
         DreamBoothTrainer(config).train()
     except DreamBoothInputError as error:  # the user's mistake: one `error:` line, exit 2 as for a bad flag

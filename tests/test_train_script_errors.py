@@ -120,3 +120,12 @@ def run_with_a_mistake(pipeline_dirs: dict[str, str], tmp_path: Path, changed: d
     assert len(errors) == 1 and errors[0].startswith("train.py: error: "), errors
     assert expected in errors[0]
     return output
+
+
+def test_help_prints_the_options_and_announces_no_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0 and "--prior_backward" in result.stdout
+    assert "training the bundled subject" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
