@@ -210,10 +210,10 @@ class DreamBoothConfig:
     )
     prior_backward: Literal["joint", "separate"] = _option(
         "joint",
-        "`joint`: subject and class examples run forward and backward as one batch (diffusers' scripts); `separate`:"
-        " the subject examples, then the class examples, each forward and backward in turn, so only half the batch's"
-        " activations are held at once: the same gradients, summed, for slower steps (1.4x on a CPU). With class"
-        " images only.",
+        "`joint`: a prior-preservation batch runs forward and backward as one (diffusers' scripts); `separate`: its"
+        " subject half, then its prior half (the class images, or with `--prior_preservation_mode model` the"
+        " class-prompted copy), each forward and backward in turn, so only half its activations are held at once:"
+        " the same gradients, summed, for slower steps (1.4x on a CPU).",
     )
     class_prompt: str | None = _option(None, "Prompt for the class images, e.g. `a photo of dog`.")
     class_data_dir: str | None = _option(
@@ -867,12 +867,10 @@ class DreamBoothConfig:
                 "`--prior_preservation_mode model` chooses how the prior-preservation loss is computed; add"
                 " `--with_prior_preservation` (and `--class_prompt`) to turn that loss on."
             )
-        if self.prior_backward == "separate" and not (
-            self.with_prior_preservation and self.prior_preservation_mode == "images"
-        ):
+        if self.prior_backward == "separate" and not self.with_prior_preservation:
             raise ValueError(
-                "`--prior_backward separate` runs a batch's class images apart from its subject photos; it needs"
-                " `--with_prior_preservation` with class images (`--prior_preservation_mode images`, the default)."
+                "`--prior_backward separate` runs a batch's prior-preservation half apart from its subject photos;"
+                " add `--with_prior_preservation` (and `--class_prompt`), or leave it at `joint`."
             )
         if self.with_prior_preservation and self.prior_preservation_mode == "images" and self.num_class_images < 1:
             raise ValueError(f"`--num_class_images` must be at least 1, got {self.num_class_images}.")

@@ -692,12 +692,13 @@ class DreamBoothTrainer:
         for micro in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(*trained):
                 micro_step = self.global_step * config.gradient_accumulation_steps + micro
-                parts = self._backward_passes()
-                for number, part in enumerate(parts):
-                    with self._gradient_sync(last=number == len(parts) - 1):
-                        part_losses = self._micro_step(micro_step, part)
+                halves = self._backward_passes()
+                parts = []
+                for number, half in enumerate(halves):
+                    with self._gradient_sync(last=number == len(halves) - 1):
+                        part_losses = self._micro_step(micro_step, half)
                         accelerator.backward(part_losses.loss)
-                    parts[number] = DreamBoothLoss(*(value.detach() for value in part_losses))
+                    parts.append(DreamBoothLoss(*(value.detach() for value in part_losses)))
                 losses = DreamBoothLoss(*(sum(values) for values in zip(*parts)))
                 # One host sync per micro-step: the loss values for the logs, checked before the update is applied.
                 values = self._loss_values(losses)
@@ -733,13 +734,12 @@ class DreamBoothTrainer:
             )
         return values
 
-    def _backward_passes(self) -> list[slice | None]:
-        """The parts of a micro-batch that run forward and backward in turn: the whole batch (`None`), or with
-        `--prior_backward separate` and class images the subject examples, then the class examples."""
-        if self.config.prior_backward == "joint" or not self.prior_from_images:
+    def _backward_passes(self) -> list[str | None]:
+        """The halves of a micro-batch that run forward and backward in turn: the whole batch (`None`), or with
+        `--prior_backward separate` the subject half, then the class half."""
+        if self.config.prior_backward == "joint" or not self.config.with_prior_preservation:
             return [None]
-        per_process = self.config.train_batch_size
-        return [slice(0, per_process), slice(per_process, 2 * per_process)]
+        return ["subject", "class"]
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Before the last backward pass of a micro-batch, gradients are not averaged over processes: they are, once,
@@ -751,9 +751,11 @@ class DreamBoothTrainer:
             stack.enter_context(self.accelerator.no_sync(model))
         return stack
 
-    def _micro_step(self, micro_step: int, part: slice | None = None) -> DreamBoothLoss:
-        """Loss of this process's slice of global micro-batch `micro_step`, or of its examples `part` of them, the
-        rest of the batch left out of the sum (`_backward_passes`: the parts' losses add up to the whole batch's).
+    def _micro_step(self, micro_step: int, half: str | None = None) -> DreamBoothLoss:
+        """Loss of this process's slice of global micro-batch `micro_step`, or of its `"subject"` or `"class"` half,
+        the other half left out of the sum (`_backward_passes`: the halves' losses add up to the whole batch's). The
+        class half is the class examples, or with `--prior_preservation_mode model` the subject examples conditioned
+        on the class prompt, with the base model's prediction as their target.
 
         The examples form one shape group, or with `--aspect_ratio_buckets` two when the batch's subject bucket and
         class bucket differ: each group is noised and denoised at its own shape (one denoiser call per group), and
@@ -782,7 +784,10 @@ class DreamBoothTrainer:
                 n + config.noise_offset * channel_noise[start:stop] for n, (start, stop, _, _) in zip(noise, groups)
             ]
 
-        part = part or slice(0, len(examples))
+        per_process = config.train_batch_size
+        part = slice(0, len(examples))
+        if self.prior_from_images and half is not None:
+            part = slice(0, per_process) if half == "subject" else slice(per_process, 2 * per_process)
         pieces = []  # each shape group's examples within the part, with their noise
         for (start, stop, _, _), group_noise, group_latent_noise in zip(groups, noise, latent_noise):
             first, last = max(start, part.start), min(stop, part.stop)
@@ -807,10 +812,10 @@ class DreamBoothTrainer:
             noisy, target = family.noisy_input_and_target(latents, group_noise, steps)
             noisy = noisy.to(dtype)
             embeds = {name: value[start:stop] for name, value in prompt_embeds.items()}
-            if self.prior_from_model:  # no class images: one group
+            if self.prior_from_model and half != "subject":  # no class images: one group
                 class_prompts = [self.subject_data[images[i].subject].class_prompt for images, _, i in examples]
                 noisy, steps, embeds, conditioning, target, is_prior = self._with_base_model_targets(
-                    noisy, steps, embeds, conditioning, target, class_prompts
+                    noisy, steps, embeds, conditioning, target, class_prompts, only_class=half == "class"
                 )
             predictions.append(family.predict(denoiser, noisy, steps, embeds, conditioning))
             targets.append(target)
@@ -843,15 +848,21 @@ class DreamBoothTrainer:
         images, _, i = example
         return images[i].crop_size(self.config.resolution)
 
-    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts):
+    def _with_base_model_targets(
+        self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts, only_class: bool = False
+    ):
         """`--prior_preservation_mode model`: the batch again, each example conditioned on its subject's class
         prompt, with the frozen base model's prediction for it as the target. Returns the doubled inputs, targets
-        and the prior mask."""
+        and the prior mask; with `only_class`, those of the class copy alone."""
         count, dtype = noisy.shape[0], self.input_dtype
         keys = self.base_class_embeds[class_prompts[0]].keys()
         base_embeds = {k: torch.cat([self.base_class_embeds[p][k] for p in class_prompts]).to(dtype) for k in keys}
         base_pred = self.base_prediction(noisy, timesteps, base_embeds, conditioning)
         class_embeds = self._prompt_embeds(class_prompts)
+        if only_class:
+            is_prior = torch.ones(count, dtype=torch.bool, device=noisy.device)
+            class_embeds = {k: v.to(dtype) for k, v in class_embeds.items()}
+            return noisy, timesteps, class_embeds, conditioning, base_pred.to(target.dtype), is_prior
         both_embeds = {k: torch.cat([v, class_embeds[k].to(dtype)]) for k, v in prompt_embeds.items()}
         both_conditioning = ImageConditioning(
             original_sizes=conditioning.original_sizes.repeat(2, 1),

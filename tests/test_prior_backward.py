@@ -47,21 +47,30 @@ def first_step(pipeline_dir, instance_dir, tmp_path, prior_backward: str, **opti
     return trainer
 
 
+MODEL_MODE = dict(prior_preservation_mode="model", num_class_images=0)
+
+
 @pytest.mark.parametrize(
     "options",
     [
         dict(adapter="lora", rank=4, train_batch_size=2),
         dict(adapter="full", train_text_encoder=True),  # the text encoder runs on each half, with its gradients
+        # The prior half: the subject photos prompted with the class, the base model's prediction their target
+        # (LoRA: the adapters off; full: a frozen copy).
+        dict(adapter="lora", rank=4, train_batch_size=2, **MODEL_MODE),
+        dict(adapter="full", **MODEL_MODE),
     ],
-    ids=["lora", "full-text-encoder"],
+    ids=["lora", "full-text-encoder", "lora-model-mode", "full-model-mode"],
 )
 def test_separate_passes_give_the_joint_batchs_gradients(pipeline_dirs, instance_dir, tmp_path, options):
     joint = first_step(pipeline_dirs["sd"], instance_dir, tmp_path, "joint", **options)
     separate = first_step(pipeline_dirs["sd"], instance_dir, tmp_path, "separate", **options)
 
     batch = options.get("train_batch_size", 1)
-    assert joint.denoiser_batches == [2 * batch]
-    assert separate.denoiser_batches == [batch, batch]  # the subject examples, then the class examples
+    # LoRA's base-model prediction is the same denoiser called with its adapters off, before the prior half.
+    base = [batch] if options.get("prior_preservation_mode") == "model" and options["adapter"] == "lora" else []
+    assert joint.denoiser_batches == [*base, 2 * batch]
+    assert separate.denoiser_batches == [batch, *base, batch]  # the subject half, then the prior half
     assert_same_gradients(joint, separate)
 
 
@@ -90,15 +99,8 @@ def test_separate_passes_with_buckets(pipeline_dirs, tmp_path, seed, joint_batch
     assert_same_gradients(joint, separate)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(), dict(with_prior_preservation=True, prior_preservation_mode="model", class_prompt="a photo of dog")],
-    ids=["no-prior", "model-mode"],
-)
-def test_separate_needs_class_images(options, tmp_path):
-    with pytest.raises(
-        ValueError, match=r"`--prior_backward separate` .* needs `--with_prior_preservation` with class"
-    ):
+def test_separate_needs_prior_preservation(tmp_path):
+    with pytest.raises(ValueError, match=r"`--prior_backward separate` .* add `--with_prior_preservation`"):
         DreamBoothConfig(
-            instance_data_dir=str(tmp_path), instance_prompt="a photo of sks dog", prior_backward="separate", **options
+            instance_data_dir=str(tmp_path), instance_prompt="a photo of sks dog", prior_backward="separate"
         )
