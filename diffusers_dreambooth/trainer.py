@@ -759,7 +759,7 @@ class DreamBoothTrainer:
 
         The examples form one shape group, or with `--aspect_ratio_buckets` two when the batch's subject bucket and
         class bucket differ: each group is noised and denoised at its own shape (one denoiser call per group), and
-        the DreamBooth loss averages over the examples of both, as it would over one batch. A part's noise and
+        the DreamBooth loss averages over the examples of both, as it would over one batch. A half's noise and
         timesteps are the whole batch's draws for its examples.
         """
         config, family = self.config, self.family
