@@ -799,8 +799,13 @@ class DreamBoothTrainer:
         prompts = [images[i].prompt for images, _, i in examples]
         dtype = self.input_dtype
         is_prior = torch.tensor([p >= self.global_batch_size for p in positions], device=device)
-        prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
-        prompt_embeds = family.step_prompt_embeds(prompt_embeds, is_prior, generator)
+        if self.prior_from_model:  # no class images: one group, conditioned again on each subject's class prompt
+            class_prompts = [self.subject_data[images[i].subject].class_prompt for images, _, i in examples]
+        model_prior_half = self.prior_from_model and half == "class"  # needs no subject prompt, only class prompts
+        prompt_embeds = {}
+        if not model_prior_half:
+            prompt_embeds = {name: value.to(dtype) for name, value in self._prompt_embeds(prompts).items()}
+            prompt_embeds = family.step_prompt_embeds(prompt_embeds, is_prior, generator)
         denoiser = self.prepared[family.denoiser_name]
         predictions, targets, group_timesteps = [], [], []
         for start, stop, group_noise, group_latent_noise in pieces:
@@ -812,10 +817,12 @@ class DreamBoothTrainer:
             noisy, target = family.noisy_input_and_target(latents, group_noise, steps)
             noisy = noisy.to(dtype)
             embeds = {name: value[start:stop] for name, value in prompt_embeds.items()}
-            if self.prior_from_model and half != "subject":  # no class images: one group
-                class_prompts = [self.subject_data[images[i].subject].class_prompt for images, _, i in examples]
+            if model_prior_half:
+                embeds, base_target = self._base_model_prior_half(noisy, steps, conditioning, class_prompts)
+                target, is_prior = base_target.to(target.dtype), torch.ones_like(is_prior)
+            elif self.prior_from_model and half is None:
                 noisy, steps, embeds, conditioning, target, is_prior = self._with_base_model_targets(
-                    noisy, steps, embeds, conditioning, target, class_prompts, only_class=half == "class"
+                    noisy, steps, embeds, conditioning, target, class_prompts
                 )
             predictions.append(family.predict(denoiser, noisy, steps, embeds, conditioning))
             targets.append(target)
@@ -848,22 +855,23 @@ class DreamBoothTrainer:
         images, _, i = example
         return images[i].crop_size(self.config.resolution)
 
-    def _with_base_model_targets(
-        self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts, only_class: bool = False
-    ):
-        """`--prior_preservation_mode model`: the batch again, each example conditioned on its subject's class
-        prompt, with the frozen base model's prediction for it as the target. Returns the doubled inputs, targets
-        and the prior mask; with `only_class`, those of the class copy alone."""
-        count, dtype = noisy.shape[0], self.input_dtype
+    def _base_model_prior_half(self, noisy, timesteps, conditioning, class_prompts) -> tuple[dict, torch.Tensor]:
+        """`--prior_preservation_mode model`'s prior half: the conditioning of each example's class prompt (by the
+        trained encoders) and the frozen base model's prediction for it on the same noisy latents, the target."""
+        dtype = self.input_dtype
         keys = self.base_class_embeds[class_prompts[0]].keys()
         base_embeds = {k: torch.cat([self.base_class_embeds[p][k] for p in class_prompts]).to(dtype) for k in keys}
         base_pred = self.base_prediction(noisy, timesteps, base_embeds, conditioning)
-        class_embeds = self._prompt_embeds(class_prompts)
-        if only_class:
-            is_prior = torch.ones(count, dtype=torch.bool, device=noisy.device)
-            class_embeds = {k: v.to(dtype) for k, v in class_embeds.items()}
-            return noisy, timesteps, class_embeds, conditioning, base_pred.to(target.dtype), is_prior
-        both_embeds = {k: torch.cat([v, class_embeds[k].to(dtype)]) for k, v in prompt_embeds.items()}
+        class_embeds = {k: v.to(dtype) for k, v in self._prompt_embeds(class_prompts).items()}
+        return class_embeds, base_pred
+
+    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts):
+        """`--prior_preservation_mode model`: the batch again, each example conditioned on its subject's class
+        prompt, with the frozen base model's prediction for it as the target (`_base_model_prior_half`). Returns the
+        doubled inputs, targets and the prior mask."""
+        count = noisy.shape[0]
+        class_embeds, base_pred = self._base_model_prior_half(noisy, timesteps, conditioning, class_prompts)
+        both_embeds = {k: torch.cat([v, class_embeds[k]]) for k, v in prompt_embeds.items()}
         both_conditioning = ImageConditioning(
             original_sizes=conditioning.original_sizes.repeat(2, 1),
             crops_top_left=conditioning.crops_top_left.repeat(2, 1),

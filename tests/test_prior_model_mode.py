@@ -15,8 +15,8 @@ CLASS_PROMPT = "a photo of dog"
 class RecordingTrainer(DreamBoothTrainer):
     """Keeps what each micro-step's doubled batch was: inputs, targets and the prior mask."""
 
-    def _with_base_model_targets(self, noisy, timesteps, *args, **kwargs):
-        result = super()._with_base_model_targets(noisy, timesteps, *args, **kwargs)
+    def _with_base_model_targets(self, noisy, timesteps, prompt_embeds, conditioning, target, class_prompts):
+        result = super()._with_base_model_targets(noisy, timesteps, prompt_embeds, conditioning, target, class_prompts)
         self.records = getattr(self, "records", []) + [(noisy.detach().clone(), timesteps.clone(), result)]
         return result
 
