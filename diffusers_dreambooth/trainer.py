@@ -743,8 +743,9 @@ class DreamBoothTrainer:
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Before the last backward pass of a micro-batch, gradients are not averaged over processes: they are, once,
-        summed over both passes, by the last."""
-        if last or not self.accelerator.sync_gradients or self.accelerator.num_processes == 1:
+        summed over both passes, by the last (accelerate's `no_sync`, which does nothing on one process). In a
+        micro-step that does not sync, `accumulate` holds every pass's sync off already."""
+        if last or not self.accelerator.sync_gradients:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for model in self.prepared.values():
