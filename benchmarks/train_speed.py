@@ -446,10 +446,10 @@ class FloorStep:
         self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         self.max_grad_norm, self.parameters = config.max_grad_norm, trainer.trained_parameters
         self.batch = config.train_batch_size * (2 if config.with_prior_preservation else 1)
-        # `--prior_backward separate`: the subject half, then the class half, each forward and backward.
-        half = config.train_batch_size
-        separate = config.with_prior_preservation and config.prior_backward == "separate"
-        self.parts = [slice(0, half), slice(half, 2 * half)] if separate else [slice(None)]
+        # The trainer's passes (`--prior_backward separate`: the subject half, then the prior half).
+        halves = {None: slice(None), "subject": slice(None, config.train_batch_size)}
+        halves["class"] = slice(config.train_batch_size, None)
+        self.parts = [halves[half] for half in trainer._backward_passes()]
         size = config.resolution // family.vae_scale_factor
         self.latent_shape = (self.batch, family.vae.config.latent_channels, size, size)
         generator = torch.Generator(self.device).manual_seed(seed)
