@@ -1,5 +1,6 @@
-"""`--prior_backward separate`: a micro-batch's subject examples, then its class examples, each run forward and
-backward in turn (half the batch's activations held at once), for the same gradients as the joint batch."""
+"""`--prior_backward separate`: a micro-batch's subject half, then its prior half (class images, or in model mode the
+class-prompted copy), each run forward and backward in turn (half the activations held at once), for the same
+gradients as the joint batch."""
 
 import pytest
 import torch
